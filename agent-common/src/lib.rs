@@ -1,0 +1,240 @@
+//! Types shared by nodewarden's eBPF programs and its agent.
+//!
+//! Every type here crosses the kernel/user boundary as raw bytes, so each is `#[repr(C)]` with no
+//! implicit padding (fields ordered and sized so the layout is the same on every target) and has a
+//! compile-time size check. Names of maps and programs live here too, so both sides agree on them.
+#![no_std]
+
+/// Length of a task's `comm` in the kernel (`TASK_COMM_LEN`).
+pub const COMM_LEN: usize = 16;
+
+/// Bytes of a limit value captured as written (`"max"`, `"67108864"`, `"64M\n"`...).
+pub const VALUE_LEN: usize = 64;
+
+/// Names of maps, shared by the programs (section names) and the loader (look-ups).
+pub mod maps {
+    /// Ring buffer carrying every event to userspace.
+    pub const EVENTS: &str = "EVENTS";
+    /// SIGKILLs seen recently, keyed by the target's pid: the OOM probe reads the victim's cgroup here.
+    pub const KILLED: &str = "KILLED";
+    /// Global with the kernel struct offsets read from BTF at start-up.
+    pub const OFFSETS: &str = "OFFSETS";
+}
+
+/// Names of the programs (their function names in the eBPF object).
+pub mod programs {
+    /// fexit on `memory_max_write`: a write to `memory.max` with its result.
+    pub const MEMORY_MAX_WRITE_FEXIT: &str = "memory_max_write_fexit";
+    /// Tracepoint `oom/mark_victim`: the kernel chose an OOM victim.
+    pub const OOM_MARK_VICTIM: &str = "oom_mark_victim";
+    /// Raw tracepoint `signal_generate`: remembers SIGKILL targets' cgroups for the OOM probe.
+    pub const SIGNAL_GENERATE: &str = "signal_generate";
+}
+
+/// Event kinds, with stable numbers: they are the first field of every event.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A write to a cgroup limit file ([`LimitWriteEvent`]).
+    LimitWrite = 1,
+    /// The kernel's OOM killer chose a victim ([`OomKillEvent`]).
+    OomKill = 2,
+}
+
+impl EventKind {
+    /// The kind for a raw header value, `None` for a kind this build does not know.
+    #[must_use]
+    pub const fn from_u32(raw: u32) -> Option<Self> {
+        match raw {
+            1 => Some(Self::LimitWrite),
+            2 => Some(Self::OomKill),
+            _ => None,
+        }
+    }
+}
+
+/// Cgroup limit files the probes recognise, with stable numbers.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitFile {
+    /// `memory.max`.
+    MemoryMax = 1,
+}
+
+impl LimitFile {
+    /// The kind for a raw value, `None` for one this build does not know.
+    #[must_use]
+    pub const fn from_u32(raw: u32) -> Option<Self> {
+        match raw {
+            1 => Some(Self::MemoryMax),
+            _ => None,
+        }
+    }
+
+    /// The file's name in a cgroup directory.
+    #[must_use]
+    pub const fn file_name(self) -> &'static str {
+        match self {
+            Self::MemoryMax => "memory.max",
+        }
+    }
+}
+
+/// First part of every event: what happened, when, and the task that was running.
+///
+/// `task_*` and `cgroup_id` describe the *current* task in the probe: the writer of a limit, the
+/// task whose allocation triggered an OOM kill. They are never the victim's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EventHeader {
+    /// An [`EventKind`] number.
+    pub kind: u32,
+    /// Thread group id (the process id userspace sees) of the current task.
+    pub tgid: u32,
+    /// Thread id of the current task.
+    pub pid: u32,
+    /// Reserved, zero; keeps the next field 8-byte aligned without implicit padding.
+    pub reserved: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the probe ran.
+    pub timestamp_ns: u64,
+    /// Cgroup v2 id of the current task.
+    pub cgroup_id: u64,
+    /// The current task's `comm`, NUL-padded.
+    pub comm: [u8; COMM_LEN],
+}
+const _: () = assert!(size_of::<EventHeader>() == 48);
+
+/// A write to a cgroup limit file, seen when the kernel's write handler returned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LimitWriteEvent {
+    /// Kind [`EventKind::LimitWrite`]; the task is the writer.
+    pub header: EventHeader,
+    /// Cgroup v2 id (inode number) of the cgroup whose limit was written.
+    pub target_cgroup_id: u64,
+    /// The handler's return value: bytes consumed, or a negative errno.
+    pub result: i64,
+    /// A [`LimitFile`] number.
+    pub limit: u32,
+    /// Bytes of `value` that hold the value (without the NUL).
+    pub value_len: u32,
+    /// The value as the kernel parsed it (whitespace stripped), NUL-terminated.
+    pub value: [u8; VALUE_LEN],
+}
+const _: () = assert!(size_of::<LimitWriteEvent>() == 48 + 24 + VALUE_LEN);
+
+/// The OOM killer chose a victim.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct OomKillEvent {
+    /// Kind [`EventKind::OomKill`]; the task is the one whose allocation triggered the kill.
+    pub header: EventHeader,
+    /// Cgroup v2 id of the victim, 0 when the kernel did not tell (see `victim_flags`).
+    pub victim_cgroup_id: u64,
+    /// Thread id of the victim (the kernel's `task->pid`).
+    pub victim_pid: u32,
+    /// Thread group id of the victim, 0 when unknown.
+    pub victim_tgid: u32,
+    /// Bit set of `VICTIM_*` flags.
+    pub victim_flags: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// The victim's `comm`, NUL-padded; empty when unknown.
+    pub victim_comm: [u8; COMM_LEN],
+}
+const _: () = assert!(size_of::<OomKillEvent>() == 48 + 24 + COMM_LEN);
+
+/// `victim_cgroup_id`, `victim_tgid` and `victim_comm` were read from the victim's task in the kernel.
+pub const VICTIM_FROM_TASK: u32 = 1;
+
+/// What the `signal_generate` probe remembers of a SIGKILL's target, keyed by its pid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KilledTask {
+    /// Cgroup v2 id of the target task.
+    pub cgroup_id: u64,
+    /// Thread group id of the target.
+    pub tgid: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// The target's `comm`.
+    pub comm: [u8; COMM_LEN],
+}
+const _: () = assert!(size_of::<KilledTask>() == 32);
+
+/// Byte offsets of the kernel struct fields the programs read, taken from the running kernel's BTF.
+///
+/// Rust eBPF has no CO-RE relocations, so the loader fills this in before loading. A field the
+/// kernel lacks is [`OFFSET_UNKNOWN`]; the programs then skip the reads that need it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `task_struct.pid`.
+    pub task_pid: u32,
+    /// `task_struct.tgid`.
+    pub task_tgid: u32,
+    /// `task_struct.comm`.
+    pub task_comm: u32,
+    /// `task_struct.cgroups` (a `struct css_set *`).
+    pub task_cgroups: u32,
+    /// `css_set.dfl_cgrp` (the task's cgroup on the v2 hierarchy).
+    pub css_set_dfl_cgrp: u32,
+    /// `cgroup.kn` (the cgroup's kernfs directory).
+    pub cgroup_kn: u32,
+    /// `kernfs_node.id` (cgroup id = inode number).
+    pub kernfs_node_id: u32,
+    /// `kernfs_node.parent`, named `__parent` since 6.15.
+    pub kernfs_node_parent: u32,
+    /// `kernfs_open_file.kn` (the file being written).
+    pub kernfs_open_file_kn: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+const _: () = assert!(size_of::<KernelOffsets>() == 40);
+
+/// Marks a field the running kernel does not have.
+pub const OFFSET_UNKNOWN: u32 = u32::MAX;
+
+impl KernelOffsets {
+    /// Every field unknown: what the programs see when the loader found no BTF.
+    pub const UNKNOWN: Self = Self {
+        task_pid: OFFSET_UNKNOWN,
+        task_tgid: OFFSET_UNKNOWN,
+        task_comm: OFFSET_UNKNOWN,
+        task_cgroups: OFFSET_UNKNOWN,
+        css_set_dfl_cgrp: OFFSET_UNKNOWN,
+        cgroup_kn: OFFSET_UNKNOWN,
+        kernfs_node_id: OFFSET_UNKNOWN,
+        kernfs_node_parent: OFFSET_UNKNOWN,
+        kernfs_open_file_kn: OFFSET_UNKNOWN,
+        reserved: 0,
+    };
+
+    /// Whether a task's cgroup id can be read (`task->cgroups->dfl_cgrp->kn->id`).
+    #[must_use]
+    pub const fn has_task_cgroup(&self) -> bool {
+        self.task_cgroups != OFFSET_UNKNOWN
+            && self.css_set_dfl_cgrp != OFFSET_UNKNOWN
+            && self.cgroup_kn != OFFSET_UNKNOWN
+            && self.kernfs_node_id != OFFSET_UNKNOWN
+    }
+
+    /// Whether a written file's cgroup id can be read (`of->kn->parent->id`).
+    #[must_use]
+    pub const fn has_file_cgroup(&self) -> bool {
+        self.kernfs_open_file_kn != OFFSET_UNKNOWN
+            && self.kernfs_node_parent != OFFSET_UNKNOWN
+            && self.kernfs_node_id != OFFSET_UNKNOWN
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with
+    // no padding (checked by the size assertions above), so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::KilledTask {}
+    unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::LimitWriteEvent {}
+    unsafe impl aya::Pod for super::OomKillEvent {}
+}

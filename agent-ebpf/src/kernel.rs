@@ -1,0 +1,50 @@
+//! Reads of kernel structs at offsets taken from BTF (Rust eBPF has no CO-RE).
+
+use agent_common::{COMM_LEN, EventHeader, KernelOffsets, OFFSET_UNKNOWN};
+use aya_ebpf::helpers::{
+    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+    bpf_probe_read_kernel,
+};
+
+/// Reads a `T` at `base + offset`; fails for an unknown offset or a null base.
+///
+/// # Safety
+/// `base` must point to a kernel object of the type the offset was taken from.
+#[inline(always)]
+pub unsafe fn read_field<T>(base: *const u8, offset: u32) -> Result<T, i32> {
+    if offset == OFFSET_UNKNOWN || base.is_null() {
+        return Err(-1);
+    }
+    unsafe { bpf_probe_read_kernel(base.add(offset as usize).cast::<T>()) }
+}
+
+/// `task->cgroups->dfl_cgrp->kn->id`: the task's cgroup v2 id.
+///
+/// # Safety
+/// `task` must point to a `struct task_struct`.
+#[inline(always)]
+pub unsafe fn task_cgroup_id(off: &KernelOffsets, task: *const u8) -> Result<u64, i32> {
+    unsafe {
+        let css_set: *const u8 = read_field(task, off.task_cgroups)?;
+        let cgroup: *const u8 = read_field(css_set, off.css_set_dfl_cgrp)?;
+        let kn: *const u8 = read_field(cgroup, off.cgroup_kn)?;
+        read_field(kn, off.kernfs_node_id)
+    }
+}
+
+/// A header describing the current task.
+#[inline(always)]
+pub fn current_header(kind: u32) -> EventHeader {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    EventHeader {
+        kind,
+        // The upper half is the tgid, the lower the thread id: truncation is the point.
+        tgid: (pid_tgid >> 32) as u32,
+        pid: pid_tgid as u32,
+        reserved: 0,
+        // SAFETY: these helpers have no preconditions.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+    }
+}

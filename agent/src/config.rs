@@ -1,0 +1,171 @@
+//! The agent's configuration: parsed and validated whole before anything touches the kernel.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+/// The configuration `nodewarden run` uses when given none: observe only, metrics on loopback.
+pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
+
+/// Why a configuration was refused. Every problem found is listed, not just the first.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {source}")]
+    Parse {
+        origin: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{origin}: invalid configuration:\n  - {}", problems.join("\n  - "))]
+    Invalid {
+        origin: String,
+        problems: Vec<String>,
+    },
+}
+
+/// What the agent does about what it sees. Only `observe` exists until the rule engine lands.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Watch, count and trace; never write a cgroup.
+    Observe,
+}
+
+/// Where metrics are served.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus endpoint (`/metrics`).
+    pub listen: String,
+}
+
+/// The whole configuration file, as written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    mode: Mode,
+    metrics: MetricsConfig,
+    /// Longest time spent draining events and flushing traces at shutdown, in milliseconds.
+    shutdown_drain_ms: u64,
+    /// The cgroup v2 mount; empty means "find it in /proc/self/mountinfo".
+    #[serde(default)]
+    cgroup_root: String,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub mode: Mode,
+    pub metrics_listen: SocketAddr,
+    pub shutdown_drain: Duration,
+    pub cgroup_root: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// The embedded default configuration.
+    pub fn default_config() -> Result<Self, ConfigError> {
+        Self::parse(DEFAULT_CONFIG, "embedded default config")
+    }
+
+    /// Parses and validates `text`; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            origin: origin.to_owned(),
+            source: Box::new(source),
+        })?;
+        let mut problems = Vec::new();
+        let metrics_listen = raw
+            .metrics
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| {
+                problems.push(format!(
+                    "metrics.listen = {:?}: not an address:port ({e})",
+                    raw.metrics.listen
+                ));
+            })
+            .ok();
+        if raw.shutdown_drain_ms == 0 || raw.shutdown_drain_ms > 60_000 {
+            problems.push(format!(
+                "shutdown_drain_ms = {}: must be between 1 and 60000",
+                raw.shutdown_drain_ms
+            ));
+        }
+        let cgroup_root = (!raw.cgroup_root.is_empty()).then(|| PathBuf::from(&raw.cgroup_root));
+        if let Some(root) = &cgroup_root
+            && !root.is_absolute()
+        {
+            problems.push(format!(
+                "cgroup_root = {:?}: must be an absolute path",
+                raw.cgroup_root
+            ));
+        }
+        match metrics_listen {
+            Some(metrics_listen) if problems.is_empty() => Ok(Self {
+                mode: raw.mode,
+                metrics_listen,
+                shutdown_drain: Duration::from_millis(raw.shutdown_drain_ms),
+                cgroup_root,
+            }),
+            _ => Err(ConfigError::Invalid {
+                origin: origin.to_owned(),
+                problems,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_observe_on_loopback() {
+        let c = Config::default_config().expect("embedded config parses");
+        assert_eq!(c.mode, Mode::Observe);
+        assert_eq!(c.metrics_listen.to_string(), "127.0.0.1:9717");
+        assert!(c.cgroup_root.is_none());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            mode = "observe"
+            shutdown_drain_ms = 0
+            cgroup_root = "relative/path"
+            [metrics]
+            listen = "nowhere"
+        "#;
+        let err = Config::parse(text, "t").expect_err("invalid config");
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("expected Invalid, got {err}");
+        };
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].contains("metrics.listen"));
+        assert!(problems[1].contains("shutdown_drain_ms"));
+        assert!(problems[2].contains("cgroup_root"));
+    }
+
+    #[test]
+    fn unknown_keys_and_modes_are_refused() {
+        let base = "shutdown_drain_ms = 100\n[metrics]\nlisten = \"127.0.0.1:1\"\n";
+        let err = Config::parse(&format!("mode = \"enforce\"\n{base}"), "t").expect_err("enforce");
+        assert!(err.to_string().contains("enforce"), "{err}");
+        let err = Config::parse(&format!("mode = \"observe\"\ncolour = 1\n{base}"), "t")
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+}

@@ -1,0 +1,212 @@
+//! Decoding: raw ring buffer records into typed events. Nothing here trusts the bytes: a short or
+//! unknown record is an error, never a panic.
+
+use agent_common::{
+    COMM_LEN, EventHeader, EventKind, LimitFile, LimitWriteEvent, OomKillEvent, VICTIM_FROM_TASK,
+};
+
+/// The task that was running when a probe fired.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub tgid: u32,
+    pub pid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+}
+
+/// A write to a cgroup limit file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitWrite {
+    pub timestamp_ns: u64,
+    pub writer: Task,
+    pub target_cgroup_id: u64,
+    pub limit: LimitFile,
+    /// The value as the kernel parsed it (surrounding whitespace stripped).
+    pub value: String,
+    /// Bytes consumed, or the errno the kernel returned.
+    pub result: Result<u64, i32>,
+}
+
+/// The OOM killer chose a victim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OomKill {
+    pub timestamp_ns: u64,
+    /// The task whose allocation triggered the kill.
+    pub trigger: Task,
+    pub victim_pid: u32,
+    /// Known when the kernel probe read the victim's task; else userspace must find them.
+    pub victim: Option<VictimTask>,
+}
+
+/// What the kernel probe read from the victim's task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VictimTask {
+    pub tgid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    LimitWrite(LimitWrite),
+    OomKill(OomKill),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is shorter than the {need} its kind needs")]
+    Short { len: usize, need: usize },
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    #[error("unknown limit file number {0}")]
+    UnknownLimit(u32),
+}
+
+/// Decodes one ring buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let header: EventHeader = read(bytes)?;
+    match EventKind::from_u32(header.kind) {
+        Some(EventKind::LimitWrite) => {
+            let e: LimitWriteEvent = read(bytes)?;
+            let limit = LimitFile::from_u32(e.limit).ok_or(DecodeError::UnknownLimit(e.limit))?;
+            let len = usize::try_from(e.value_len).map_or(0, |l| l.min(e.value.len()));
+            Ok(Event::LimitWrite(LimitWrite {
+                timestamp_ns: header.timestamp_ns,
+                writer: task(&header),
+                target_cgroup_id: e.target_cgroup_id,
+                limit,
+                value: String::from_utf8_lossy(&e.value[..len]).trim().to_owned(),
+                result: if e.result < 0 {
+                    Err(i32::try_from(-e.result).unwrap_or(i32::MAX))
+                } else {
+                    Ok(e.result.unsigned_abs())
+                },
+            }))
+        }
+        Some(EventKind::OomKill) => {
+            let e: OomKillEvent = read(bytes)?;
+            Ok(Event::OomKill(OomKill {
+                timestamp_ns: header.timestamp_ns,
+                trigger: task(&header),
+                victim_pid: e.victim_pid,
+                victim: (e.victim_flags & VICTIM_FROM_TASK != 0).then(|| VictimTask {
+                    tgid: e.victim_tgid,
+                    comm: comm(&e.victim_comm),
+                    cgroup_id: e.victim_cgroup_id,
+                }),
+            }))
+        }
+        None => Err(DecodeError::UnknownKind(header.kind)),
+    }
+}
+
+/// Copies a `T` out of the front of `bytes` (ring buffer records carry no alignment promise).
+fn read<T: aya::Pod>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let need = size_of::<T>();
+    if bytes.len() < need {
+        return Err(DecodeError::Short {
+            len: bytes.len(),
+            need,
+        });
+    }
+    // SAFETY: the length was checked above and `T: Pod` accepts any bit pattern.
+    Ok(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
+}
+
+fn task(h: &EventHeader) -> Task {
+    Task {
+        tgid: h.tgid,
+        pid: h.pid,
+        comm: comm(&h.comm),
+        cgroup_id: h.cgroup_id,
+    }
+}
+
+/// A NUL-padded kernel `comm` as a string.
+fn comm(raw: &[u8; COMM_LEN]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::VALUE_LEN;
+
+    use super::*;
+
+    fn bytes_of<T: aya::Pod>(v: &T) -> Vec<u8> {
+        // SAFETY: Pod types have no padding; reading their bytes is sound.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    fn header(kind: EventKind) -> EventHeader {
+        let mut comm = [0; COMM_LEN];
+        comm[..5].copy_from_slice(b"write");
+        EventHeader {
+            kind: kind as u32,
+            tgid: 10,
+            pid: 11,
+            reserved: 0,
+            timestamp_ns: 5,
+            cgroup_id: 7,
+            comm,
+        }
+    }
+
+    #[test]
+    fn decodes_a_rejected_limit_write() {
+        let mut value = [0; VALUE_LEN];
+        value[..3].copy_from_slice(b"abc");
+        let raw = LimitWriteEvent {
+            header: header(EventKind::LimitWrite),
+            target_cgroup_id: 99,
+            result: -22,
+            limit: LimitFile::MemoryMax as u32,
+            value_len: 3,
+            value,
+        };
+        let Event::LimitWrite(w) = decode(&bytes_of(&raw)).expect("decodes") else {
+            panic!("wrong kind");
+        };
+        assert_eq!(w.writer.comm, "write");
+        assert_eq!((w.writer.tgid, w.writer.pid), (10, 11));
+        assert_eq!(w.value, "abc");
+        assert_eq!(w.result, Err(22));
+        assert_eq!(w.target_cgroup_id, 99);
+    }
+
+    #[test]
+    fn decodes_an_oom_kill_with_and_without_victim_task() {
+        let mut raw = OomKillEvent {
+            header: header(EventKind::OomKill),
+            victim_cgroup_id: 42,
+            victim_pid: 300,
+            victim_tgid: 300,
+            victim_flags: VICTIM_FROM_TASK,
+            reserved: 0,
+            victim_comm: *b"tail\0\0\0\0\0\0\0\0\0\0\0\0",
+        };
+        let Event::OomKill(k) = decode(&bytes_of(&raw)).expect("decodes") else {
+            panic!("wrong kind");
+        };
+        let v = k.victim.expect("victim read from task");
+        assert_eq!((v.comm.as_str(), v.cgroup_id, k.victim_pid), ("tail", 42, 300));
+        raw.victim_flags = 0;
+        let Event::OomKill(k) = decode(&bytes_of(&raw)).expect("decodes") else {
+            panic!("wrong kind");
+        };
+        assert_eq!(k.victim, None);
+    }
+
+    #[test]
+    fn bad_records_are_errors() {
+        assert_eq!(decode(&[1, 2, 3]), Err(DecodeError::Short { len: 3, need: 48 }));
+        let h = header(EventKind::LimitWrite);
+        let short = bytes_of(&h);
+        assert!(matches!(decode(&short), Err(DecodeError::Short { .. })));
+        let mut unknown = h;
+        unknown.kind = 77;
+        assert_eq!(decode(&bytes_of(&unknown)), Err(DecodeError::UnknownKind(77)));
+    }
+}

@@ -1,0 +1,111 @@
+//! nodewarden: the node agent. This file is wiring only.
+
+mod cgroups;
+mod check;
+mod config;
+mod events;
+mod http;
+mod metrics;
+mod offsets;
+mod pipeline;
+mod probes;
+mod run;
+mod telemetry;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+/// Exit status for a configuration that does not parse or validate (sysexits EX_CONFIG).
+const EXIT_BAD_CONFIG: u8 = 78;
+
+#[derive(Debug, Parser)]
+#[command(name = "nodewarden", version, about = "Node agent: cgroup limit writes, OOM kills, lock contention")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the agent until SIGTERM or SIGINT.
+    Run {
+        /// Configuration file (TOML); the embedded default when absent.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Override `metrics.listen`.
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
+    },
+    /// Report which probes this kernel allows, and why not.
+    Check,
+    /// Validate a configuration file and print it as understood.
+    CheckConfig {
+        /// Configuration file (TOML); the embedded default when absent.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    telemetry::init_logs();
+    match Cli::parse().cmd {
+        Cmd::Run {
+            config,
+            metrics_listen,
+        } => {
+            let mut config = match load_config(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if let Some(addr) = metrics_listen {
+                config.metrics_listen = addr;
+            }
+            exit(run(&config))
+        }
+        Cmd::Check => exit(check::check()),
+        Cmd::CheckConfig { config } => match load_config(config.as_deref()) {
+            Ok(c) => {
+                println!("{c:#?}");
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+    }
+}
+
+fn load_config(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    let loaded = match path {
+        Some(p) => Config::from_file(p),
+        None => Config::default_config(),
+    };
+    loaded.map_err(|e| {
+        eprintln!("nodewarden: {e}");
+        ExitCode::from(EXIT_BAD_CONFIG)
+    })
+}
+
+/// Sets up traces outside the runtime (their HTTP client blocks), runs the agent, then flushes.
+fn run(config: &Config) -> anyhow::Result<()> {
+    let traces = telemetry::Traces::init()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(run::run(config, &traces));
+    runtime.shutdown_timeout(config.shutdown_drain);
+    traces.shutdown(config.shutdown_drain);
+    result
+}
+
+fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nodewarden: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

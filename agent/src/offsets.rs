@@ -1,0 +1,114 @@
+//! Kernel struct offsets for the eBPF programs, read from the running kernel's BTF.
+//!
+//! Rust eBPF programs cannot carry CO-RE relocations, so the loader resolves each field here and
+//! hands the table to the programs as a global before loading them.
+
+use std::path::Path;
+
+use agent_common::{KernelOffsets, OFFSET_UNKNOWN};
+use btf_rs::{Btf, BtfType as _, Type};
+
+/// Where the kernel exposes its own BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// A field the programs need, with the names it has had across kernel versions.
+#[derive(Debug)]
+struct Field {
+    strukt: &'static str,
+    names: &'static [&'static str],
+}
+
+/// Offsets found, and the fields that were not (as `struct.field`).
+#[derive(Debug)]
+pub struct Resolved {
+    pub offsets: KernelOffsets,
+    pub missing: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OffsetsError {
+    #[error("reading kernel BTF {path}: {source}")]
+    Btf { path: String, source: btf_rs::Error },
+}
+
+/// Resolves every offset from the BTF at `path`; missing fields are listed, not fatal.
+pub fn resolve(path: &Path) -> Result<Resolved, OffsetsError> {
+    let btf = Btf::from_file(path).map_err(|source| OffsetsError::Btf {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut missing = Vec::new();
+    let mut find = |strukt: &'static str, names: &'static [&'static str]| {
+        let field = Field { strukt, names };
+        field_offset(&btf, &field).unwrap_or_else(|| {
+            missing.push(format!("{strukt}.{}", names.join("|")));
+            OFFSET_UNKNOWN
+        })
+    };
+    let offsets = KernelOffsets {
+        task_pid: find("task_struct", &["pid"]),
+        task_tgid: find("task_struct", &["tgid"]),
+        task_comm: find("task_struct", &["comm"]),
+        task_cgroups: find("task_struct", &["cgroups"]),
+        css_set_dfl_cgrp: find("css_set", &["dfl_cgrp"]),
+        cgroup_kn: find("cgroup", &["kn"]),
+        kernfs_node_id: find("kernfs_node", &["id"]),
+        // Renamed to __parent in 6.15 when it became RCU-protected.
+        kernfs_node_parent: find("kernfs_node", &["parent", "__parent"]),
+        kernfs_open_file_kn: find("kernfs_open_file", &["kn"]),
+        reserved: 0,
+    };
+    Ok(Resolved { offsets, missing })
+}
+
+/// The byte offset of the first of `field.names` found in `field.strukt` (looking into anonymous
+/// structs and unions), or `None`.
+fn field_offset(btf: &Btf, field: &Field) -> Option<u32> {
+    let types = btf.resolve_types_by_name(field.strukt).ok()?;
+    types.iter().find_map(|t| match t {
+        Type::Struct(s) if !s.members.is_empty() => field
+            .names
+            .iter()
+            .find_map(|name| member_bit_offset(btf, s, name, 0)),
+        _ => None,
+    })
+    .map(|bits| bits / 8)
+}
+
+/// Searches `s` for a member called `name`, descending into anonymous members.
+fn member_bit_offset(btf: &Btf, s: &btf_rs::Struct, name: &str, base: u32) -> Option<u32> {
+    for m in &s.members {
+        let m_name = btf.resolve_name(m).unwrap_or_default();
+        if m_name == name {
+            return Some(base + m.bit_offset());
+        }
+        if m_name.is_empty()
+            && m.get_type_id().is_some()
+            && let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(m)
+            && let Some(found) = member_bit_offset(btf, &inner, name, base + m.bit_offset())
+        {
+            return Some(found);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads the BTF of the kernel the tests run on: every field the programs use must be there
+    /// on any kernel we support (5.10 and later), so none may be missing.
+    #[test]
+    fn running_kernel_has_every_field() {
+        if !Path::new(VMLINUX_BTF).exists() {
+            eprintln!("SKIP: {VMLINUX_BTF} does not exist on this kernel");
+            return;
+        }
+        let r = resolve(Path::new(VMLINUX_BTF)).expect("BTF parses");
+        assert!(r.missing.is_empty(), "missing: {:?}", r.missing);
+        // comm is an array of 16 bytes somewhere after pid and tgid, which are adjacent ints.
+        assert_eq!(r.offsets.task_tgid, r.offsets.task_pid + 4);
+        assert!(r.offsets.task_comm > r.offsets.task_tgid);
+    }
+}

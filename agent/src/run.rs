@@ -1,0 +1,147 @@
+//! `nodewarden run`: the daemon. Wiring of probes, pipeline and endpoints, and a bounded drain.
+
+use std::path::Path;
+
+use agent_common::maps;
+use anyhow::{Context as _, Result};
+use aya::maps::RingBuf;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+
+use crate::{
+    cgroups::{self, CgroupResolver},
+    config::Config,
+    http,
+    metrics::Metrics,
+    offsets,
+    pipeline::{Clock, Pipeline},
+    probes,
+    telemetry::Traces,
+};
+
+/// Runs until SIGTERM or SIGINT, then drains for at most `config.shutdown_drain`.
+pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
+    let metrics = Metrics::new();
+    let listener = http::bind(config.metrics_listen)
+        .await
+        .with_context(|| format!("binding the metrics endpoint {}", config.metrics_listen))?;
+
+    let resolved = offsets::resolve(Path::new(offsets::VMLINUX_BTF));
+    let kernel_offsets = match resolved {
+        Ok(r) => {
+            if !r.missing.is_empty() {
+                tracing::warn!("kernel BTF lacks {}: probes that need them degrade", r.missing.join(", "));
+            }
+            r.offsets
+        }
+        Err(e) => {
+            tracing::warn!("{e}: probes that read kernel structs degrade");
+            agent_common::KernelOffsets::UNKNOWN
+        }
+    };
+    let mut probes = probes::load(&kernel_offsets).context("loading eBPF programs")?;
+    for s in &probes.status {
+        metrics
+            .probe_attached
+            .with_label_values(&[s.capability, s.hook])
+            .set(i64::from(s.attached()));
+        match &s.error {
+            None => tracing::info!(capability = s.capability, hook = s.hook, "probe attached"),
+            Some(e) => tracing::warn!(
+                capability = s.capability,
+                hook = s.hook,
+                "probe unavailable on this kernel: {e}"
+            ),
+        }
+    }
+    spawn_ebpf_logs(&mut probes.ebpf);
+
+    let ring = probes
+        .ebpf
+        .take_map(maps::EVENTS)
+        .context("map EVENTS missing from the eBPF object")?;
+    let ring = RingBuf::try_from(ring).context("map EVENTS is not a ring buffer")?;
+    // SAFETY: the ring buffer owns its map fd, which stays open as long as the AsyncFd owns it.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+        .context("registering the event ring buffer with the runtime")?;
+
+    let root = config.cgroup_root.clone().or_else(cgroups::find_cgroup2_mount);
+    match &root {
+        Some(r) => tracing::info!("cgroup v2 hierarchy at {}", r.display()),
+        None => tracing::warn!("no cgroup v2 mount found: cgroup paths will be unknown"),
+    }
+    let mut pipeline = Pipeline {
+        resolver: CgroupResolver::new(root),
+        metrics: metrics.clone(),
+        traces,
+        clock: Clock::now(),
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(http::serve(listener, metrics, stop_rx));
+    tracing::info!(
+        "nodewarden running (mode {:?}); metrics at http://{}/metrics",
+        config.mode,
+        config.metrics_listen
+    );
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("polling the event ring buffer")?;
+                let rb = guard.get_inner_mut();
+                while let Some(record) = rb.next() {
+                    pipeline.handle(&record);
+                }
+                guard.clear_ready();
+            }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+        }
+    }
+
+    // Bounded drain: events already in the ring buffer are handled, the endpoint stops.
+    let rb = ring.get_mut();
+    while let Some(record) = rb.next() {
+        pipeline.handle(&record);
+    }
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(config.shutdown_drain, server).await.is_err() {
+        tracing::warn!("metrics endpoint did not stop within {:?}", config.shutdown_drain);
+    }
+    Ok(())
+}
+
+/// Forwards aya-log records from the programs to the agent's log.
+fn spawn_ebpf_logs(ebpf: &mut aya::Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("eBPF program logs unavailable: {e}");
+            return;
+        }
+    };
+    // SAFETY: the logger owns its ring buffer's fd, open as long as the AsyncFd owns the logger.
+    let mut logger = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("eBPF program logs unavailable: {}", e.into_parts().1);
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

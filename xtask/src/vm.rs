@@ -1,0 +1,342 @@
+//! The kernel lab, `cargo xtask vm`: boots a stock Debian kernel under QEMU and runs a command in
+//! it, because the development machine's own kernel lacks what nodewarden needs (kprobes, fentry,
+//! the cgroup v2 memory controller).
+//!
+//! The guest sees the host's `/` read-only (x86_64) and the project folder read-write at the same
+//! path, so host-built test binaries run unchanged. The command's output is streamed to stdout and
+//! its exit status is returned; a failure of the VM itself is reported as [`VM_FAILED`].
+
+mod initramfs;
+mod kernels;
+
+use std::{
+    ffi::OsString,
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+pub use kernels::{
+    Arch, KERNELS, KernelPaths, default_kernel, ensure_kernel, kernel_ids, workspace_root,
+};
+
+/// The exit status of `cargo xtask vm` when the VM failed rather than the command (QEMU failed,
+/// the boot never reached the command, timeout, no status reported); like `timeout(1)`'s 125.
+pub const VM_FAILED: i32 = 125;
+
+/// Host variables passed to the command besides those starting with `NODEWARDEN_`.
+const PASSED_ENV: &[&str] = &["RUST_LOG", "RUST_BACKTRACE"];
+
+/// The command's PATH: the guest (host root on x86_64, busybox on arm64) has its tools there.
+const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How long QEMU may take to power off after the command reported its status.
+const POWEROFF_GRACE: Duration = Duration::from_secs(10);
+
+/// Arguments of `cargo xtask vm`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print the known kernels (architecture, version, whether downloaded) and exit.
+    #[arg(long)]
+    pub list: bool,
+    /// Guest architecture; its default kernel is used unless --kernel is given.
+    #[arg(long, value_enum)]
+    pub arch: Option<Arch>,
+    /// Kernel to boot (see --list).
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub memory: u32,
+    /// Seconds before QEMU is killed.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Use KVM instead of pure emulation (TCG); only where KVM is real, not on the dev VMs.
+    #[arg(long)]
+    pub kvm: bool,
+    /// Command to run inside the guest, as argv (no shell: use `sh -c '...'` for one).
+    #[arg(last = true, required_unless_present = "list")]
+    pub cmd: Vec<String>,
+}
+
+/// How to run a VM.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub memory_mib: u32,
+    /// QEMU is SIGKILLed after this long.
+    pub timeout: Duration,
+    pub kvm: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self { memory_mib: 1024, timeout: Duration::from_secs(600), kvm: false }
+    }
+}
+
+/// `cargo xtask vm`: the command's exit status, or [`VM_FAILED`] with the reason on stderr.
+pub fn main(args: &Args) -> Result<i32> {
+    if args.list {
+        list();
+        return Ok(0);
+    }
+    let kernel = match (&args.kernel, args.arch) {
+        (Some(id), arch) => {
+            let kernel = kernels::find(id)?;
+            if arch.is_some_and(|a| a != kernel.arch) {
+                bail!("kernel {id} is for {}, not {}", kernel.arch, arch.unwrap_or(kernel.arch));
+            }
+            kernel.id
+        }
+        (None, arch) => default_kernel(arch.unwrap_or(Arch::X86_64)),
+    };
+    let opts = RunOptions {
+        memory_mib: args.memory,
+        timeout: Duration::from_secs(args.timeout),
+        kvm: args.kvm,
+    };
+    match run(kernel, &opts, &args.cmd) {
+        Ok(status) => Ok(status),
+        Err(e) => {
+            eprintln!("xtask vm: the VM failed: {e:#}");
+            Ok(VM_FAILED)
+        }
+    }
+}
+
+/// Prints the catalogue: id, architecture, and the version when downloaded.
+fn list() {
+    println!("{:<20} {:<8} {:<10} VERSION", "KERNEL", "ARCH", "CACHED");
+    for kernel in KERNELS {
+        let (cached, version) = match kernels::cached(kernel) {
+            Some(p) => ("yes", format!("{} {} ({})", p.package, p.version, p.release)),
+            None => ("no", "resolved on first use".to_owned()),
+        };
+        let default = if default_kernel(kernel.arch) == kernel.id { " [default]" } else { "" };
+        println!(
+            "{:<20} {:<8} {:<10} {version}{default}",
+            kernel.id, kernel.arch, cached
+        );
+    }
+}
+
+/// Boots `kernel` (downloading it on first use), runs `argv` in it and returns its exit status.
+///
+/// The command's output goes to stdout, live. `Err` means the VM or its preparation failed, not
+/// the command; `cargo xtask vm` turns that into [`VM_FAILED`].
+pub fn run(kernel: &str, opts: &RunOptions, argv: &[String]) -> Result<i32> {
+    if argv.is_empty() {
+        bail!("no command to run");
+    }
+    let paths = ensure_kernel(kernel)?;
+    let project = workspace_root();
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let nonce = nonce();
+    let start_marker = format!("NODEWARDEN-VM-START-{nonce}");
+    let exit_marker = format!("NODEWARDEN-VM-EXIT-{nonce}=");
+
+    let env = guest_env();
+    let plan = initramfs::Plan {
+        host_root: paths.arch == Arch::X86_64,
+        project: &project,
+        cwd: &cwd,
+        env: &env,
+        argv,
+        start_marker: &start_marker,
+        exit_marker: &exit_marker,
+    };
+    let mut initrd = fs::read(&paths.initramfs)
+        .with_context(|| format!("reading {}", paths.initramfs.display()))?;
+    initrd.extend(initramfs::command_cpio(&plan)?);
+    let run_dir = kernels::lab_dir().join("runs");
+    fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let initrd_path = run_dir.join(format!("{nonce}.cpio"));
+    fs::write(&initrd_path, initrd).with_context(|| format!("writing {}", initrd_path.display()))?;
+
+    let mut qemu = qemu_command(&paths, opts, &initrd_path, &project);
+    let result = supervise(&mut qemu, opts.timeout, &start_marker, &exit_marker);
+    let _ = fs::remove_file(&initrd_path);
+    result
+}
+
+/// A token that makes this run's markers unlike anything the command could print by chance.
+fn nonce() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{}-{nanos:09}", std::process::id())
+}
+
+/// The command's environment: a fixed PATH and HOME plus the host's logging and nodewarden
+/// variables (names that are not shell identifiers, or values that are not UTF-8, are skipped).
+fn guest_env() -> Vec<(String, String)> {
+    let mut env = vec![
+        ("PATH".to_owned(), GUEST_PATH.to_owned()),
+        ("HOME".to_owned(), "/root".to_owned()),
+    ];
+    let mut passed: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| PASSED_ENV.contains(&k.as_str()) || k.starts_with("NODEWARDEN_"))
+        .filter(|(k, _)| k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        .collect();
+    passed.sort();
+    env.extend(passed);
+    env
+}
+
+/// The QEMU command line: serial console on stdio, the 9p shares, no devices beyond those.
+fn qemu_command(paths: &KernelPaths, opts: &RunOptions, initrd: &Path, project: &Path) -> Command {
+    let (binary, console) = match paths.arch {
+        Arch::X86_64 => ("qemu-system-x86_64", "ttyS0"),
+        Arch::Aarch64 => ("qemu-system-aarch64", "ttyAMA0"),
+    };
+    let mut cmd = Command::new(binary);
+    if paths.arch == Arch::Aarch64 {
+        cmd.args(["-M", "virt"]);
+    }
+    match (opts.kvm, paths.arch) {
+        (true, _) => cmd.args(["-accel", "kvm", "-cpu", "host"]),
+        (false, Arch::X86_64) => cmd.args(["-accel", "tcg"]),
+        // pauth-impdef: QEMU's default pointer-authentication algorithm is very slow under TCG.
+        (false, Arch::Aarch64) => cmd.args(["-accel", "tcg", "-cpu", "max,pauth-impdef=on"]),
+    };
+    cmd.args(["-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none"])
+        .args(["-serial", "stdio", "-smp", "2"])
+        .arg("-m")
+        .arg(opts.memory_mib.to_string())
+        .arg("-kernel")
+        .arg(&paths.image)
+        .arg("-initrd")
+        .arg(initrd)
+        // quiet + loglevel=1 keep kernel messages off the console (only emergencies, e.g. a
+        // panic, get through); dmesg inside the guest still has everything.
+        .arg("-append")
+        .arg(format!("console={console} quiet loglevel=1 panic=-1"));
+    let mut share = |tag: &str, path: &Path, readonly: bool| {
+        let mut fsdev = OsString::from(format!("local,id={tag},security_model=none,path="));
+        // QEMU option values escape commas by doubling them.
+        fsdev.push(path.as_os_str().to_string_lossy().replace(',', ",,"));
+        fsdev.push(if readonly { ",readonly=on" } else { "" });
+        // The host tree spans several filesystems: keep inode numbers unique in the guest.
+        fsdev.push(",multidevs=remap");
+        cmd.arg("-fsdev").arg(fsdev);
+        cmd.arg("-device").arg(format!("virtio-9p-pci,fsdev={tag},mount_tag={tag}"));
+    };
+    if paths.arch == Arch::X86_64 {
+        share("hostroot", Path::new("/"), true);
+    }
+    share("project", project, false);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cmd
+}
+
+/// Where the run is, as the console output tells.
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    /// Kernel and init messages, kept to explain a failed boot.
+    Booting,
+    /// The command's output, streamed to stdout.
+    Running,
+    /// The command ended with this status; the rest is power-off noise.
+    Done(i32),
+}
+
+/// Runs QEMU, streams the command's output and returns the status from the exit marker.
+fn supervise(qemu: &mut Command, timeout: Duration, start: &str, exit: &str) -> Result<i32> {
+    let mut child = qemu.spawn().with_context(|| format!("spawning {qemu:?}"))?;
+    let stdout = child.stdout.take().context("no stdout pipe from QEMU")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        loop {
+            let mut line = Vec::new();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+
+    let started = Instant::now();
+    let mut deadline = started + timeout;
+    let mut phase = Phase::Booting;
+    let mut boot_log = Vec::new();
+    let mut out = std::io::stdout().lock();
+    let failure = loop {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let line = match rx.recv_timeout(wait) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                break match phase {
+                    Phase::Done(_) => None,
+                    _ => Some(format!("timed out after {} s, QEMU killed", timeout.as_secs())),
+                };
+            }
+        };
+        // The line without its end, which the console turned from \n into \r\n.
+        let (body, had_newline) = match line.strip_suffix(b"\n") {
+            Some(b) => (b.strip_suffix(b"\r").unwrap_or(b), true),
+            None => (&line[..], false),
+        };
+        let text = String::from_utf8_lossy(body);
+        match phase {
+            Phase::Booting if text.contains(start) => phase = Phase::Running,
+            Phase::Booting => boot_log.push(text.into_owned()),
+            Phase::Running => {
+                if let Some(pos) = text.find(exit) {
+                    // The command's last line may lack a newline: keep what precedes the marker.
+                    let _ = out.write_all(&text.as_bytes()[..pos]);
+                    let status = text[pos + exit.len()..].trim();
+                    let Ok(status) = status.parse() else {
+                        let _ = child.kill();
+                        break Some(format!("the guest reported a bad exit status {status:?}"));
+                    };
+                    phase = Phase::Done(status);
+                    deadline = Instant::now() + POWEROFF_GRACE;
+                } else {
+                    let _ = out.write_all(body);
+                    if had_newline {
+                        let _ = out.write_all(b"\n");
+                    }
+                }
+                let _ = out.flush();
+            }
+            Phase::Done(_) => {}
+        }
+    };
+    let _ = out.flush();
+    let qemu_status = child.wait().context("waiting for QEMU")?;
+    if let Some(why) = failure {
+        dump_boot_log(&phase, &boot_log);
+        bail!(why);
+    }
+    match phase {
+        Phase::Done(status) => Ok(status),
+        Phase::Booting => {
+            dump_boot_log(&phase, &boot_log);
+            bail!("QEMU exited ({qemu_status}) before the guest reached the command")
+        }
+        Phase::Running => bail!("QEMU exited ({qemu_status}) without reporting the command's status"),
+    }
+}
+
+/// Shows what the console printed before the command, to explain a boot that failed.
+fn dump_boot_log(phase: &Phase, log: &[String]) {
+    if *phase == Phase::Booting && !log.is_empty() {
+        eprintln!("xtask vm: guest console before the failure:");
+        for line in log {
+            eprintln!("  | {line}");
+        }
+    }
+}
