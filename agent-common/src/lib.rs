@@ -95,7 +95,7 @@ pub struct EventHeader {
     pub pid: u32,
     /// Reserved, zero; keeps the next field 8-byte aligned without implicit padding.
     pub reserved: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the probe ran.
+    /// `bpf_ktime_get_ns()` (`CLOCK_MONOTONIC`) when the probe ran.
     pub timestamp_ns: u64,
     /// Cgroup v2 id of the current task.
     pub cgroup_id: u64,

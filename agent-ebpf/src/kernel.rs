@@ -10,7 +10,7 @@ use aya_ebpf::helpers::{
 ///
 /// # Safety
 /// `base` must point to a kernel object of the type the offset was taken from.
-#[inline(always)]
+#[inline]
 pub unsafe fn read_field<T>(base: *const u8, offset: u32) -> Result<T, i32> {
     if offset == OFFSET_UNKNOWN || base.is_null() {
         return Err(-1);
@@ -22,7 +22,7 @@ pub unsafe fn read_field<T>(base: *const u8, offset: u32) -> Result<T, i32> {
 ///
 /// # Safety
 /// `task` must point to a `struct task_struct`.
-#[inline(always)]
+#[inline]
 pub unsafe fn task_cgroup_id(off: &KernelOffsets, task: *const u8) -> Result<u64, i32> {
     unsafe {
         let css_set: *const u8 = read_field(task, off.task_cgroups)?;
@@ -33,13 +33,17 @@ pub unsafe fn task_cgroup_id(off: &KernelOffsets, task: *const u8) -> Result<u64
 }
 
 /// A header describing the current task.
-#[inline(always)]
+#[inline]
 pub fn current_header(kind: u32) -> EventHeader {
     let pid_tgid = bpf_get_current_pid_tgid();
     EventHeader {
         kind,
         // The upper half is the tgid, the lower the thread id: truncation is the point.
         tgid: (pid_tgid >> 32) as u32,
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "the lower half is the thread id"
+        )]
         pid: pid_tgid as u32,
         reserved: 0,
         // SAFETY: these helpers have no preconditions.

@@ -11,6 +11,10 @@ use crate::{
 /// `ssize_t memory_max_write(struct kernfs_open_file *of, char *buf, size_t nbytes, loff_t off)`,
 /// on return: the arguments and the result in one place.
 #[fexit(function = "memory_max_write")]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the program macro fixes the signature"
+)]
 pub fn memory_max_write_fexit(ctx: FExitContext) -> i32 {
     match try_limit_write(&ctx, LimitFile::MemoryMax) {
         Ok(()) | Err(_) => 0,
@@ -49,7 +53,9 @@ fn try_limit_write(ctx: &FExitContext, limit: LimitFile) -> Result<(), i32> {
         (*event).limit = limit as u32;
         (*event).value = [0; VALUE_LEN];
         let len = bpf_probe_read_kernel_str_bytes(buf, &mut (*event).value).map_or(0, <[u8]>::len);
-        (*event).value_len = len as u32;
+        #[expect(clippy::cast_possible_truncation, reason = "len <= VALUE_LEN")]
+        let len = len as u32;
+        (*event).value_len = len;
     }
     entry.submit(0);
     Ok(())

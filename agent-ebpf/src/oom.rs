@@ -18,6 +18,10 @@ const SIGKILL: i32 = 9;
 /// int result)`: remembers each SIGKILL target's cgroup, since the OOM killer sends SIGKILL to its
 /// victim right before `mark_victim`, whose tracepoint carries only the pid on kernels < 6.8.
 #[raw_tracepoint(tracepoint = "signal_generate")]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the program macro fixes the signature"
+)]
 pub fn signal_generate(ctx: RawTracePointContext) -> i32 {
     match try_signal_generate(&ctx) {
         Ok(()) | Err(_) => 0,
@@ -26,6 +30,10 @@ pub fn signal_generate(ctx: RawTracePointContext) -> i32 {
 
 fn try_signal_generate(ctx: &RawTracePointContext) -> Result<(), i32> {
     // The raw argument is a 64-bit register; the signal number is its low 32 bits.
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "an int passed in a register"
+    )]
     let sig = ctx.arg::<u64>(0) as i32;
     if sig != SIGKILL {
         return Ok(());
@@ -46,7 +54,7 @@ fn try_signal_generate(ctx: &RawTracePointContext) -> Result<(), i32> {
         };
         (pid, killed)
     };
-    KILLED.insert(&pid, &killed, 0)
+    KILLED.insert(pid, killed, 0)
 }
 
 /// Offset of `pid` in the `oom/mark_victim` record: first field after the 8-byte common header,
@@ -54,6 +62,10 @@ fn try_signal_generate(ctx: &RawTracePointContext) -> Result<(), i32> {
 const MARK_VICTIM_PID_OFFSET: usize = 8;
 
 #[tracepoint(category = "oom", name = "mark_victim")]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the program macro fixes the signature"
+)]
 pub fn oom_mark_victim(ctx: TracePointContext) -> i32 {
     match try_mark_victim(&ctx) {
         Ok(()) | Err(_) => 0,
@@ -63,10 +75,10 @@ pub fn oom_mark_victim(ctx: TracePointContext) -> i32 {
 fn try_mark_victim(ctx: &TracePointContext) -> Result<(), i32> {
     // SAFETY: the offset is inside the tracepoint's record (see MARK_VICTIM_PID_OFFSET).
     let victim_pid: i32 = unsafe { ctx.read_at(MARK_VICTIM_PID_OFFSET) }?;
-    let victim_pid = victim_pid as u32;
+    let victim_pid = victim_pid.cast_unsigned();
     // SAFETY: the value is copied out before anything else touches the map entry.
-    let killed = unsafe { KILLED.get(&victim_pid) }.copied();
-    let _ = KILLED.remove(&victim_pid);
+    let killed = unsafe { KILLED.get(victim_pid) }.copied();
+    let _ = KILLED.remove(victim_pid);
 
     let Some(mut entry) = EVENTS.reserve::<OomKillEvent>(0) else {
         return Err(-1);
@@ -77,20 +89,13 @@ fn try_mark_victim(ctx: &TracePointContext) -> Result<(), i32> {
         (*event).header = current_header(EventKind::OomKill as u32);
         (*event).victim_pid = victim_pid;
         (*event).reserved = 0;
-        match killed {
-            Some(k) => {
-                (*event).victim_cgroup_id = k.cgroup_id;
-                (*event).victim_tgid = k.tgid;
-                (*event).victim_comm = k.comm;
-                (*event).victim_flags = VICTIM_FROM_TASK;
-            }
-            None => {
-                (*event).victim_cgroup_id = 0;
-                (*event).victim_tgid = 0;
-                (*event).victim_comm = [0; COMM_LEN];
-                (*event).victim_flags = 0;
-            }
-        }
+        let (cgroup_id, tgid, comm, flags) = killed.map_or((0, 0, [0; COMM_LEN], 0), |k| {
+            (k.cgroup_id, k.tgid, k.comm, VICTIM_FROM_TASK)
+        });
+        (*event).victim_cgroup_id = cgroup_id;
+        (*event).victim_tgid = tgid;
+        (*event).victim_comm = comm;
+        (*event).victim_flags = flags;
     }
     entry.submit(0);
     debug!(ctx, "oom: victim pid {}", victim_pid);

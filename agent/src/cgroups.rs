@@ -1,11 +1,7 @@
 //! Cgroup v2 identity: the cgroup id the kernel reports is the inode number of the cgroup's
 //! directory, which this module maps to a path relative to the cgroup2 mount.
 
-use std::{
-    collections::HashMap,
-    os::unix::fs::MetadataExt as _,
-    path::PathBuf,
-};
+use std::{collections::HashMap, os::unix::fs::MetadataExt as _, path::PathBuf};
 
 /// Finds the cgroup2 mount point in `/proc/self/mountinfo` (`/sys/fs/cgroup` on a unified host,
 /// `/sys/fs/cgroup/unified` on a hybrid one).
@@ -32,7 +28,9 @@ fn unescape_octal(s: &str) -> String {
     let mut rest = s;
     while let Some(i) = rest.find('\\') {
         out.push_str(&rest[..i]);
-        let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
+        let code = rest
+            .get(i + 1..i + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
         if let Some(c) = code {
             out.push(char::from(c));
             rest = &rest[i + 4..];
@@ -88,8 +86,7 @@ impl CgroupResolver {
                 continue;
             };
             let rel = dir.strip_prefix(&root).unwrap_or(&dir);
-            self.paths
-                .insert(meta.ino(), format!("/{}", rel.display()));
+            self.paths.insert(meta.ino(), format!("/{}", rel.display()));
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
             };
@@ -117,7 +114,8 @@ mod tests {
 
     #[test]
     fn finds_unified_and_hybrid_mounts() {
-        let unified = "25 1 0:22 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n";
+        let unified =
+            "25 1 0:22 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(
             parse_cgroup2_mount(unified),
             Some(PathBuf::from("/sys/fs/cgroup"))
@@ -128,7 +126,10 @@ mod tests {
             parse_cgroup2_mount(hybrid),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
-        assert_eq!(parse_cgroup2_mount("30 25 0:26 / /x rw - ext4 /dev/vda rw\n"), None);
+        assert_eq!(
+            parse_cgroup2_mount("30 25 0:26 / /x rw - ext4 /dev/vda rw\n"),
+            None
+        );
         assert_eq!(unescape_octal(r"/a\040b"), "/a b");
     }
 

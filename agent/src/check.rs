@@ -18,7 +18,11 @@ pub fn check() -> Result<()> {
             r.offsets
         }
         Ok(r) => {
-            println!("kernel BTF: {} (missing: {})", btf.display(), r.missing.join(", "));
+            println!(
+                "kernel BTF: {} (missing: {})",
+                btf.display(),
+                r.missing.join(", ")
+            );
             r.offsets
         }
         Err(e) => {

@@ -136,8 +136,7 @@ mod tests {
 
     fn bytes_of<T: aya::Pod>(v: &T) -> Vec<u8> {
         // SAFETY: Pod types have no padding; reading their bytes is sound.
-        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
-            .to_vec()
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
     }
 
     fn header(kind: EventKind) -> EventHeader {
@@ -191,7 +190,10 @@ mod tests {
             panic!("wrong kind");
         };
         let v = k.victim.expect("victim read from task");
-        assert_eq!((v.comm.as_str(), v.cgroup_id, k.victim_pid), ("tail", 42, 300));
+        assert_eq!(
+            (v.comm.as_str(), v.cgroup_id, k.victim_pid),
+            ("tail", 42, 300)
+        );
         raw.victim_flags = 0;
         let Event::OomKill(k) = decode(&bytes_of(&raw)).expect("decodes") else {
             panic!("wrong kind");
@@ -201,12 +203,18 @@ mod tests {
 
     #[test]
     fn bad_records_are_errors() {
-        assert_eq!(decode(&[1, 2, 3]), Err(DecodeError::Short { len: 3, need: 48 }));
+        assert_eq!(
+            decode(&[1, 2, 3]),
+            Err(DecodeError::Short { len: 3, need: 48 })
+        );
         let h = header(EventKind::LimitWrite);
         let short = bytes_of(&h);
         assert!(matches!(decode(&short), Err(DecodeError::Short { .. })));
         let mut unknown = h;
         unknown.kind = 77;
-        assert_eq!(decode(&bytes_of(&unknown)), Err(DecodeError::UnknownKind(77)));
+        assert_eq!(
+            decode(&bytes_of(&unknown)),
+            Err(DecodeError::UnknownKind(77))
+        );
     }
 }

@@ -22,7 +22,11 @@ use crate::config::Config;
 const EXIT_BAD_CONFIG: u8 = 78;
 
 #[derive(Debug, Parser)]
-#[command(name = "nodewarden", version, about = "Node agent: cgroup limit writes, OOM kills, lock contention")]
+#[command(
+    name = "nodewarden",
+    version,
+    about = "Node agent: cgroup limit writes, OOM kills, lock contention"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -94,7 +94,10 @@ mod tests {
             .with_label_values(&["/a", "memory.max", "sh", "ok"])
             .inc_by(2);
         let text = m.render();
-        assert!(text.contains("nodewarden_oom_kills_total{cgroup=\"/a\"} 1"), "{text}");
+        assert!(
+            text.contains("nodewarden_oom_kills_total{cgroup=\"/a\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains(
                 "nodewarden_cgroup_limit_writes_total{cgroup=\"/a\",limit=\"memory.max\",result=\"ok\",writer=\"sh\"} 2"

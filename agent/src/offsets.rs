@@ -65,14 +65,16 @@ pub fn resolve(path: &Path) -> Result<Resolved, OffsetsError> {
 /// structs and unions), or `None`.
 fn field_offset(btf: &Btf, field: &Field) -> Option<u32> {
     let types = btf.resolve_types_by_name(field.strukt).ok()?;
-    types.iter().find_map(|t| match t {
-        Type::Struct(s) if !s.members.is_empty() => field
-            .names
-            .iter()
-            .find_map(|name| member_bit_offset(btf, s, name, 0)),
-        _ => None,
-    })
-    .map(|bits| bits / 8)
+    types
+        .iter()
+        .find_map(|t| match t {
+            Type::Struct(s) if !s.members.is_empty() => field
+                .names
+                .iter()
+                .find_map(|name| member_bit_offset(btf, s, name, 0)),
+            _ => None,
+        })
+        .map(|bits| bits / 8)
 }
 
 /// Searches `s` for a member called `name`, descending into anonymous members.

@@ -35,7 +35,9 @@ impl Clock {
             u32::try_from(ts.tv_nsec).unwrap_or(0),
         );
         Self {
-            boot: SystemTime::now().checked_sub(mono).unwrap_or(SystemTime::UNIX_EPOCH),
+            boot: SystemTime::now()
+                .checked_sub(mono)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
         }
     }
 
@@ -83,7 +85,12 @@ impl Pipeline<'_> {
         };
         self.metrics
             .limit_writes
-            .with_label_values(&[cgroup.as_str(), limit, w.writer.comm.as_str(), result.as_str()])
+            .with_label_values(&[
+                cgroup.as_str(),
+                limit,
+                w.writer.comm.as_str(),
+                result.as_str(),
+            ])
             .inc();
         tracing::info!(
             cgroup = %cgroup,

@@ -34,7 +34,11 @@ impl fmt::Display for ProbeStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.error {
             None => write!(f, "{:<14} {:<32} attached", self.capability, self.hook),
-            Some(e) => write!(f, "{:<14} {:<32} UNAVAILABLE: {e}", self.capability, self.hook),
+            Some(e) => write!(
+                f,
+                "{:<14} {:<32} UNAVAILABLE: {e}",
+                self.capability, self.hook
+            ),
         }
     }
 }
@@ -63,37 +67,25 @@ pub fn load(offsets: &KernelOffsets) -> Result<Probes, ProbeError> {
     let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"));
 
     let status = vec![
-        attach(
-            "limit_writes",
-            "fexit:memory_max_write",
-            || {
-                let btf = btf.as_ref().map_err(Clone::clone)?;
-                let p: &mut FExit = program(&mut ebpf, programs::MEMORY_MAX_WRITE_FEXIT)?;
-                p.load("memory_max_write", btf).map_err(chain)?;
-                p.attach().map_err(chain)?;
-                Ok(())
-            },
-        ),
-        attach(
-            "oom_victims",
-            "raw_tp:signal_generate",
-            || {
-                let p: &mut RawTracePoint = program(&mut ebpf, programs::SIGNAL_GENERATE)?;
-                p.load().map_err(chain)?;
-                p.attach("signal_generate").map_err(chain)?;
-                Ok(())
-            },
-        ),
-        attach(
-            "oom_kills",
-            "tracepoint:oom/mark_victim",
-            || {
-                let p: &mut TracePoint = program(&mut ebpf, programs::OOM_MARK_VICTIM)?;
-                p.load().map_err(chain)?;
-                p.attach("oom", "mark_victim").map_err(chain)?;
-                Ok(())
-            },
-        ),
+        attach("limit_writes", "fexit:memory_max_write", || {
+            let btf = btf.as_ref().map_err(Clone::clone)?;
+            let p: &mut FExit = program(&mut ebpf, programs::MEMORY_MAX_WRITE_FEXIT)?;
+            p.load("memory_max_write", btf).map_err(chain)?;
+            p.attach().map_err(chain)?;
+            Ok(())
+        }),
+        attach("oom_victims", "raw_tp:signal_generate", || {
+            let p: &mut RawTracePoint = program(&mut ebpf, programs::SIGNAL_GENERATE)?;
+            p.load().map_err(chain)?;
+            p.attach("signal_generate").map_err(chain)?;
+            Ok(())
+        }),
+        attach("oom_kills", "tracepoint:oom/mark_victim", || {
+            let p: &mut TracePoint = program(&mut ebpf, programs::OOM_MARK_VICTIM)?;
+            p.load().map_err(chain)?;
+            p.attach("oom", "mark_victim").map_err(chain)?;
+            Ok(())
+        }),
     ];
     Ok(Probes { ebpf, status })
 }

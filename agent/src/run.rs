@@ -24,6 +24,9 @@ use crate::{
 
 /// Runs until SIGTERM or SIGINT, then drains for at most `config.shutdown_drain`.
 pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
+    // First, so that a signal during start-up also stops the agent cleanly.
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let metrics = Metrics::new();
     let listener = http::bind(config.metrics_listen)
         .await
@@ -33,7 +36,10 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
     let kernel_offsets = match resolved {
         Ok(r) => {
             if !r.missing.is_empty() {
-                tracing::warn!("kernel BTF lacks {}: probes that need them degrade", r.missing.join(", "));
+                tracing::warn!(
+                    "kernel BTF lacks {}: probes that need them degrade",
+                    r.missing.join(", ")
+                );
             }
             r.offsets
         }
@@ -69,7 +75,10 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
         .map_err(|e| e.into_parts().1)
         .context("registering the event ring buffer with the runtime")?;
 
-    let root = config.cgroup_root.clone().or_else(cgroups::find_cgroup2_mount);
+    let root = config
+        .cgroup_root
+        .clone()
+        .or_else(cgroups::find_cgroup2_mount);
     match &root {
         Some(r) => tracing::info!("cgroup v2 hierarchy at {}", r.display()),
         None => tracing::warn!("no cgroup v2 mount found: cgroup paths will be unknown"),
@@ -89,8 +98,6 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
         config.metrics_listen
     );
 
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -112,8 +119,14 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
         pipeline.handle(&record);
     }
     let _ = stop_tx.send(true);
-    if tokio::time::timeout(config.shutdown_drain, server).await.is_err() {
-        tracing::warn!("metrics endpoint did not stop within {:?}", config.shutdown_drain);
+    if tokio::time::timeout(config.shutdown_drain, server)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "metrics endpoint did not stop within {:?}",
+            config.shutdown_drain
+        );
     }
     Ok(())
 }

@@ -1,6 +1,10 @@
 //! `cargo xtask`: everything that needs root, the special eBPF toolchain or a VM.
 
+mod build;
+mod lint;
+mod run;
 mod setup;
+mod test;
 mod vm;
 
 use std::process::ExitCode;
@@ -17,8 +21,32 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Install what this machine lacks (Debian packages, bpf-linker, QEMU).
+    Setup,
+    /// Build the agent (and its eBPF programs).
+    Build {
+        #[arg(long, value_enum, default_value = "debug")]
+        profile: build::Profile,
+    },
+    /// Install what is missing, build, and run `nodewarden run` as root. Ctrl-C stops it.
+    Run {
+        #[arg(long, value_enum, default_value = "release")]
+        profile: build::Profile,
+        /// Arguments for `nodewarden run` (e.g. `-- --config my.toml`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Lints, unit tests, host kernel tests and VM kernel tests.
+    Test(test::Args),
+    /// rustfmt and clippy on every crate, the eBPF one included.
+    Lint,
     /// Boot a stock kernel under QEMU and run a command in it.
     Vm(vm::Args),
+    /// Build a release binary for a target (host, or aarch64-unknown-linux-gnu).
+    Dist {
+        #[arg(long)]
+        target: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -33,6 +61,24 @@ fn main() -> ExitCode {
 
 fn try_main() -> Result<i32> {
     match Cli::parse().cmd {
+        Cmd::Setup => {
+            setup::ebpf_toolchain()?;
+            for arch in [vm::Arch::X86_64, vm::Arch::Aarch64] {
+                setup::apt_install(arch.host_packages())?;
+            }
+            Ok(0)
+        }
+        Cmd::Build { profile } => build::agent(profile).map(|_| 0),
+        Cmd::Run { profile, args } => run::main(profile, &args),
+        Cmd::Test(args) => test::main(&args),
+        Cmd::Lint => lint::main().map(|()| 0),
         Cmd::Vm(args) => vm::main(&args),
+        Cmd::Dist { target } => {
+            let target = match target {
+                Some(t) => t,
+                None => build::host_triple()?,
+            };
+            build::dist(&target).map(|_| 0)
+        }
     }
 }

@@ -62,7 +62,11 @@ fn dpkg_installed(pkg: &str) -> bool {
 
 /// Installs the Debian packages that are not installed yet (one `apt-get update` per process).
 pub fn apt_install(pkgs: &[&str]) -> Result<()> {
-    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    let missing: Vec<&str> = pkgs
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }

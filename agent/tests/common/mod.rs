@@ -1,0 +1,147 @@
+//! Helpers shared by the kernel tests: run the agent binary, scrape it, receive its spans.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+pub mod otlp;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+/// The agent binary cargo built for these tests.
+pub const NODEWARDEN: &str = env!("CARGO_BIN_EXE_nodewarden");
+
+/// A running `nodewarden run`, killed if the test ends without stopping it.
+pub struct Agent {
+    pub child: Child,
+    pub metrics: SocketAddr,
+    log: std::path::PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent with the default config on a free loopback port and extra environment.
+    pub fn start(env: &[(&str, &str)]) -> Self {
+        let metrics = free_port();
+        let log = std::env::temp_dir().join(format!("nodewarden-test-{}.log", metrics.port()));
+        let log_file = std::fs::File::create(&log).expect("create agent log");
+        let mut cmd = Command::new(NODEWARDEN);
+        cmd.args(["run", "--metrics-listen", &metrics.to_string()])
+            .env("RUST_LOG", "info,nodewarden=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn nodewarden");
+        let agent = Self {
+            child,
+            metrics,
+            log,
+        };
+        agent.wait_for_metrics(Duration::from_secs(60));
+        agent
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_for_metrics(&self, limit: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(body) = scrape(self.metrics)
+                && body.contains("nodewarden_probe_attached")
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "agent served no metrics within {limit:?}; log:\n{}",
+            self.log()
+        );
+    }
+
+    /// The value of the sample whose line starts with `series` (name and labels exactly as
+    /// exposed), or `None` when absent.
+    pub fn sample(&self, series: &str) -> Option<f64> {
+        let body = scrape(self.metrics)?;
+        sample(&body, series)
+    }
+
+    /// Polls until `series` has `value`, failing with the last scrape after `limit`.
+    pub fn wait_for_sample(&self, series: &str, value: f64, limit: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.sample(series) == Some(value) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "{series} never reached {value} within {limit:?}\nlast scrape:\n{}\nlog:\n{}",
+            scrape(self.metrics).unwrap_or_default(),
+            self.log()
+        );
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "agent did not exit within 20 s of SIGTERM; log:\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr")
+}
+
+/// `GET /metrics`, returning the body, or `None` when the endpoint is not answering.
+pub fn scrape(addr: SocketAddr) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: nodewarden\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+/// The value of the sample line starting with `series ` in an exposition text.
+pub fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Whether the test runs as root (kernel tests need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}

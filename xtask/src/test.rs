@@ -1,0 +1,197 @@
+//! `cargo xtask test`: lints, unit tests, host kernel tests, VM kernel tests (x86_64 kernels) and
+//! the aarch64 smoke test. Every suite runs even when an earlier one failed; the summary line at
+//! the end counts them.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{build, lint, setup, vm};
+
+/// Which suites to run (all by default).
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Kernels for the VM tests (default: every x86_64 kernel in `cargo xtask vm --list`).
+    #[arg(long = "kernel")]
+    pub kernels: Vec<String>,
+    /// Skip rustfmt and clippy.
+    #[arg(long)]
+    pub no_lint: bool,
+    /// Skip the VM suites (x86_64 and aarch64).
+    #[arg(long)]
+    pub no_vm: bool,
+    /// Skip the aarch64 cross-build and its VM smoke test.
+    #[arg(long)]
+    pub no_arm64: bool,
+}
+
+/// Runs the suites and returns 0 when all passed.
+pub fn main(args: &Args) -> Result<i32> {
+    setup::ebpf_toolchain()?;
+    let mut results: Vec<(String, Result<()>)> = Vec::new();
+    let mut suite = |name: String, f: &mut dyn FnMut() -> Result<()>| {
+        eprintln!("\nxtask test: === {name} ===");
+        let start = Instant::now();
+        let r = f();
+        let secs = start.elapsed().as_secs_f64();
+        match &r {
+            Ok(()) => eprintln!("xtask test: {name}: PASSED in {secs:.0}s"),
+            Err(e) => eprintln!("xtask test: {name}: FAILED in {secs:.0}s: {e:#}"),
+        }
+        results.push((name, r));
+    };
+
+    if !args.no_lint {
+        suite(
+            "lint (rustfmt, clippy, eBPF clippy)".into(),
+            &mut lint::main,
+        );
+    }
+    suite("unit tests".into(), &mut || {
+        cargo_test(&["--workspace"], &[])
+    });
+    suite("host kernel tests".into(), &mut || {
+        require_root()?;
+        cargo_test(&["-p", "agent", "--test", "host_kernel"], &["--ignored"])
+    });
+    if !args.no_vm {
+        let kernels = if args.kernels.is_empty() {
+            vm::kernel_ids(vm::Arch::X86_64)
+                .into_iter()
+                .map(str::to_owned)
+                .collect()
+        } else {
+            args.kernels.clone()
+        };
+        let mut exe = None;
+        suite("build VM test binary".into(), &mut || {
+            exe = Some(test_executable("vm_kernel")?);
+            Ok(())
+        });
+        if let Some(exe) = exe {
+            for kernel in &kernels {
+                suite(format!("VM kernel tests on {kernel}"), &mut || {
+                    vm_tests(kernel, &exe)
+                });
+            }
+        }
+        if !args.no_arm64 {
+            suite(
+                "aarch64: cross-build and `nodewarden check` in the arm64 VM".into(),
+                &mut || arm64_smoke(),
+            );
+        }
+    }
+
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|(_, r)| r.is_err())
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let passed = results.len() - failed.len();
+    eprintln!();
+    for (name, r) in &results {
+        eprintln!("  {:<6} {name}", if r.is_ok() { "ok" } else { "FAILED" });
+    }
+    println!("summary: {passed} passed, {} failed", failed.len());
+    Ok(i32::from(!failed.is_empty()))
+}
+
+fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("kernel tests load eBPF programs and need root: run `sudo -E cargo xtask test`");
+    }
+    Ok(())
+}
+
+/// `cargo test CARGO_ARGS -- TEST_ARGS` in the workspace.
+fn cargo_test(cargo_args: &[&str], test_args: &[&str]) -> Result<()> {
+    setup::run(
+        Command::new(build::cargo())
+            .arg("test")
+            .args(cargo_args)
+            .arg("--")
+            .args(test_args)
+            .current_dir(vm::workspace_root()),
+    )
+}
+
+/// Builds the agent and the integration test `name`, returning the test executable's path.
+fn test_executable(name: &str) -> Result<PathBuf> {
+    let out = setup::output(
+        Command::new(build::cargo())
+            .args([
+                "test",
+                "-p",
+                "agent",
+                "--test",
+                name,
+                "--no-run",
+                "--message-format=json",
+            ])
+            .current_dir(vm::workspace_root()),
+    )?;
+    out.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == name)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("cargo built no executable for test {name}"))
+}
+
+/// Runs the ignored (kernel) tests of `exe` inside a VM booted on `kernel`.
+fn vm_tests(kernel: &str, exe: &Path) -> Result<()> {
+    // The guest gets NODEWARDEN_* variables; this one lets the VM tests write cgroups there.
+    // SAFETY: xtask is single-threaded here.
+    unsafe { std::env::set_var("NODEWARDEN_IN_VM", "1") };
+    let argv = [
+        exe.display().to_string(),
+        "--ignored".to_owned(),
+        "--test-threads=1".to_owned(),
+    ];
+    let status = vm::run(kernel, &vm::RunOptions::default(), &argv)?;
+    if status != 0 {
+        bail!("tests in the VM exited with status {status}");
+    }
+    Ok(())
+}
+
+/// Cross-builds for aarch64 and runs `nodewarden check` in the arm64 VM: it must start, read the
+/// kernel's BTF and report each probe (arm64 6.1 refuses fexit; tracepoints attach).
+fn arm64_smoke() -> Result<()> {
+    let bin = build::dist("aarch64-unknown-linux-gnu")?;
+    let report = vm::workspace_root().join("target/arm64-check.txt");
+    let _ = std::fs::remove_file(&report);
+    let argv = [
+        "sh".to_owned(),
+        "-c".to_owned(),
+        format!("{} check > {} 2>&1", bin.display(), report.display()),
+    ];
+    let status = vm::run(
+        vm::default_kernel(vm::Arch::Aarch64),
+        &vm::RunOptions::default(),
+        &argv,
+    )?;
+    let text = std::fs::read_to_string(&report)
+        .with_context(|| format!("reading {}", report.display()))?;
+    eprintln!("{text}");
+    if status != 0 {
+        bail!("`nodewarden check` exited with status {status} in the arm64 VM");
+    }
+    for expected in [
+        "aarch64",
+        "every struct field found",
+        "tracepoint:oom/mark_victim       attached",
+        "raw_tp:signal_generate           attached",
+        "fexit:memory_max_write",
+    ] {
+        if !text.contains(expected) {
+            bail!("arm64 `nodewarden check` output lacks {expected:?}");
+        }
+    }
+    Ok(())
+}
