@@ -1,4 +1,4 @@
-//! Builds the eBPF programs (agent-ebpf) and leaves the object in OUT_DIR for `include_bytes!`.
+//! Builds the eBPF programs (agent-ebpf) and leaves the object in `OUT_DIR` for `include_bytes!`.
 //!
 //! Two toolchain routes: Debian's rustc-web, which ships a prebuilt `core` for bpfel-unknown-none
 //! (the route `cargo xtask` installs; needed where rustup cannot download rust-src), or a rustup

@@ -99,7 +99,7 @@ impl CgroupResolver {
     }
 }
 
-/// The cgroup v2 path of a live process, from `/proc/<pid>/cgroup` ("0::/path").
+/// The cgroup v2 path of a live process, from `/proc/<pid>/cgroup` (`0::/path`).
 #[must_use]
 pub fn path_of_pid(pid: u32) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;

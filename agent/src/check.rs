@@ -51,7 +51,7 @@ pub fn check() -> Result<()> {
     Ok(())
 }
 
-/// `uname -r` and machine, e.g. "6.1.0-31-amd64 x86_64".
+/// `uname -r` and machine, e.g. `6.1.0-31-amd64 x86_64`.
 fn uname() -> String {
     // SAFETY: utsname is plain data; uname fills it or fails.
     let mut u: libc::utsname = unsafe { std::mem::zeroed() };

@@ -141,6 +141,13 @@ mod tests {
     }
 
     #[test]
+    fn shipped_configs_are_valid() {
+        let k8s = include_str!("../../deploy/kubernetes/config.toml");
+        let c = Config::parse(k8s, "deploy/kubernetes/config.toml").expect("valid");
+        assert_eq!(c.metrics_listen.port(), 9717);
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once() {
         let text = r#"
             mode = "observe"

@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 
-/// Exit status for a configuration that does not parse or validate (sysexits EX_CONFIG).
+/// Exit status for a configuration that does not parse or validate (sysexits `EX_CONFIG`).
 const EXIT_BAD_CONFIG: u8 = 78;
 
 #[derive(Debug, Parser)]

@@ -14,7 +14,7 @@ use crate::{
 /// Label value for a cgroup whose path could not be found.
 const UNKNOWN_CGROUP: &str = "unknown";
 
-/// Converts the kernel's CLOCK_MONOTONIC timestamps to wall-clock time.
+/// Converts the kernel's `CLOCK_MONOTONIC` timestamps to wall-clock time.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     /// Wall-clock time at monotonic zero.

@@ -122,10 +122,16 @@ fn chain(e: impl std::error::Error) -> String {
         s.push_str(&cause.to_string());
         src = cause.source();
     }
+    // 524 is the kernel-internal ENOTSUPP, which libc has no name for.
+    if s.contains("os error 524") {
+        s.push_str(
+            " (ENOTSUPP: this kernel has no BPF trampoline for this hook on this architecture)",
+        );
+    }
     s
 }
 
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones ignore it and some
+/// Kernels before 5.11 charge BPF maps to `RLIMIT_MEMLOCK`; later ones ignore it and some
 /// sandboxes refuse to change it, so failing here is only worth a debug line.
 fn raise_memlock_limit() {
     let rlim = libc::rlimit {

@@ -79,9 +79,10 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
         .cgroup_root
         .clone()
         .or_else(cgroups::find_cgroup2_mount);
-    match &root {
-        Some(r) => tracing::info!("cgroup v2 hierarchy at {}", r.display()),
-        None => tracing::warn!("no cgroup v2 mount found: cgroup paths will be unknown"),
+    if let Some(r) = &root {
+        tracing::info!("cgroup v2 hierarchy at {}", r.display());
+    } else {
+        tracing::warn!("no cgroup v2 mount found: cgroup paths will be unknown");
     }
     let mut pipeline = Pipeline {
         resolver: CgroupResolver::new(root),

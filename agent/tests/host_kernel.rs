@@ -93,3 +93,69 @@ fn check_lists_every_probe_with_its_status() {
     }
     assert!(text.contains("kernel BTF: "), "{text}");
 }
+
+/// A real Prometheus server scrapes the agent: the target is up and the probe gauges arrive.
+#[test]
+#[ignore = "needs root, a BPF-capable kernel and Debian's prometheus: run by `cargo xtask test`"]
+fn prometheus_scrapes_the_agent() {
+    assert!(is_root(), "{NEEDS_ROOT}");
+    let agent = Agent::start(&[]);
+    let dir = std::env::temp_dir().join(format!("nodewarden-prom-{}", agent.metrics.port()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: nodewarden\n    static_configs:\n      - targets: ['{}']\n",
+            agent.metrics
+        ),
+    )
+    .expect("write prometheus.yml");
+    let web = common::free_port();
+    let prometheus = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={web}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start prometheus (Debian package `prometheus`; `cargo xtask test` installs it)");
+    let prometheus = common::KillOnDrop(prometheus);
+
+    let query = |q: &str| -> Option<serde_json::Value> {
+        let body = common::http_get(web, &format!("/api/v1/query?query={q}"))?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["data"]["result"]
+            .as_array()?
+            .first()
+            .map(|r| r["value"][1].clone())
+    };
+    let start = std::time::Instant::now();
+    let mut last = (None, None);
+    while start.elapsed() < std::time::Duration::from_secs(60) {
+        last = (
+            query("up%7Bjob%3D%22nodewarden%22%7D"),
+            query("nodewarden_probe_attached%7Bcapability%3D%22oom_kills%22%7D"),
+        );
+        if last.0.as_ref().and_then(|v| v.as_str()) == Some("1")
+            && last.1.as_ref().and_then(|v| v.as_str()) == Some("1")
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    drop(prometheus);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        (
+            last.0.as_ref().and_then(|v| v.as_str()),
+            last.1.as_ref().and_then(|v| v.as_str())
+        ),
+        (Some("1"), Some("1")),
+        "prometheus never saw the agent up with its probe gauge; agent log:\n{}",
+        agent.log()
+    );
+}

@@ -56,6 +56,8 @@ pub fn main(args: &Args) -> Result<i32> {
     });
     suite("host kernel tests".into(), &mut || {
         require_root()?;
+        // A real Prometheus server scrapes the agent in one of them.
+        setup::apt_install(&["prometheus"])?;
         cargo_test(&["-p", "agent", "--test", "host_kernel"], &["--ignored"])
     });
     if !args.no_vm {
