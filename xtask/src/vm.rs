@@ -2,7 +2,7 @@
 //! it, because the development machine's own kernel lacks what nodewarden needs (kprobes, fentry,
 //! the cgroup v2 memory controller).
 //!
-//! The guest sees the host's `/` read-only (x86_64) and the project folder read-write at the same
+//! The guest sees the host's `/` read-only (`x86_64`) and the project folder read-write at the same
 //! path, so host-built test binaries run unchanged. The command's output is streamed to stdout and
 //! its exit status is returned; a failure of the VM itself is reported as [`VM_FAILED`].
 
@@ -21,9 +21,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-pub use kernels::{
-    Arch, KERNELS, KernelPaths, default_kernel, ensure_kernel, kernel_ids, workspace_root,
-};
+pub use kernels::{Arch, KernelPaths, default_kernel, ensure_kernel, kernel_ids, workspace_root};
 
 /// The exit status of `cargo xtask vm` when the VM failed rather than the command (QEMU failed,
 /// the boot never reached the command, timeout, no status reported); like `timeout(1)`'s 125.
@@ -32,7 +30,7 @@ pub const VM_FAILED: i32 = 125;
 /// Host variables passed to the command besides those starting with `NODEWARDEN_`.
 const PASSED_ENV: &[&str] = &["RUST_LOG", "RUST_BACKTRACE"];
 
-/// The command's PATH: the guest (host root on x86_64, busybox on arm64) has its tools there.
+/// The command's PATH: the guest (host root on `x86_64`, busybox on arm64) has its tools there.
 const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// How long QEMU may take to power off after the command reported its status.
@@ -67,62 +65,83 @@ pub struct Args {
 /// How to run a VM.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
+    /// Guest memory in MiB.
     pub memory_mib: u32,
-    /// QEMU is SIGKILLed after this long.
+    /// QEMU is killed (`SIGKILL`) after this long.
     pub timeout: Duration,
+    /// Use KVM instead of TCG (only where KVM is real).
     pub kvm: bool,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { memory_mib: 1024, timeout: Duration::from_secs(600), kvm: false }
+        Self {
+            memory_mib: 1024,
+            timeout: Duration::from_secs(600),
+            kvm: false,
+        }
     }
 }
 
 /// `cargo xtask vm`: the command's exit status, or [`VM_FAILED`] with the reason on stderr.
 pub fn main(args: &Args) -> Result<i32> {
     if args.list {
-        list();
+        list()?;
         return Ok(0);
     }
-    let kernel = match (&args.kernel, args.arch) {
-        (Some(id), arch) => {
-            let kernel = kernels::find(id)?;
-            if arch.is_some_and(|a| a != kernel.arch) {
-                bail!("kernel {id} is for {}, not {}", kernel.arch, arch.unwrap_or(kernel.arch));
-            }
-            kernel.id
-        }
-        (None, arch) => default_kernel(arch.unwrap_or(Arch::X86_64)),
-    };
     let opts = RunOptions {
         memory_mib: args.memory,
         timeout: Duration::from_secs(args.timeout),
         kvm: args.kvm,
     };
-    match run(kernel, &opts, &args.cmd) {
-        Ok(status) => Ok(status),
-        Err(e) => {
-            eprintln!("xtask vm: the VM failed: {e:#}");
-            Ok(VM_FAILED)
+    let status = pick_kernel(args).and_then(|kernel| run(kernel, &opts, &args.cmd));
+    Ok(status.unwrap_or_else(|e| {
+        eprintln!("xtask vm: no status from the command, the VM failed: {e:#}");
+        VM_FAILED
+    }))
+}
+
+/// The kernel named by --kernel (checked against --arch), else the default of --arch.
+fn pick_kernel(args: &Args) -> Result<&'static str> {
+    let Some(id) = &args.kernel else {
+        return Ok(default_kernel(args.arch.unwrap_or(Arch::X86_64)));
+    };
+    let kernel = kernels::find(id)?;
+    match args.arch {
+        Some(arch) if arch != kernel.arch => {
+            bail!("kernel {id} is for {}, not {arch}", kernel.arch)
         }
+        _ => Ok(kernel.id),
     }
 }
 
-/// Prints the catalogue: id, architecture, and the version when downloaded.
-fn list() {
-    println!("{:<20} {:<8} {:<10} VERSION", "KERNEL", "ARCH", "CACHED");
-    for kernel in KERNELS {
-        let (cached, version) = match kernels::cached(kernel) {
-            Some(p) => ("yes", format!("{} {} ({})", p.package, p.version, p.release)),
-            None => ("no", "resolved on first use".to_owned()),
-        };
-        let default = if default_kernel(kernel.arch) == kernel.id { " [default]" } else { "" };
-        println!(
-            "{:<20} {:<8} {:<10} {version}{default}",
-            kernel.id, kernel.arch, cached
-        );
+/// Prints the catalogue per architecture, default first: id, and the version when downloaded.
+fn list() -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<20} {:<8} {:<7} VERSION",
+        "KERNEL", "ARCH", "CACHED"
+    )?;
+    for arch in [Arch::X86_64, Arch::Aarch64] {
+        for id in kernel_ids(arch) {
+            let kernel = kernels::find(id)?;
+            let (cached, version) = match kernels::cached(kernel) {
+                Some(p) => (
+                    "yes",
+                    format!("{} {} ({})", p.package, p.version, p.release),
+                ),
+                None => ("no", "resolved on first use".to_owned()),
+            };
+            let default = if default_kernel(arch) == id {
+                " [default]"
+            } else {
+                ""
+            };
+            writeln!(out, "{id:<20} {arch:<8} {cached:<7} {version}{default}")?;
+        }
     }
+    Ok(())
 }
 
 /// Boots `kernel` (downloading it on first use), runs `argv` in it and returns its exit status.
@@ -135,14 +154,15 @@ pub fn run(kernel: &str, opts: &RunOptions, argv: &[String]) -> Result<i32> {
     }
     let paths = ensure_kernel(kernel)?;
     let project = workspace_root();
-    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let host_root = paths.arch == Arch::X86_64;
+    let cwd = guest_cwd(&project, host_root)?;
     let nonce = nonce();
     let start_marker = format!("NODEWARDEN-VM-START-{nonce}");
     let exit_marker = format!("NODEWARDEN-VM-EXIT-{nonce}=");
 
     let env = guest_env();
     let plan = initramfs::Plan {
-        host_root: paths.arch == Arch::X86_64,
+        host_root,
         project: &project,
         cwd: &cwd,
         env: &env,
@@ -155,13 +175,50 @@ pub fn run(kernel: &str, opts: &RunOptions, argv: &[String]) -> Result<i32> {
     initrd.extend(initramfs::command_cpio(&plan)?);
     let run_dir = kernels::lab_dir().join("runs");
     fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    remove_stale(&run_dir);
     let initrd_path = run_dir.join(format!("{nonce}.cpio"));
-    fs::write(&initrd_path, initrd).with_context(|| format!("writing {}", initrd_path.display()))?;
+    fs::write(&initrd_path, initrd)
+        .with_context(|| format!("writing {}", initrd_path.display()))?;
 
     let mut qemu = qemu_command(&paths, opts, &initrd_path, &project);
     let result = supervise(&mut qemu, opts.timeout, &start_marker, &exit_marker);
     let _ = fs::remove_file(&initrd_path);
-    result
+    result.with_context(|| format!("kernel {} ({} {})", paths.id, paths.package, paths.version))
+}
+
+/// Removes initramfs files that interrupted runs left behind (older than an hour: a run that is
+/// still going may be using its file).
+fn remove_stale(run_dir: &Path) {
+    let Ok(entries) = fs::read_dir(run_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let age = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if age.is_some_and(|a| a > Duration::from_secs(3600)) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Where the command starts: the host's current directory when the guest sees the same folder
+/// there (the project, or on `x86_64` anything but the guest's own /tmp, /run, /proc, /sys, /dev),
+/// otherwise the project root.
+fn guest_cwd(project: &Path, host_root: bool) -> Result<PathBuf> {
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let guest_own = ["/tmp", "/run", "/proc", "/sys", "/dev"];
+    if cwd.starts_with(project) || (host_root && !guest_own.iter().any(|d| cwd.starts_with(d))) {
+        return Ok(cwd);
+    }
+    eprintln!(
+        "xtask vm: {} is not shared with the guest, the command runs in {}",
+        cwd.display(),
+        project.display()
+    );
+    Ok(project.to_path_buf())
 }
 
 /// A token that makes this run's markers unlike anything the command could print by chance.
@@ -205,18 +262,25 @@ fn qemu_command(paths: &KernelPaths, opts: &RunOptions, initrd: &Path, project: 
         // pauth-impdef: QEMU's default pointer-authentication algorithm is very slow under TCG.
         (false, Arch::Aarch64) => cmd.args(["-accel", "tcg", "-cpu", "max,pauth-impdef=on"]),
     };
-    cmd.args(["-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none"])
-        .args(["-serial", "stdio", "-smp", "2"])
-        .arg("-m")
-        .arg(opts.memory_mib.to_string())
-        .arg("-kernel")
-        .arg(&paths.image)
-        .arg("-initrd")
-        .arg(initrd)
-        // quiet + loglevel=1 keep kernel messages off the console (only emergencies, e.g. a
-        // panic, get through); dmesg inside the guest still has everything.
-        .arg("-append")
-        .arg(format!("console={console} quiet loglevel=1 panic=-1"));
+    cmd.args([
+        "-nodefaults",
+        "-no-reboot",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+    ])
+    .args(["-serial", "stdio", "-smp", "2"])
+    .arg("-m")
+    .arg(opts.memory_mib.to_string())
+    .arg("-kernel")
+    .arg(&paths.image)
+    .arg("-initrd")
+    .arg(initrd)
+    // quiet + loglevel=1 keep kernel messages off the console (only emergencies, e.g. a
+    // panic, get through); dmesg inside the guest still has everything.
+    .arg("-append")
+    .arg(format!("console={console} quiet loglevel=1 panic=-1"));
     let mut share = |tag: &str, path: &Path, readonly: bool| {
         let mut fsdev = OsString::from(format!("local,id={tag},security_model=none,path="));
         // QEMU option values escape commas by doubling them.
@@ -225,13 +289,16 @@ fn qemu_command(paths: &KernelPaths, opts: &RunOptions, initrd: &Path, project: 
         // The host tree spans several filesystems: keep inode numbers unique in the guest.
         fsdev.push(",multidevs=remap");
         cmd.arg("-fsdev").arg(fsdev);
-        cmd.arg("-device").arg(format!("virtio-9p-pci,fsdev={tag},mount_tag={tag}"));
+        cmd.arg("-device")
+            .arg(format!("virtio-9p-pci,fsdev={tag},mount_tag={tag}"));
     };
     if paths.arch == Arch::X86_64 {
         share("hostroot", Path::new("/"), true);
     }
     share("project", project, false);
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
     cmd
 }
 
@@ -267,7 +334,10 @@ fn supervise(qemu: &mut Command, timeout: Duration, start: &str, exit: &str) -> 
     });
 
     let started = Instant::now();
-    let mut deadline = started + timeout;
+    // An absurd --timeout would overflow Instant: treat it as a year.
+    let mut deadline = started
+        .checked_add(timeout)
+        .unwrap_or(started + Duration::from_secs(365 * 24 * 3600));
     let mut phase = Phase::Booting;
     let mut boot_log = Vec::new();
     let mut out = std::io::stdout().lock();
@@ -280,7 +350,10 @@ fn supervise(qemu: &mut Command, timeout: Duration, start: &str, exit: &str) -> 
                 let _ = child.kill();
                 break match phase {
                     Phase::Done(_) => None,
-                    _ => Some(format!("timed out after {} s, QEMU killed", timeout.as_secs())),
+                    _ => Some(format!(
+                        "timed out after {} s, QEMU killed",
+                        timeout.as_secs()
+                    )),
                 };
             }
         };
@@ -327,16 +400,24 @@ fn supervise(qemu: &mut Command, timeout: Duration, start: &str, exit: &str) -> 
             dump_boot_log(&phase, &boot_log);
             bail!("QEMU exited ({qemu_status}) before the guest reached the command")
         }
-        Phase::Running => bail!("QEMU exited ({qemu_status}) without reporting the command's status"),
+        Phase::Running => {
+            bail!("QEMU exited ({qemu_status}) without reporting the command's status")
+        }
     }
 }
 
 /// Shows what the console printed before the command, to explain a boot that failed.
 fn dump_boot_log(phase: &Phase, log: &[String]) {
-    if *phase == Phase::Booting && !log.is_empty() {
-        eprintln!("xtask vm: guest console before the failure:");
-        for line in log {
-            eprintln!("  | {line}");
-        }
+    if *phase != Phase::Booting {
+        return;
+    }
+    if log.iter().all(|l| l.trim().is_empty()) {
+        // Seen when the kernel image does not even fit in the guest's memory.
+        eprintln!("xtask vm: the guest printed nothing (too little --memory?)");
+        return;
+    }
+    eprintln!("xtask vm: guest console before the failure:");
+    for line in log {
+        eprintln!("  | {line}");
     }
 }

@@ -4,7 +4,8 @@
 //! and cache under `target/kernel-lab/apt/`), so other suites and arm64 are reachable without
 //! touching the host's apt configuration, and nothing is ever installed into the host's `/boot`.
 //! Each kernel's folder keeps the `.deb`, the image QEMU boots and the busybox/modules initramfs,
-//! plus a stamp file that says the folder is complete.
+//! plus a stamp file that says the folder is complete. The exact package is resolved when the
+//! folder is first prepared; remove `target/kernel-lab/<id>` to pick up a newer one.
 
 use std::{
     fmt, fs,
@@ -18,7 +19,7 @@ use super::initramfs;
 use crate::setup;
 
 /// Bumped when the cached layout (image, base initramfs) changes, so old caches get rebuilt.
-const LAYOUT: &str = "1";
+const LAYOUT: &str = "4";
 
 /// The keyring that signs Debian's suites; part of every Debian install.
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
@@ -53,7 +54,7 @@ impl Arch {
 
 impl fmt::Display for Arch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             Self::X86_64 => "x86_64",
             Self::Aarch64 => "aarch64",
         })
@@ -74,15 +75,39 @@ pub struct Kernel {
 
 /// The kernels the lab knows; the first of each architecture is its default.
 pub const KERNELS: &[Kernel] = &[
-    Kernel { id: "bookworm-6.1", arch: Arch::X86_64, suite: "bookworm", series: "6.1." },
-    Kernel { id: "trixie-6.12", arch: Arch::X86_64, suite: "trixie", series: "6.12." },
-    Kernel { id: "bullseye-5.10", arch: Arch::X86_64, suite: "bullseye", series: "5.10." },
-    Kernel { id: "bookworm-6.1-arm64", arch: Arch::Aarch64, suite: "bookworm", series: "6.1." },
+    Kernel {
+        id: "bookworm-6.1",
+        arch: Arch::X86_64,
+        suite: "bookworm",
+        series: "6.1.",
+    },
+    Kernel {
+        id: "trixie-6.12",
+        arch: Arch::X86_64,
+        suite: "trixie",
+        series: "6.12.",
+    },
+    Kernel {
+        id: "bullseye-5.10",
+        arch: Arch::X86_64,
+        suite: "bullseye",
+        series: "5.10.",
+    },
+    Kernel {
+        id: "bookworm-6.1-arm64",
+        arch: Arch::Aarch64,
+        suite: "bookworm",
+        series: "6.1.",
+    },
 ];
 
 /// The ids of the kernels of one architecture, default first (what `cargo xtask test` loops over).
 pub fn kernel_ids(arch: Arch) -> Vec<&'static str> {
-    KERNELS.iter().filter(|k| k.arch == arch).map(|k| k.id).collect()
+    KERNELS
+        .iter()
+        .filter(|k| k.arch == arch)
+        .map(|k| k.id)
+        .collect()
 }
 
 /// The default kernel of an architecture.
@@ -112,7 +137,7 @@ pub struct KernelPaths {
     pub version: String,
     /// The kernel release (`uname -r`), e.g. `6.1.0-37-amd64`.
     pub release: String,
-    /// What QEMU boots: the uncompressed vmlinux on x86_64, the compressed Image on arm64.
+    /// What QEMU boots: the vmlinux extracted from the bzImage on `x86_64`, the Image on arm64.
     pub image: PathBuf,
     /// The cached base initramfs: busybox, the virtio/9p modules (and the arm64 user space).
     pub initramfs: PathBuf,
@@ -183,27 +208,27 @@ fn prepare(kernel: &'static Kernel) -> Result<KernelPaths> {
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut apt = PrivateApt::new(kernel.suite, kernel.arch)?;
 
-    let deb = match find_deb(&dir, "linux-image-")? {
-        Some(deb) => deb,
-        None => {
-            let meta = apt.pkg(&format!("linux-image-{}", kernel.arch.deb()));
-            let package = apt.metapackage_target(&meta)?;
-            if !package.starts_with(&format!("linux-image-{}", kernel.series)) {
-                bail!(
-                    "{}'s {meta} now points to {package}, not a {}x kernel: update the catalogue",
-                    kernel.suite,
-                    kernel.series
-                );
-            }
-            apt.download(&package, &dir)?
+    let deb = if let Some(deb) = find_deb(&dir, "linux-image-")? {
+        deb
+    } else {
+        let meta = apt.pkg(&format!("linux-image-{}", kernel.arch.deb()));
+        let package = apt.metapackage_target(&meta)?;
+        if !package.starts_with(&format!("linux-image-{}", kernel.series)) {
+            bail!(
+                "{}'s {meta} now points to {package}, not a {}x kernel: update the catalogue",
+                kernel.suite,
+                kernel.series
+            );
         }
+        apt.download(&apt.pkg(&package), &dir)?
     };
     let (package, version) = deb_identity(&deb)?;
     eprintln!("xtask: kernel {}: {package} {version}", kernel.id);
 
-    let unpacked = dir.join("unpacked");
-    unpack_fresh(&deb, &unpacked)?;
-    let release = kernel_release(&unpacked)?;
+    let unpacked = Scratch::new(&dir, "unpacked")?;
+    let unpacked = unpacked.path();
+    setup::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(unpacked))?;
+    let release = kernel_release(unpacked)?;
     let vmlinuz = unpacked.join("boot").join(format!("vmlinuz-{release}"));
     fs::copy(
         unpacked.join("boot").join(format!("config-{release}")),
@@ -221,14 +246,14 @@ fn prepare(kernel: &'static Kernel) -> Result<KernelPaths> {
                 "vmlinuz"
             }
         },
-        // QEMU unpacks the gzip-compressed arm64 Image itself.
+        // Debian's arm64 vmlinuz is the uncompressed Image already (QEMU would unpack a gzip one).
         Arch::Aarch64 => {
-            fs::copy(&vmlinuz, dir.join("Image.gz")).context("copying vmlinuz")?;
-            "Image.gz"
+            fs::copy(&vmlinuz, dir.join("Image")).context("copying vmlinuz")?;
+            "Image"
         }
     };
 
-    let modules = modules_dir(&unpacked, &release)?;
+    let modules = modules_dir(unpacked, &release)?;
     let userland = match kernel.arch {
         Arch::X86_64 => None,
         Arch::Aarch64 => Some(arm64_userland(&mut apt, &dir)?),
@@ -236,28 +261,24 @@ fn prepare(kernel: &'static Kernel) -> Result<KernelPaths> {
     initramfs::build_base(
         kernel.arch,
         &modules,
-        userland.as_deref(),
+        userland.as_ref().map(Scratch::path),
         &dir.join("base.cpio"),
     )?;
-    for tree in [Some(unpacked), userland].into_iter().flatten() {
-        fs::remove_dir_all(&tree).with_context(|| format!("removing {}", tree.display()))?;
-    }
 
     let stamp = format!(
         "layout={LAYOUT}\npackage={package}\nversion={version}\nrelease={release}\nimage={image}\n"
     );
-    fs::write(stamp_path(&dir), stamp).context("writing the kernel stamp")?;
+    let tmp = dir.join(format!("kernel.info.{}", std::process::id()));
+    fs::write(&tmp, stamp).context("writing the kernel stamp")?;
+    fs::rename(&tmp, stamp_path(&dir)).context("renaming the kernel stamp")?;
     cached(kernel).context("the kernel folder is incomplete after preparing it")
 }
 
 /// The arm64 guest's user space: busybox and the C runtime that cross-built binaries link to,
 /// unpacked into one tree. Same suite as the kernel, so its glibc is at least as new as the
 /// cross toolchain's (bookworm's libc6-dev-arm64-cross).
-fn arm64_userland(apt: &mut PrivateApt, dir: &Path) -> Result<PathBuf> {
-    let tree = dir.join("userland");
-    if tree.exists() {
-        fs::remove_dir_all(&tree).with_context(|| format!("removing {}", tree.display()))?;
-    }
+fn arm64_userland(apt: &mut PrivateApt, dir: &Path) -> Result<Scratch> {
+    let tree = Scratch::new(dir, "userland")?;
     let debs = dir.join("userland-debs");
     fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
     for name in ["busybox-static", "libc6", "libgcc-s1"] {
@@ -265,9 +286,39 @@ fn arm64_userland(apt: &mut PrivateApt, dir: &Path) -> Result<PathBuf> {
             Some(deb) => deb,
             None => apt.download(&apt.pkg(name), &debs)?,
         };
-        setup::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
+        setup::run(
+            Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(&deb)
+                .arg(tree.path()),
+        )?;
     }
     Ok(tree)
+}
+
+/// A scratch folder (an unpacked `.deb`), removed when dropped, on success or failure. Named per
+/// process so that two runs preparing the same kernel do not trip over each other.
+#[derive(Debug)]
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(dir: &Path, name: &str) -> Result<Self> {
+        let path = dir.join(format!("{name}.{}", std::process::id()));
+        if path.exists() {
+            fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+        Ok(Self(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A `.deb` in `dir` whose file name starts with `prefix`.
@@ -296,14 +347,6 @@ fn deb_identity(deb: &Path) -> Result<(String, String)> {
     }
 }
 
-/// Unpacks a `.deb` into an empty folder.
-fn unpack_fresh(deb: &Path, into: &Path) -> Result<()> {
-    if into.exists() {
-        fs::remove_dir_all(into).with_context(|| format!("removing {}", into.display()))?;
-    }
-    setup::run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(into))
-}
-
 /// The kernel release, from the name of the unpacked `boot/vmlinuz-<release>`.
 fn kernel_release(unpacked: &Path) -> Result<String> {
     let boot = unpacked.join("boot");
@@ -321,8 +364,8 @@ fn modules_dir(unpacked: &Path, release: &str) -> Result<PathBuf> {
     ["lib/modules", "usr/lib/modules"]
         .iter()
         .map(|d| unpacked.join(d).join(release))
-        .find(|d| d.join("modules.dep").is_file())
-        .with_context(|| format!("no modules.dep for {release} in {}", unpacked.display()))
+        .find(|d| d.join("modules.builtin").is_file())
+        .with_context(|| format!("no modules for {release} in {}", unpacked.display()))
 }
 
 /// Extracts the uncompressed ELF vmlinux from an x86 bzImage (what `extract-vmlinux` does, but
@@ -355,7 +398,9 @@ fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<()> {
     };
     // Most kernel builds append the uncompressed size (4 bytes) after the compressed stream, which
     // some decompressors call trailing garbage: try the payload as is, then without it.
-    let stripped = payload.get(..payload.len().saturating_sub(4)).unwrap_or_default();
+    let stripped = payload
+        .get(..payload.len().saturating_sub(4))
+        .unwrap_or_default();
     let vmlinux = pipe_through(tool, payload)
         .or_else(|_| pipe_through(tool, stripped))
         .context("decompressing the bzImage payload")?;
@@ -366,27 +411,36 @@ fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<()> {
 }
 
 /// Runs a filter (a decompressor) over `input` and returns its output.
-pub fn pipe_through(argv: &[&str], input: &[u8]) -> Result<Vec<u8>> {
+pub fn pipe_through(command: &[&str], input: &[u8]) -> Result<Vec<u8>> {
     use std::io::Write as _;
-    let (prog, args) = argv.split_first().context("empty command")?;
-    let mut child = Command::new(prog)
+    let (program, args) = command.split_first().context("empty command")?;
+    let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("spawning {prog}"))?;
+        .with_context(|| format!("spawning {program}"))?;
     let mut stdin = child.stdin.take().context("no stdin pipe")?;
     // Feed from another thread: the filter's output would fill its pipe while we still write.
     std::thread::scope(|s| {
         let writer = s.spawn(move || stdin.write_all(input));
-        let out = child.wait_with_output().with_context(|| format!("running {prog}"))?;
-        let written = writer.join().map_err(|_| anyhow::anyhow!("writer thread panicked"))?;
+        let out = child
+            .wait_with_output()
+            .with_context(|| format!("running {program}"))?;
+        let written = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("writer thread panicked"))?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
-            bail!("{} failed: {}: {}", argv.join(" "), out.status, err.trim());
+            bail!(
+                "{} failed: {}: {}",
+                command.join(" "),
+                out.status,
+                err.trim()
+            );
         }
-        written.with_context(|| format!("feeding {prog}"))?;
+        written.with_context(|| format!("feeding {program}"))?;
         Ok(out.stdout)
     })
 }
@@ -402,7 +456,9 @@ struct PrivateApt {
 
 impl PrivateApt {
     fn new(suite: &str, arch: Arch) -> Result<Self> {
-        let dir = lab_dir().join("apt").join(format!("{suite}-{}", arch.deb()));
+        let dir = lab_dir()
+            .join("apt")
+            .join(format!("{suite}-{}", arch.deb()));
         for sub in ["lists/partial", "cache/archives/partial"] {
             fs::create_dir_all(dir.join(sub))
                 .with_context(|| format!("creating {}", dir.join(sub).display()))?;
@@ -414,7 +470,11 @@ impl PrivateApt {
              deb {opts} http://deb.debian.org/debian-security {suite}-security main\n"
         );
         fs::write(dir.join("sources.list"), sources).context("writing the private sources list")?;
-        Ok(Self { dir, arch, updated: false })
+        Ok(Self {
+            dir,
+            arch,
+            updated: false,
+        })
     }
 
     /// The package name as apt needs it for this architecture (`name:arm64` for a foreign one).
@@ -430,7 +490,10 @@ impl PrivateApt {
         let mut cmd = Command::new(prog);
         let d = &self.dir;
         cmd.arg("-q")
-            .arg(format!("-oDir::Etc::sourcelist={}", d.join("sources.list").display()))
+            .arg(format!(
+                "-oDir::Etc::sourcelist={}",
+                d.join("sources.list").display()
+            ))
             .arg("-oDir::Etc::sourceparts=-")
             .arg(format!("-oDir::State::Lists={}", d.join("lists").display()))
             .arg(format!("-oDir::Cache={}", d.join("cache").display()))
@@ -461,9 +524,11 @@ impl PrivateApt {
     /// The package a metapackage (`linux-image-amd64`) currently depends on.
     fn metapackage_target(&mut self, meta: &str) -> Result<String> {
         self.update()?;
-        let show = setup::output(
-            self.command("apt-cache").args(["show", "--no-all-versions", meta]),
-        )?;
+        let show =
+            setup::output(
+                self.command("apt-cache")
+                    .args(["show", "--no-all-versions", meta]),
+            )?;
         let depends = show
             .lines()
             .find_map(|l| l.strip_prefix("Depends:"))
@@ -480,7 +545,12 @@ impl PrivateApt {
         self.update()?;
         let name = pkg.split(':').next().unwrap_or(pkg);
         setup::step(&format!("apt-get download {pkg}"), || {
-            setup::output(self.command("apt-get").arg("download").arg(pkg).current_dir(dir))
+            setup::output(
+                self.command("apt-get")
+                    .arg("download")
+                    .arg(pkg)
+                    .current_dir(dir),
+            )
         })?;
         find_deb(dir, &format!("{name}_"))?
             .with_context(|| format!("apt-get download {pkg} left no .deb in {}", dir.display()))
