@@ -55,8 +55,7 @@ if [ -n "$R" ]; then
     mount -t sysfs sysfs "$R/sys" || fail "mounting $R/sys"
     mount -t devtmpfs devtmpfs "$R/dev" || fail "mounting $R/dev"
 fi
-mkdir -p "$R$NW_PROJECT" "$R/tmp" "$R/run" "$R/dev/pts" "$R/dev/shm"
-mount9p project "$R$NW_PROJECT" cache=mmap
+mkdir -p "$R/tmp" "$R/run" "$R/dev/pts" "$R/dev/shm"
 mount -t devpts devpts "$R/dev/pts" || fail "mounting devpts"
 mount -t tmpfs tmpfs "$R/dev/shm" || fail "mounting /dev/shm"
 mount -t cgroup2 cgroup2 "$R/sys/fs/cgroup" || fail "mounting cgroup2"
@@ -65,6 +64,9 @@ mount -t debugfs debugfs "$R/sys/kernel/debug" || fail "mounting debugfs"
 mount -t bpf bpf "$R/sys/fs/bpf" || fail "mounting bpffs"
 mount -t tmpfs -o mode=1777 tmpfs "$R/tmp" || fail "mounting /tmp"
 mount -t tmpfs -o mode=0755 tmpfs "$R/run" || fail "mounting /run"
+# After /tmp and /run: a project checked out under either stays visible at its own path.
+mkdir -p "$R$NW_PROJECT" || fail "creating $NW_PROJECT"
+mount9p project "$R$NW_PROJECT" cache=mmap
 cp /nodewarden/cmd.sh "$R/run/nodewarden-cmd.sh" || fail "copying the command"
 echo "$NW_START"
 if [ -n "$R" ]; then

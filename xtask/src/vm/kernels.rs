@@ -19,7 +19,7 @@ use super::initramfs;
 use crate::setup;
 
 /// Bumped when the cached layout (image, base initramfs) changes, so old caches get rebuilt.
-const LAYOUT: &str = "4";
+const LAYOUT: &str = "5";
 
 /// The keyring that signs Debian's suites; part of every Debian install.
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
