@@ -11,20 +11,34 @@ pub const COMM_LEN: usize = 16;
 /// Bytes of a limit value captured as written (`"max"`, `"67108864"`, `"64M\n"`...).
 pub const VALUE_LEN: usize = 64;
 
+/// Bytes of a limit file's name (`"memory.swap.max"` is the longest, 15 + NUL).
+pub const FILE_NAME_LEN: usize = 16;
+
+/// Bytes of a cgroup path captured at mkdir (Kubernetes container paths are under 200).
+pub const PATH_LEN: usize = 256;
+
 /// Names of maps, shared by the programs (section names) and the loader (look-ups).
 pub mod maps {
     /// Ring buffer carrying every event to userspace.
     pub const EVENTS: &str = "EVENTS";
     /// SIGKILLs seen recently, keyed by the target's pid: the OOM probe reads the victim's cgroup here.
     pub const KILLED: &str = "KILLED";
+    /// Arguments of limit writes in flight, keyed by `pid_tgid` (kprobe mode: entry to return).
+    pub const LIMIT_WRITE_ARGS: &str = "LIMIT_WRITE_ARGS";
     /// Global with the kernel struct offsets read from BTF at start-up.
     pub const OFFSETS: &str = "OFFSETS";
 }
 
 /// Names of the programs (their function names in the eBPF object).
 pub mod programs {
-    /// fexit on `memory_max_write`: a write to `memory.max` with its result.
-    pub const MEMORY_MAX_WRITE_FEXIT: &str = "memory_max_write_fexit";
+    /// kprobe on every limit write handler: remembers the arguments.
+    pub const LIMIT_WRITE_KPROBE: &str = "limit_write_kprobe";
+    /// kretprobe on every limit write handler: the write with its result.
+    pub const LIMIT_WRITE_KRETPROBE: &str = "limit_write_kretprobe";
+    /// Raw tracepoint `cgroup_mkdir`: a cgroup's id and path as it is created.
+    pub const CGROUP_MKDIR: &str = "cgroup_mkdir";
+    /// Raw tracepoint `cgroup_rmdir`: a cgroup is removed.
+    pub const CGROUP_RMDIR: &str = "cgroup_rmdir";
     /// Tracepoint `oom/mark_victim`: the kernel chose an OOM victim.
     pub const OOM_MARK_VICTIM: &str = "oom_mark_victim";
     /// Raw tracepoint `signal_generate`: remembers SIGKILL targets' cgroups for the OOM probe.
@@ -39,6 +53,10 @@ pub enum EventKind {
     LimitWrite = 1,
     /// The kernel's OOM killer chose a victim ([`OomKillEvent`]).
     OomKill = 2,
+    /// A cgroup was created ([`CgroupEvent`]).
+    CgroupMkdir = 3,
+    /// A cgroup was removed ([`CgroupEvent`]).
+    CgroupRmdir = 4,
 }
 
 impl EventKind {
@@ -48,35 +66,83 @@ impl EventKind {
         match raw {
             1 => Some(Self::LimitWrite),
             2 => Some(Self::OomKill),
+            3 => Some(Self::CgroupMkdir),
+            4 => Some(Self::CgroupRmdir),
             _ => None,
         }
     }
 }
 
-/// Cgroup limit files the probes recognise, with stable numbers.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Cgroup v2 limit files, each with the kernel function that handles its writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LimitFile {
-    /// `memory.max`.
-    MemoryMax = 1,
+    MemoryMax,
+    MemoryHigh,
+    MemoryLow,
+    MemoryMin,
+    MemorySwapMax,
+    PidsMax,
+    CpuMax,
 }
 
 impl LimitFile {
-    /// The kind for a raw value, `None` for one this build does not know.
-    #[must_use]
-    pub const fn from_u32(raw: u32) -> Option<Self> {
-        match raw {
-            1 => Some(Self::MemoryMax),
-            _ => None,
-        }
-    }
+    /// Every limit file, in a stable order.
+    pub const ALL: [Self; 7] = [
+        Self::MemoryMax,
+        Self::MemoryHigh,
+        Self::MemoryLow,
+        Self::MemoryMin,
+        Self::MemorySwapMax,
+        Self::PidsMax,
+        Self::CpuMax,
+    ];
 
     /// The file's name in a cgroup directory.
     #[must_use]
     pub const fn file_name(self) -> &'static str {
         match self {
             Self::MemoryMax => "memory.max",
+            Self::MemoryHigh => "memory.high",
+            Self::MemoryLow => "memory.low",
+            Self::MemoryMin => "memory.min",
+            Self::MemorySwapMax => "memory.swap.max",
+            Self::PidsMax => "pids.max",
+            Self::CpuMax => "cpu.max",
         }
+    }
+
+    /// The kernel function that handles writes to the file (the same name on 5.10 to 6.18).
+    #[must_use]
+    pub const fn kernel_handler(self) -> &'static str {
+        match self {
+            Self::MemoryMax => "memory_max_write",
+            Self::MemoryHigh => "memory_high_write",
+            Self::MemoryLow => "memory_low_write",
+            Self::MemoryMin => "memory_min_write",
+            Self::MemorySwapMax => "swap_max_write",
+            Self::PidsMax => "pids_max_write",
+            Self::CpuMax => "cpu_max_write",
+        }
+    }
+
+    /// The fexit program for this file in the eBPF object.
+    #[must_use]
+    pub const fn fexit_program(self) -> &'static str {
+        match self {
+            Self::MemoryMax => "memory_max_write_fexit",
+            Self::MemoryHigh => "memory_high_write_fexit",
+            Self::MemoryLow => "memory_low_write_fexit",
+            Self::MemoryMin => "memory_min_write_fexit",
+            Self::MemorySwapMax => "swap_max_write_fexit",
+            Self::PidsMax => "pids_max_write_fexit",
+            Self::CpuMax => "cpu_max_write_fexit",
+        }
+    }
+
+    /// The limit file called `name`, if it is one.
+    #[must_use]
+    pub fn from_file_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|l| l.file_name() == name)
     }
 }
 
@@ -114,14 +180,44 @@ pub struct LimitWriteEvent {
     pub target_cgroup_id: u64,
     /// The handler's return value: bytes consumed, or a negative errno.
     pub result: i64,
-    /// A [`LimitFile`] number.
-    pub limit: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
     /// Bytes of `value` that hold the value (without the NUL).
     pub value_len: u32,
+    /// The written file's name (`kn->name`), NUL-terminated: says which limit it is.
+    pub file_name: [u8; FILE_NAME_LEN],
     /// The value as the kernel parsed it (whitespace stripped), NUL-terminated.
     pub value: [u8; VALUE_LEN],
 }
-const _: () = assert!(size_of::<LimitWriteEvent>() == 48 + 24 + VALUE_LEN);
+const _: () = assert!(size_of::<LimitWriteEvent>() == 48 + 24 + FILE_NAME_LEN + VALUE_LEN);
+
+/// A cgroup was created or removed: keeps the agent's id-to-path map current without rescans.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CgroupEvent {
+    /// Kind [`EventKind::CgroupMkdir`] or [`EventKind::CgroupRmdir`].
+    pub header: EventHeader,
+    /// Cgroup v2 id of the cgroup.
+    pub id: u64,
+    /// Bytes of `path` that hold the path.
+    pub path_len: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// Path relative to the hierarchy's root, NUL-terminated; truncated at `PATH_LEN - 1` bytes.
+    pub path: [u8; PATH_LEN],
+}
+const _: () = assert!(size_of::<CgroupEvent>() == 48 + 16 + PATH_LEN);
+
+/// Arguments of a limit write handler, kept from kprobe to kretprobe.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LimitWriteArgs {
+    /// `struct kernfs_open_file *of`.
+    pub of: u64,
+    /// `char *buf`.
+    pub buf: u64,
+}
+const _: () = assert!(size_of::<LimitWriteArgs>() == 16);
 
 /// The OOM killer chose a victim.
 #[repr(C)]
@@ -187,8 +283,8 @@ pub struct KernelOffsets {
     pub kernfs_node_parent: u32,
     /// `kernfs_open_file.kn` (the file being written).
     pub kernfs_open_file_kn: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// `kernfs_node.name` (a `const char *`).
+    pub kernfs_node_name: u32,
 }
 const _: () = assert!(size_of::<KernelOffsets>() == 40);
 
@@ -207,7 +303,7 @@ impl KernelOffsets {
         kernfs_node_id: OFFSET_UNKNOWN,
         kernfs_node_parent: OFFSET_UNKNOWN,
         kernfs_open_file_kn: OFFSET_UNKNOWN,
-        reserved: 0,
+        kernfs_node_name: OFFSET_UNKNOWN,
     };
 
     /// Whether a task's cgroup id can be read (`task->cgroups->dfl_cgrp->kn->id`).
@@ -219,12 +315,14 @@ impl KernelOffsets {
             && self.kernfs_node_id != OFFSET_UNKNOWN
     }
 
-    /// Whether a written file's cgroup id can be read (`of->kn->parent->id`).
+    /// Whether a written file's name and cgroup id can be read (`of->kn->name`,
+    /// `of->kn->parent->id`): without them a write cannot be attributed at all.
     #[must_use]
-    pub const fn has_file_cgroup(&self) -> bool {
+    pub const fn has_written_file(&self) -> bool {
         self.kernfs_open_file_kn != OFFSET_UNKNOWN
             && self.kernfs_node_parent != OFFSET_UNKNOWN
             && self.kernfs_node_id != OFFSET_UNKNOWN
+            && self.kernfs_node_name != OFFSET_UNKNOWN
     }
 }
 
@@ -236,5 +334,7 @@ mod pod {
     unsafe impl aya::Pod for super::KilledTask {}
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::LimitWriteEvent {}
+    unsafe impl aya::Pod for super::CgroupEvent {}
+    unsafe impl aya::Pod for super::LimitWriteArgs {}
     unsafe impl aya::Pod for super::OomKillEvent {}
 }

@@ -1,43 +1,89 @@
-//! Writes to cgroup limit files, seen at the kernel's write handlers.
+//! Writes to cgroup limit files, seen at the kernel's write handlers, which all share the kernfs
+//! signature `ssize_t f(struct kernfs_open_file *of, char *buf, size_t nbytes, loff_t off)`.
+//!
+//! Two modes with one event: fexit (one program per handler: fexit binds to one function) and
+//! kprobe/kretprobe (one pair attached to every handler). The written file's name tells which
+//! limit it is, so the event does not depend on which program saw it.
 
-use agent_common::{EventKind, LimitFile, LimitWriteEvent, VALUE_LEN};
-use aya_ebpf::{helpers::bpf_probe_read_kernel_str_bytes, macros::fexit, programs::FExitContext};
+use agent_common::{EventKind, FILE_NAME_LEN, LimitWriteArgs, LimitWriteEvent, VALUE_LEN};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes},
+    macros::{fexit, kprobe, kretprobe},
+    programs::{FExitContext, ProbeContext, RetProbeContext},
+};
 
 use crate::{
     kernel::{current_header, read_field},
-    maps::{EVENTS, OFFSETS},
+    maps::{EVENTS, LIMIT_WRITE_ARGS, OFFSETS},
 };
 
-/// `ssize_t memory_max_write(struct kernfs_open_file *of, char *buf, size_t nbytes, loff_t off)`,
-/// on return: the arguments and the result in one place.
-#[fexit(function = "memory_max_write")]
+/// One fexit program per handler; fexit passes the return value after the four arguments.
+macro_rules! limit_write_fexit {
+    ($($program:ident => $handler:literal),* $(,)?) => {$(
+        #[fexit(function = $handler)]
+        #[expect(clippy::needless_pass_by_value, reason = "the program macro fixes the signature")]
+        pub fn $program(ctx: FExitContext) -> i32 {
+            let _ = emit(ctx.arg(0), ctx.arg(1), ctx.arg(4));
+            0
+        }
+    )*};
+}
+
+limit_write_fexit! {
+    memory_max_write_fexit => "memory_max_write",
+    memory_high_write_fexit => "memory_high_write",
+    memory_low_write_fexit => "memory_low_write",
+    memory_min_write_fexit => "memory_min_write",
+    swap_max_write_fexit => "swap_max_write",
+    pids_max_write_fexit => "pids_max_write",
+    cpu_max_write_fexit => "cpu_max_write",
+}
+
+/// Entry of any limit write handler: keep `of` and `buf` for the return probe.
+#[kprobe]
 #[expect(
     clippy::needless_pass_by_value,
     reason = "the program macro fixes the signature"
 )]
-pub fn memory_max_write_fexit(ctx: FExitContext) -> i32 {
-    match try_limit_write(&ctx, LimitFile::MemoryMax) {
-        Ok(()) | Err(_) => 0,
-    }
+pub fn limit_write_kprobe(ctx: ProbeContext) -> u32 {
+    let (Some(of), Some(buf)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
+        return 0;
+    };
+    let _ = LIMIT_WRITE_ARGS.insert(bpf_get_current_pid_tgid(), LimitWriteArgs { of, buf }, 0);
+    0
 }
 
-fn try_limit_write(ctx: &FExitContext, limit: LimitFile) -> Result<(), i32> {
-    let of: *const u8 = ctx.arg(0);
-    let buf: *const u8 = ctx.arg(1);
-    // fexit arguments are followed by the return value.
-    let result: i64 = ctx.arg(4);
-    let off = OFFSETS.load();
+/// Return of any limit write handler: the write with its result.
+#[kretprobe]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the program macro fixes the signature"
+)]
+pub fn limit_write_kretprobe(ctx: RetProbeContext) -> u32 {
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(args) = (unsafe { LIMIT_WRITE_ARGS.get(key) }).copied() else {
+        return 0;
+    };
+    let _ = LIMIT_WRITE_ARGS.remove(key);
+    let result: i64 = ctx.ret();
+    let _ = emit(args.of as *const u8, args.buf as *const u8, result);
+    0
+}
 
-    // The written file's directory is the cgroup: of->kn->parent->id.
-    let target_cgroup_id = if off.has_file_cgroup() {
-        // SAFETY: `of` is the handler's `struct kernfs_open_file *`; offsets come from BTF.
-        unsafe {
-            let kn: *const u8 = read_field(of, off.kernfs_open_file_kn)?;
-            let parent: *const u8 = read_field(kn, off.kernfs_node_parent)?;
-            read_field::<u64>(parent, off.kernfs_node_id)?
-        }
-    } else {
-        0
+/// Emits a [`LimitWriteEvent`] for a handler call on `of` with `buf`, which returned `result`.
+fn emit(of: *const u8, buf: *const u8, result: i64) -> Result<(), i32> {
+    let off = OFFSETS.load();
+    if !off.has_written_file() {
+        return Err(-1);
+    }
+    // SAFETY: `of` is the handler's `struct kernfs_open_file *`; offsets come from BTF.
+    let (name, target_cgroup_id) = unsafe {
+        let kn: *const u8 = read_field(of, off.kernfs_open_file_kn)?;
+        let name: *const u8 = read_field(kn, off.kernfs_node_name)?;
+        // The written file's directory is the cgroup.
+        let parent: *const u8 = read_field(kn, off.kernfs_node_parent)?;
+        (name, read_field::<u64>(parent, off.kernfs_node_id)?)
     };
 
     let Some(mut entry) = EVENTS.reserve::<LimitWriteEvent>(0) else {
@@ -45,12 +91,14 @@ fn try_limit_write(ctx: &FExitContext, limit: LimitFile) -> Result<(), i32> {
     };
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points to a reserved ring buffer slot of the right size; every field is
-    // written before submit.
+    // written before submit. `name` and `buf` are kernel strings.
     unsafe {
         (*event).header = current_header(EventKind::LimitWrite as u32);
         (*event).target_cgroup_id = target_cgroup_id;
         (*event).result = result;
-        (*event).limit = limit as u32;
+        (*event).reserved = 0;
+        (*event).file_name = [0; FILE_NAME_LEN];
+        let _ = bpf_probe_read_kernel_str_bytes(name, &mut (*event).file_name);
         (*event).value = [0; VALUE_LEN];
         let len = bpf_probe_read_kernel_str_bytes(buf, &mut (*event).value).map_or(0, <[u8]>::len);
         #[expect(clippy::cast_possible_truncation, reason = "len <= VALUE_LEN")]

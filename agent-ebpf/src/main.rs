@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod cgroups;
 mod kernel;
 mod limits;
 mod maps;

@@ -43,11 +43,17 @@ fn unescape_octal(s: &str) -> String {
     out
 }
 
-/// Maps cgroup ids to paths, rescanning the hierarchy when it meets an id it does not know.
+/// How many removed cgroups keep their path, so late events about them still resolve.
+const REMOVED_KEPT: usize = 4096;
+
+/// Maps cgroup ids to paths. Kept current by the kernel's mkdir/rmdir events; rescans the
+/// hierarchy only when it meets an id it does not know (events lost, or the probe unavailable).
 #[derive(Debug)]
 pub struct CgroupResolver {
     root: Option<PathBuf>,
     paths: HashMap<u64, String>,
+    /// Ids of removed cgroups, oldest first; their paths are dropped past [`REMOVED_KEPT`].
+    removed: std::collections::VecDeque<u64>,
 }
 
 impl CgroupResolver {
@@ -57,6 +63,7 @@ impl CgroupResolver {
         let mut r = Self {
             root,
             paths: HashMap::new(),
+            removed: std::collections::VecDeque::new(),
         };
         r.rescan();
         r
@@ -72,6 +79,32 @@ impl CgroupResolver {
             self.rescan();
         }
         self.paths.get(&id).cloned()
+    }
+
+    /// The cgroup2 mount this resolver reads.
+    #[must_use]
+    pub fn root(&self) -> Option<&std::path::Path> {
+        self.root.as_deref()
+    }
+
+    /// Every cgroup known, as (id, path).
+    pub fn entries(&self) -> impl Iterator<Item = (u64, &str)> {
+        self.paths.iter().map(|(id, p)| (*id, p.as_str()))
+    }
+
+    /// A cgroup was created.
+    pub fn created(&mut self, id: u64, path: String) {
+        self.paths.insert(id, path);
+    }
+
+    /// A cgroup was removed: its path is kept a while for events still in flight.
+    pub fn removed(&mut self, id: u64) {
+        self.removed.push_back(id);
+        while self.removed.len() > REMOVED_KEPT {
+            if let Some(old) = self.removed.pop_front() {
+                self.paths.remove(&old);
+            }
+        }
     }
 
     /// Walks the whole hierarchy, adding every directory (known paths of removed cgroups are kept,

@@ -4,10 +4,10 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::{cgroups, offsets, probes};
+use crate::{cgroups, config::LimitWriteMode, offsets, probes};
 
 /// Prints the report; fails only when the eBPF object cannot be loaded at all.
-pub fn check() -> Result<()> {
+pub fn check(limit_writes: LimitWriteMode) -> Result<()> {
     let uname = uname();
     println!("kernel: {uname}");
 
@@ -41,13 +41,16 @@ pub fn check() -> Result<()> {
         None => println!("cgroup v2: not mounted"),
     }
 
-    let probes = probes::load(&kernel_offsets)?;
+    let probes = probes::load(&kernel_offsets, limit_writes)?;
     println!("probes:");
     for s in &probes.status {
         println!("  {s}");
     }
     let attached = probes.status.iter().filter(|s| s.attached()).count();
-    println!("{attached} of {} probes can attach", probes.status.len());
+    println!(
+        "{attached} of {} capabilities can attach",
+        probes.status.len()
+    );
     Ok(())
 }
 

@@ -35,6 +35,25 @@ pub enum Mode {
     Observe,
 }
 
+/// How limit writes are probed: `auto` picks the best the kernel allows; the others force a mode
+/// (for tests, and for kernels whose preferred probe misbehaves).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LimitWriteMode {
+    #[default]
+    Auto,
+    Fexit,
+    Kprobe,
+}
+
+/// Probe choices.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbesConfig {
+    #[serde(default)]
+    pub limit_writes: LimitWriteMode,
+}
+
 /// Where metrics are served.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +73,8 @@ struct RawConfig {
     /// The cgroup v2 mount; empty means "find it in /proc/self/mountinfo".
     #[serde(default)]
     cgroup_root: String,
+    #[serde(default)]
+    probes: ProbesConfig,
 }
 
 /// A validated configuration.
@@ -63,6 +84,7 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     pub shutdown_drain: Duration,
     pub cgroup_root: Option<PathBuf>,
+    pub limit_writes: LimitWriteMode,
 }
 
 impl Config {
@@ -119,6 +141,7 @@ impl Config {
                 metrics_listen,
                 shutdown_drain: Duration::from_millis(raw.shutdown_drain_ms),
                 cgroup_root,
+                limit_writes: raw.probes.limit_writes,
             }),
             _ => Err(ConfigError::Invalid {
                 origin: origin.to_owned(),
@@ -138,6 +161,19 @@ mod tests {
         assert_eq!(c.mode, Mode::Observe);
         assert_eq!(c.metrics_listen.to_string(), "127.0.0.1:9717");
         assert!(c.cgroup_root.is_none());
+        assert_eq!(c.limit_writes, LimitWriteMode::Auto);
+    }
+
+    #[test]
+    fn probe_modes_can_be_forced() {
+        let base =
+            "mode = \"observe\"\nshutdown_drain_ms = 100\n[metrics]\nlisten = \"127.0.0.1:1\"\n";
+        let c = Config::parse(&format!("{base}[probes]\nlimit_writes = \"kprobe\"\n"), "t")
+            .expect("valid");
+        assert_eq!(c.limit_writes, LimitWriteMode::Kprobe);
+        let err = Config::parse(&format!("{base}[probes]\nlimit_writes = \"uprobe\"\n"), "t")
+            .expect_err("no such mode");
+        assert!(err.to_string().contains("uprobe"), "{err}");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! unknown record is an error, never a panic.
 
 use agent_common::{
-    COMM_LEN, EventHeader, EventKind, LimitFile, LimitWriteEvent, OomKillEvent, VICTIM_FROM_TASK,
+    COMM_LEN, CgroupEvent, EventHeader, EventKind, LimitFile, LimitWriteEvent, OomKillEvent,
+    VICTIM_FROM_TASK,
 };
 
 /// The task that was running when a probe fired.
@@ -46,10 +47,20 @@ pub struct VictimTask {
     pub cgroup_id: u64,
 }
 
+/// A cgroup was created or removed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupChange {
+    pub id: u64,
+    /// Path relative to the hierarchy's root, with a leading `/`.
+    pub path: String,
+    pub created: bool,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     LimitWrite(LimitWrite),
     OomKill(OomKill),
+    Cgroup(CgroupChange),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -58,8 +69,8 @@ pub enum DecodeError {
     Short { len: usize, need: usize },
     #[error("unknown event kind {0}")]
     UnknownKind(u32),
-    #[error("unknown limit file number {0}")]
-    UnknownLimit(u32),
+    #[error("write to {0:?}, which is not a known limit file")]
+    UnknownLimit(String),
 }
 
 /// Decodes one ring buffer record.
@@ -68,7 +79,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     match EventKind::from_u32(header.kind) {
         Some(EventKind::LimitWrite) => {
             let e: LimitWriteEvent = read(bytes)?;
-            let limit = LimitFile::from_u32(e.limit).ok_or(DecodeError::UnknownLimit(e.limit))?;
+            let name = c_str(&e.file_name);
+            let limit = LimitFile::from_file_name(&name).ok_or(DecodeError::UnknownLimit(name))?;
             let len = usize::try_from(e.value_len).map_or(0, |l| l.min(e.value.len()));
             Ok(Event::LimitWrite(LimitWrite {
                 timestamp_ns: header.timestamp_ns,
@@ -94,6 +106,20 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                     comm: comm(&e.victim_comm),
                     cgroup_id: e.victim_cgroup_id,
                 }),
+            }))
+        }
+        Some(kind @ (EventKind::CgroupMkdir | EventKind::CgroupRmdir)) => {
+            let e: CgroupEvent = read(bytes)?;
+            let path = c_str(&e.path);
+            Ok(Event::Cgroup(CgroupChange {
+                id: e.id,
+                // The kernel gives "/" for the root and "/a/b" below it.
+                path: if path.starts_with('/') {
+                    path
+                } else {
+                    format!("/{path}")
+                },
+                created: kind == EventKind::CgroupMkdir,
             }))
         }
         None => Err(DecodeError::UnknownKind(header.kind)),
@@ -124,13 +150,18 @@ fn task(h: &EventHeader) -> Task {
 
 /// A NUL-padded kernel `comm` as a string.
 fn comm(raw: &[u8; COMM_LEN]) -> String {
-    let end = raw.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+    c_str(raw)
+}
+
+/// The bytes before the first NUL (or all of them) as a string.
+fn c_str(raw: &[u8]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }
 
 #[cfg(test)]
 mod tests {
-    use agent_common::VALUE_LEN;
+    use agent_common::{FILE_NAME_LEN, PATH_LEN, VALUE_LEN};
 
     use super::*;
 
@@ -158,12 +189,15 @@ mod tests {
     fn decodes_a_rejected_limit_write() {
         let mut value = [0; VALUE_LEN];
         value[..3].copy_from_slice(b"abc");
-        let raw = LimitWriteEvent {
+        let mut file_name = [0; FILE_NAME_LEN];
+        file_name[..15].copy_from_slice(b"memory.swap.max");
+        let mut raw = LimitWriteEvent {
             header: header(EventKind::LimitWrite),
             target_cgroup_id: 99,
             result: -22,
-            limit: LimitFile::MemoryMax as u32,
+            reserved: 0,
             value_len: 3,
+            file_name,
             value,
         };
         let Event::LimitWrite(w) = decode(&bytes_of(&raw)).expect("decodes") else {
@@ -174,6 +208,33 @@ mod tests {
         assert_eq!(w.value, "abc");
         assert_eq!(w.result, Err(22));
         assert_eq!(w.target_cgroup_id, 99);
+        assert_eq!(w.limit, LimitFile::MemorySwapMax);
+        raw.file_name[..9].copy_from_slice(b"cgroup.pr");
+        assert!(matches!(
+            decode(&bytes_of(&raw)),
+            Err(DecodeError::UnknownLimit(n)) if n == "cgroup.prap.max"
+        ));
+    }
+
+    #[test]
+    fn decodes_cgroup_changes() {
+        let mut path = [0; PATH_LEN];
+        path[..6].copy_from_slice(b"/a/b/c");
+        let raw = CgroupEvent {
+            header: header(EventKind::CgroupRmdir),
+            id: 5,
+            path_len: 6,
+            reserved: 0,
+            path,
+        };
+        assert_eq!(
+            decode(&bytes_of(&raw)),
+            Ok(Event::Cgroup(CgroupChange {
+                id: 5,
+                path: "/a/b/c".into(),
+                created: false
+            }))
+        );
     }
 
     #[test]

@@ -5,11 +5,14 @@ mod check;
 mod config;
 mod events;
 mod http;
+mod k8s;
+mod limits;
 mod metrics;
 mod offsets;
 mod pipeline;
 mod probes;
 mod run;
+mod state;
 mod telemetry;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -43,8 +46,12 @@ enum Cmd {
         #[arg(long)]
         metrics_listen: Option<std::net::SocketAddr>,
     },
-    /// Report which probes this kernel allows, and why not.
-    Check,
+    /// Report which probes this kernel allows, in which mode, and why not.
+    Check {
+        /// Configuration file (TOML), for its probe choices; the embedded default when absent.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Validate a configuration file and print it as understood.
     CheckConfig {
         /// Configuration file (TOML); the embedded default when absent.
@@ -69,7 +76,10 @@ fn main() -> ExitCode {
             }
             exit(run(&config))
         }
-        Cmd::Check => exit(check::check()),
+        Cmd::Check { config } => match load_config(config.as_deref()) {
+            Ok(c) => exit(check::check(c.limit_writes)),
+            Err(code) => code,
+        },
         Cmd::CheckConfig { config } => match load_config(config.as_deref()) {
             Ok(c) => {
                 println!("{c:#?}");

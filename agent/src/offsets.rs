@@ -56,7 +56,7 @@ pub fn resolve(path: &Path) -> Result<Resolved, OffsetsError> {
         // Renamed to __parent in 6.15 when it became RCU-protected.
         kernfs_node_parent: find("kernfs_node", &["parent", "__parent"]),
         kernfs_open_file_kn: find("kernfs_open_file", &["kn"]),
-        reserved: 0,
+        kernfs_node_name: find("kernfs_node", &["name"]),
     };
     Ok(Resolved { offsets, missing })
 }

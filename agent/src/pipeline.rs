@@ -6,8 +6,11 @@ use opentelemetry::KeyValue;
 
 use crate::{
     cgroups::{self, CgroupResolver},
-    events::{self, Event, LimitWrite, OomKill},
+    events::{self, CgroupChange, Event, LimitWrite, OomKill},
+    k8s,
+    limits::{self, LimitValue},
     metrics::Metrics,
+    state::LimitState,
     telemetry::Traces,
 };
 
@@ -47,21 +50,44 @@ impl Clock {
     }
 }
 
-/// Enriches events and feeds metrics, spans and logs. One instance owns the cgroup cache.
+/// Enriches events and feeds metrics, spans and logs. One instance owns the cgroup map and the
+/// limit state.
 #[derive(Debug)]
 pub struct Pipeline<'a> {
-    pub resolver: CgroupResolver,
-    pub metrics: Metrics,
-    pub traces: &'a Traces,
-    pub clock: Clock,
+    resolver: CgroupResolver,
+    limits: LimitState,
+    metrics: Metrics,
+    traces: &'a Traces,
+    clock: Clock,
 }
 
-impl Pipeline<'_> {
+impl<'a> Pipeline<'a> {
+    /// A pipeline whose limit state and gauges start from every cgroup's current limit files.
+    pub fn new(resolver: CgroupResolver, metrics: Metrics, traces: &'a Traces) -> Self {
+        let mut limits = LimitState::new();
+        if let Some(root) = resolver.root() {
+            for (id, path) in resolver.entries() {
+                let dir = root.join(path.trim_start_matches('/'));
+                for (limit, value) in limits.seed_from_dir(id, &dir) {
+                    metrics.set_limit(path, limit, value);
+                }
+            }
+        }
+        Self {
+            resolver,
+            limits,
+            metrics,
+            traces,
+            clock: Clock::now(),
+        }
+    }
+
     /// Handles one ring buffer record; a bad record is counted and logged, never fatal.
     pub fn handle(&mut self, record: &[u8]) {
         match events::decode(record) {
             Ok(Event::LimitWrite(w)) => self.limit_write(&w),
             Ok(Event::OomKill(k)) => self.oom_kill(&k),
+            Ok(Event::Cgroup(c)) => self.cgroup_change(c),
             Err(e) => {
                 self.metrics.decode_errors.inc();
                 tracing::warn!("dropped a kernel event: {e}");
@@ -75,6 +101,20 @@ impl Pipeline<'_> {
             .unwrap_or_else(|| UNKNOWN_CGROUP.to_owned())
     }
 
+    fn cgroup_change(&mut self, c: CgroupChange) {
+        tracing::debug!(id = c.id, path = %c.path, created = c.created, "cgroup change");
+        if c.created {
+            for (limit, value) in self.limits.seed_defaults(c.id) {
+                self.metrics.set_limit(&c.path, limit, value);
+            }
+            self.resolver.created(c.id, c.path);
+        } else {
+            self.limits.forget(c.id);
+            self.metrics.forget_cgroup(&c.path);
+            self.resolver.removed(c.id);
+        }
+    }
+
     fn limit_write(&mut self, w: &LimitWrite) {
         let cgroup = self.cgroup_label(w.target_cgroup_id);
         let writer_cgroup = self.cgroup_label(w.writer.cgroup_id);
@@ -83,6 +123,19 @@ impl Pipeline<'_> {
             Ok(_) => "ok".to_owned(),
             Err(errno) => errno_name(errno),
         };
+        let parsed = limits::parse(w.limit, &w.value);
+        // A write the kernel refused leaves the limit as it was.
+        let (old, new) = match (w.result, parsed) {
+            (Ok(_), Ok(v)) => {
+                let (old, now) = self.limits.record(w.target_cgroup_id, w.limit, v);
+                self.metrics.set_limit(&cgroup, w.limit, now);
+                (old, Some(now))
+            }
+            _ => (self.limits.get(w.target_cgroup_id, w.limit), None),
+        };
+        let show =
+            |v: Option<LimitValue>| v.map_or_else(|| "unknown".to_owned(), |v| v.to_string());
+        let identity = k8s::parse(&cgroup);
         self.metrics
             .limit_writes
             .with_label_values(&[
@@ -96,25 +149,33 @@ impl Pipeline<'_> {
             cgroup = %cgroup,
             limit,
             value = %w.value,
+            old = %show(old),
+            new = %show(new),
             writer = %w.writer.comm,
             writer_pid = w.writer.tgid,
             writer_cgroup = %writer_cgroup,
             result = %result,
             "cgroup limit write"
         );
+        let mut attributes = vec![
+            KeyValue::new("cgroup.path", cgroup),
+            KeyValue::new("cgroup.limit", limit),
+            KeyValue::new("cgroup.limit.value", w.value.clone()),
+            KeyValue::new("cgroup.limit.old", show(old)),
+            KeyValue::new("cgroup.limit.new", show(new)),
+            KeyValue::new("cgroup.limit.result", result),
+            KeyValue::new("process.pid", i64::from(w.writer.tgid)),
+            KeyValue::new("thread.id", i64::from(w.writer.pid)),
+            KeyValue::new("process.command", w.writer.comm.clone()),
+            KeyValue::new("process.cgroup", writer_cgroup),
+        ];
+        if let Some(id) = identity {
+            attributes.extend(k8s_attributes(&id));
+        }
         self.traces.event_span(
             "cgroup.limit_write",
             self.clock.wall(w.timestamp_ns),
-            vec![
-                KeyValue::new("cgroup.path", cgroup),
-                KeyValue::new("cgroup.limit", limit),
-                KeyValue::new("cgroup.limit.value", w.value.clone()),
-                KeyValue::new("cgroup.limit.result", result),
-                KeyValue::new("process.pid", i64::from(w.writer.tgid)),
-                KeyValue::new("thread.id", i64::from(w.writer.pid)),
-                KeyValue::new("process.command", w.writer.comm.clone()),
-                KeyValue::new("process.cgroup", writer_cgroup),
-            ],
+            attributes,
         );
     }
 
@@ -160,6 +221,18 @@ impl Pipeline<'_> {
             ],
         );
     }
+}
+
+/// Span attributes for a Kubernetes identity (OpenTelemetry semantic conventions where they exist).
+fn k8s_attributes(id: &k8s::Identity) -> Vec<KeyValue> {
+    let mut a = vec![
+        KeyValue::new("k8s.pod.uid", id.pod_uid.clone()),
+        KeyValue::new("k8s.pod.qos_class", id.qos.as_str()),
+    ];
+    if let Some(c) = &id.container {
+        a.push(KeyValue::new("container.id", c.id.clone()));
+    }
+    a
 }
 
 /// The symbolic name of an errno ("EINVAL"), or its number when it has none here.

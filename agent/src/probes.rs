@@ -1,45 +1,60 @@
-//! Loading and attaching the eBPF programs. Each probe attaches or fails on its own: a kernel
-//! that refuses one probe still gets the others, and the report says which and why.
+//! Loading and attaching the eBPF programs. Each capability attaches or fails on its own: a
+//! kernel that refuses one still gets the others, and the report says which mode each uses, or
+//! why none could attach.
 
 use std::fmt;
 
-use agent_common::{KernelOffsets, maps, programs};
+use agent_common::{KernelOffsets, LimitFile, maps, programs};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    programs::{FExit, RawTracePoint, TracePoint},
+    programs::{FExit, KProbe, RawTracePoint, TracePoint},
 };
+
+use crate::config::LimitWriteMode;
 
 /// The eBPF object built by build.rs from agent-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
 
-/// One probe and how it went.
+/// Label value of `mode` for a capability that could not attach.
+pub const UNAVAILABLE: &str = "unavailable";
+
+/// One capability and how it went.
 #[derive(Debug, Clone)]
 pub struct ProbeStatus {
     /// What it observes (a stable name, used as a metric label).
     pub capability: &'static str,
-    /// The kernel hook, as `type:target`.
-    pub hook: &'static str,
-    /// `None` when attached; else why not.
-    pub error: Option<String>,
+    /// How it is attached (`fexit`, `kprobe`, `tracepoint`, `raw_tp`), or [`UNAVAILABLE`].
+    pub mode: &'static str,
+    /// The kernel hooks it attached to.
+    pub hooks: Vec<String>,
+    /// Why a mode (or a hook of the chosen mode) could not attach; empty when all went well.
+    pub errors: Vec<String>,
 }
 
 impl ProbeStatus {
     #[must_use]
     pub fn attached(&self) -> bool {
-        self.error.is_none()
+        self.mode != UNAVAILABLE
     }
 }
 
 impl fmt::Display for ProbeStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.error {
-            None => write!(f, "{:<14} {:<32} attached", self.capability, self.hook),
-            Some(e) => write!(
+        if self.attached() {
+            write!(
                 f,
-                "{:<14} {:<32} UNAVAILABLE: {e}",
-                self.capability, self.hook
-            ),
+                "{:<14} {:<11} attached: {}",
+                self.capability,
+                self.mode,
+                self.hooks.join(", ")
+            )?;
+        } else {
+            write!(f, "{:<14} UNAVAILABLE", self.capability)?;
         }
+        for e in &self.errors {
+            write!(f, "\n{:<17}{e}", "")?;
+        }
+        Ok(())
     }
 }
 
@@ -49,57 +64,201 @@ pub enum ProbeError {
     Load(#[from] aya::EbpfError),
 }
 
-/// The loaded object (which owns every attached link) and the status of each probe.
+/// The loaded object (which owns every attached link) and the status of each capability.
 #[derive(Debug)]
 pub struct Probes {
     pub ebpf: Ebpf,
     pub status: Vec<ProbeStatus>,
 }
 
-/// Loads the object with `offsets` set, then loads and attaches every probe it can.
-pub fn load(offsets: &KernelOffsets) -> Result<Probes, ProbeError> {
+/// Loads the object with `offsets` set, then loads and attaches every capability it can.
+pub fn load(offsets: &KernelOffsets, limit_writes: LimitWriteMode) -> Result<Probes, ProbeError> {
     raise_memlock_limit();
     ensure_tracefs();
     let mut ebpf = EbpfLoader::new()
         .override_global(maps::OFFSETS, offsets, true)
         .load(EBPF_OBJECT)?;
-    // Kernel BTF is needed by fexit programs only; its absence is reported per probe.
-    let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"));
-
     let status = vec![
-        attach("limit_writes", "fexit:memory_max_write", || {
-            let btf = btf.as_ref().map_err(Clone::clone)?;
-            let p: &mut FExit = program(&mut ebpf, programs::MEMORY_MAX_WRITE_FEXIT)?;
-            p.load("memory_max_write", btf).map_err(chain)?;
-            p.attach().map_err(chain)?;
-            Ok(())
-        }),
-        attach("oom_victims", "raw_tp:signal_generate", || {
+        attach_limit_writes(&mut ebpf, offsets, limit_writes),
+        single("oom_victims", "raw_tp", "signal_generate", || {
             let p: &mut RawTracePoint = program(&mut ebpf, programs::SIGNAL_GENERATE)?;
             p.load().map_err(chain)?;
             p.attach("signal_generate").map_err(chain)?;
             Ok(())
         }),
-        attach("oom_kills", "tracepoint:oom/mark_victim", || {
+        single("oom_kills", "tracepoint", "oom/mark_victim", || {
             let p: &mut TracePoint = program(&mut ebpf, programs::OOM_MARK_VICTIM)?;
             p.load().map_err(chain)?;
             p.attach("oom", "mark_victim").map_err(chain)?;
             Ok(())
         }),
+        single(
+            "cgroup_changes",
+            "raw_tp",
+            "cgroup_mkdir, cgroup_rmdir",
+            || {
+                for (name, tp) in [
+                    (programs::CGROUP_MKDIR, "cgroup_mkdir"),
+                    (programs::CGROUP_RMDIR, "cgroup_rmdir"),
+                ] {
+                    let p: &mut RawTracePoint = program(&mut ebpf, name)?;
+                    p.load().map_err(chain)?;
+                    p.attach(tp).map_err(chain)?;
+                }
+                Ok(())
+            },
+        ),
     ];
     Ok(Probes { ebpf, status })
 }
 
-fn attach(
+/// A capability with one way to attach.
+fn single(
     capability: &'static str,
-    hook: &'static str,
+    mode: &'static str,
+    hook: &str,
     f: impl FnOnce() -> Result<(), String>,
 ) -> ProbeStatus {
-    ProbeStatus {
-        capability,
-        hook,
-        error: f().err(),
+    match f() {
+        Ok(()) => ProbeStatus {
+            capability,
+            mode,
+            hooks: vec![hook.to_owned()],
+            errors: Vec::new(),
+        },
+        Err(e) => ProbeStatus {
+            capability,
+            mode: UNAVAILABLE,
+            hooks: Vec::new(),
+            errors: vec![format!("{mode}:{hook}: {e}")],
+        },
     }
+}
+
+/// Limit writes: fexit on each handler, else one kprobe/kretprobe pair on all of them. A mode is
+/// used when it attaches to at least one handler; handlers it could not attach to are reported.
+fn attach_limit_writes(
+    ebpf: &mut Ebpf,
+    offsets: &KernelOffsets,
+    choice: LimitWriteMode,
+) -> ProbeStatus {
+    let mut status = ProbeStatus {
+        capability: "limit_writes",
+        mode: UNAVAILABLE,
+        hooks: Vec::new(),
+        errors: Vec::new(),
+    };
+    if !offsets.has_written_file() {
+        status.errors.push(
+            "kernel BTF lacks the kernfs fields needed to tell which file was written".into(),
+        );
+        return status;
+    }
+    let modes: &[LimitWriteMode] = match choice {
+        LimitWriteMode::Auto => &[LimitWriteMode::Fexit, LimitWriteMode::Kprobe],
+        LimitWriteMode::Fexit => &[LimitWriteMode::Fexit],
+        LimitWriteMode::Kprobe => &[LimitWriteMode::Kprobe],
+    };
+    for &mode in modes {
+        let (name, (hooks, failures)) = match mode {
+            LimitWriteMode::Kprobe => ("kprobe", attach_kprobes(ebpf)),
+            LimitWriteMode::Fexit | LimitWriteMode::Auto => ("fexit", attach_fexits(ebpf)),
+        };
+        let attached = !hooks.is_empty();
+        status.errors.extend(grouped(name, attached, failures));
+        if attached {
+            status.mode = name;
+            status.hooks = hooks;
+            // Errors of a mode tried before this one no longer matter.
+            status.errors.retain(|e| e.starts_with(name));
+            break;
+        }
+    }
+    status
+}
+
+/// The handlers a mode attached to, and (handler, error) for the others.
+type Attempt = (Vec<String>, Vec<(&'static str, String)>);
+
+/// One line per distinct error, naming its handlers ("all" when every handler failed alike).
+fn grouped(mode: &str, attached: bool, failures: Vec<(&'static str, String)>) -> Vec<String> {
+    let total = failures.len();
+    let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
+    for (handler, error) in failures {
+        match groups.iter_mut().find(|(e, _)| *e == error) {
+            Some((_, handlers)) => handlers.push(handler),
+            None => groups.push((error, vec![handler])),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(error, handlers)| {
+            let which = if !attached && handlers.len() == total && total == LimitFile::ALL.len() {
+                "every handler".to_owned()
+            } else {
+                handlers.join(", ")
+            };
+            let verb = if attached {
+                "not attached to"
+            } else {
+                "failed on"
+            };
+            format!("{mode}: {verb} {which}: {error}")
+        })
+        .collect()
+}
+
+fn attach_fexits(ebpf: &mut Ebpf) -> Attempt {
+    let btf = match Btf::from_sys_fs() {
+        Ok(b) => b,
+        Err(e) => return (Vec::new(), vec![("kernel BTF", e.to_string())]),
+    };
+    let mut attempt: Attempt = (Vec::new(), Vec::new());
+    for limit in LimitFile::ALL {
+        let handler = limit.kernel_handler();
+        let r = (|| {
+            let p: &mut FExit = program(ebpf, limit.fexit_program())?;
+            p.load(handler, &btf).map_err(chain)?;
+            p.attach().map_err(chain)?;
+            Ok::<_, String>(())
+        })();
+        match r {
+            Ok(()) => attempt.0.push(handler.to_owned()),
+            Err(e) => attempt.1.push((handler, e)),
+        }
+    }
+    attempt
+}
+
+fn attach_kprobes(ebpf: &mut Ebpf) -> Attempt {
+    let mut attempt: Attempt = (Vec::new(), Vec::new());
+    for name in [
+        programs::LIMIT_WRITE_KPROBE,
+        programs::LIMIT_WRITE_KRETPROBE,
+    ] {
+        let loaded = program::<KProbe>(ebpf, name).and_then(|p| p.load().map_err(chain));
+        if let Err(e) = loaded {
+            attempt.1.push((name, format!("loading: {e}")));
+            return attempt;
+        }
+    }
+    for limit in LimitFile::ALL {
+        let handler = limit.kernel_handler();
+        let r = [
+            programs::LIMIT_WRITE_KPROBE,
+            programs::LIMIT_WRITE_KRETPROBE,
+        ]
+        .into_iter()
+        .try_for_each(|name| {
+            let p: &mut KProbe = program(ebpf, name)?;
+            p.attach(handler, 0).map(drop).map_err(chain)
+        });
+        match r {
+            Ok(()) => attempt.0.push(handler.to_owned()),
+            Err(e) => attempt.1.push((handler, e)),
+        }
+    }
+    attempt
 }
 
 /// The program `name` as type `T`.
@@ -112,7 +271,6 @@ where
         .ok_or_else(|| format!("program {name} missing from the eBPF object"))?;
     p.try_into().map_err(chain)
 }
-
 /// An error and its sources on one line (aya's errors keep the errno in a source).
 fn chain(e: impl std::error::Error) -> String {
     let mut s = e.to_string();
@@ -121,6 +279,9 @@ fn chain(e: impl std::error::Error) -> String {
         s.push_str(": ");
         s.push_str(&cause.to_string());
         src = cause.source();
+    }
+    if s.contains("devices/kprobe/type") {
+        s.push_str(" (this kernel has no kprobe support)");
     }
     // 524 is the kernel-internal ENOTSUPP, which libc has no name for.
     if s.contains("os error 524") {

@@ -17,7 +17,7 @@ use crate::{
     http,
     metrics::Metrics,
     offsets,
-    pipeline::{Clock, Pipeline},
+    pipeline::Pipeline,
     probes,
     telemetry::Traces,
 };
@@ -48,21 +48,9 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
             agent_common::KernelOffsets::UNKNOWN
         }
     };
-    let mut probes = probes::load(&kernel_offsets).context("loading eBPF programs")?;
-    for s in &probes.status {
-        metrics
-            .probe_attached
-            .with_label_values(&[s.capability, s.hook])
-            .set(i64::from(s.attached()));
-        match &s.error {
-            None => tracing::info!(capability = s.capability, hook = s.hook, "probe attached"),
-            Some(e) => tracing::warn!(
-                capability = s.capability,
-                hook = s.hook,
-                "probe unavailable on this kernel: {e}"
-            ),
-        }
-    }
+    let mut probes =
+        probes::load(&kernel_offsets, config.limit_writes).context("loading eBPF programs")?;
+    report(&probes.status, &metrics);
     spawn_ebpf_logs(&mut probes.ebpf);
 
     let ring = probes
@@ -84,12 +72,7 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
     } else {
         tracing::warn!("no cgroup v2 mount found: cgroup paths will be unknown");
     }
-    let mut pipeline = Pipeline {
-        resolver: CgroupResolver::new(root),
-        metrics: metrics.clone(),
-        traces,
-        clock: Clock::now(),
-    };
+    let mut pipeline = Pipeline::new(CgroupResolver::new(root), metrics.clone(), traces);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(http::serve(listener, metrics, stop_rx));
@@ -130,6 +113,32 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Logs how each capability attached (or why not) and sets `nodewarden_probe_info`.
+fn report(status: &[probes::ProbeStatus], metrics: &Metrics) {
+    for s in status {
+        metrics
+            .probe_info
+            .with_label_values(&[s.capability, s.mode])
+            .set(1);
+        if s.attached() {
+            tracing::info!(
+                capability = s.capability,
+                mode = s.mode,
+                hooks = %s.hooks.join(","),
+                "probe attached"
+            );
+        }
+        for e in &s.errors {
+            let note = if s.attached() {
+                "partly attached"
+            } else {
+                "probe unavailable on this kernel"
+            };
+            tracing::warn!(capability = s.capability, "{note}: {e}");
+        }
+    }
 }
 
 /// Forwards aya-log records from the programs to the agent's log.

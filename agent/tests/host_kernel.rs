@@ -16,51 +16,30 @@ fn agent_starts_reports_probes_and_stops_on_sigterm() {
     assert!(is_root(), "{NEEDS_ROOT}");
     let agent = Agent::start(&[]);
 
-    // Every probe has a status; those this kernel refuses are reported, not fatal.
-    let body = common::scrape(agent.metrics).expect("scrape");
-    for (capability, hook) in [
-        ("limit_writes", "fexit:memory_max_write"),
-        ("oom_kills", "tracepoint:oom/mark_victim"),
-        ("oom_victims", "raw_tp:signal_generate"),
-    ] {
-        let series =
-            format!("nodewarden_probe_attached{{capability=\"{capability}\",hook=\"{hook}\"}}");
-        let v = common::sample(&body, &series)
-            .unwrap_or_else(|| panic!("{series} missing from:\n{body}"));
-        if v == 0.0 {
-            let log = agent.log();
-            assert!(
-                log.lines()
-                    .any(|l| l.contains("probe unavailable on this kernel")
-                        && l.contains(capability)),
-                "{capability} not attached but not reported in the log:\n{log}"
-            );
-        }
-    }
+    // Every capability reports its mode; those this kernel refuses are reported, not fatal.
+    let mode = |capability: &str| agent.probe_mode(capability);
     // Tracepoints and raw tracepoints load on every kernel we support, this one included.
-    assert_eq!(
-        common::sample(
-            &body,
-            "nodewarden_probe_attached{capability=\"oom_kills\",hook=\"tracepoint:oom/mark_victim\"}"
-        ),
-        Some(1.0),
-        "{body}"
-    );
-    assert_eq!(
-        common::sample(
-            &body,
-            "nodewarden_probe_attached{capability=\"oom_victims\",hook=\"raw_tp:signal_generate\"}"
-        ),
-        Some(1.0),
-        "{body}"
-    );
-
-    let log_before_stop = agent.log();
-    let status = agent.stop();
+    assert_eq!(mode("oom_kills"), "tracepoint");
+    assert_eq!(mode("oom_victims"), "raw_tp");
+    assert_eq!(mode("cgroup_changes"), "raw_tp");
+    let limit_writes = mode("limit_writes");
     assert!(
-        status.success(),
-        "agent exit status {status}; log:\n{log_before_stop}"
+        ["fexit", "kprobe", "unavailable"].contains(&limit_writes.as_str()),
+        "{limit_writes}"
     );
+    if limit_writes == "unavailable" {
+        let log = agent.log();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("probe unavailable on this kernel")
+                    && l.contains("limit_writes")),
+            "limit_writes not attached but not reported in the log:\n{log}"
+        );
+    }
+
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit status {status}; log:\n{log}");
+    assert!(log.contains("SIGTERM: shutting down"), "{log}");
 }
 
 #[test]
@@ -77,18 +56,14 @@ fn check_lists_every_probe_with_its_status() {
         "check failed: {text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for hook in [
-        "fexit:memory_max_write",
-        "tracepoint:oom/mark_victim",
-        "raw_tp:signal_generate",
-    ] {
+    for capability in ["limit_writes", "oom_kills", "oom_victims", "cgroup_changes"] {
         let line = text
             .lines()
-            .find(|l| l.contains(hook))
-            .unwrap_or_else(|| panic!("{hook} missing from check output:\n{text}"));
+            .find(|l| l.trim_start().starts_with(capability))
+            .unwrap_or_else(|| panic!("{capability} missing from check output:\n{text}"));
         assert!(
-            line.ends_with("attached") || line.contains("UNAVAILABLE: "),
-            "no status for {hook}: {line}"
+            line.contains(" attached: ") || line.ends_with("UNAVAILABLE"),
+            "no status for {capability}: {line}"
         );
     }
     assert!(text.contains("kernel BTF: "), "{text}");
@@ -138,7 +113,9 @@ fn prometheus_scrapes_the_agent() {
     while start.elapsed() < std::time::Duration::from_secs(60) {
         last = (
             query("up%7Bjob%3D%22nodewarden%22%7D"),
-            query("nodewarden_probe_attached%7Bcapability%3D%22oom_kills%22%7D"),
+            query(
+                "nodewarden_probe_info%7Bcapability%3D%22oom_kills%22%2Cmode%3D%22tracepoint%22%7D",
+            ),
         );
         if last.0.as_ref().and_then(|v| v.as_str()) == Some("1")
             && last.1.as_ref().and_then(|v| v.as_str()) == Some("1")

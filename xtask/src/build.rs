@@ -44,47 +44,49 @@ pub fn cargo() -> String {
 /// Target directory of cross builds: Debian's compiler must not share fingerprints with rustup's.
 const DIST_TARGET_DIR: &str = "target/dist";
 
-/// Builds a release `nodewarden` for `target` and returns its path. The host target uses the
-/// machine's cargo; aarch64 uses Debian's toolchain, the only one here with an aarch64 std.
-pub fn dist(target: &str) -> Result<PathBuf> {
+/// The aarch64 target, built with Debian's toolchain (rustup has no aarch64 std here).
+pub const AARCH64: &str = "aarch64-unknown-linux-gnu";
+
+/// A release `cargo SUBCOMMAND -p agent --target TARGET` into the dist target dir: the machine's
+/// cargo for the host target, Debian's for aarch64. Installs the cross toolchain when needed.
+fn dist_cargo(subcommand: &str, target: &str) -> Result<Command> {
     setup::ebpf_toolchain()?;
-    let root = vm::workspace_root();
     let host = host_triple()?;
-    if target == host {
-        let mut cmd = Command::new(cargo());
-        cmd.args(["build", "--release", "-p", "agent", "--target", target])
-            .args(["--target-dir", DIST_TARGET_DIR])
-            .current_dir(&root);
-        setup::step(&format!("cargo build --release --target {target}"), || {
-            setup::run(&mut cmd)
-        })?;
-    } else if target == "aarch64-unknown-linux-gnu" {
+    let mut cmd = if target == host {
+        Command::new(cargo())
+    } else if target == AARCH64 {
         setup::dpkg_add_arch("arm64")?;
         setup::apt_install(&[
             "libstd-rust-web-dev:arm64",
             "gcc-aarch64-linux-gnu",
             "libc6-dev-arm64-cross",
         ])?;
-        let mut cmd = Command::new(format!("{}/bin/cargo", setup::DEBIAN_SYSROOT));
-        cmd.args(["build", "--release", "-p", "agent", "--target", target])
-            .args(["--target-dir", DIST_TARGET_DIR])
-            .current_dir(&root)
-            // rustup's proxies and variables would pick rustup's compiler, which has no aarch64 std.
-            .env("RUSTC", format!("{}/bin/rustc", setup::DEBIAN_SYSROOT))
+        let mut c = Command::new(format!("{}/bin/cargo", setup::DEBIAN_SYSROOT));
+        // rustup's proxies and variables would pick rustup's compiler, which has no aarch64 std.
+        c.env("RUSTC", format!("{}/bin/rustc", setup::DEBIAN_SYSROOT))
             .env_remove("RUSTUP_TOOLCHAIN")
             .env_remove("RUSTC_WRAPPER")
             .env(
                 "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
                 "aarch64-linux-gnu-gcc",
             );
-        setup::step(
-            &format!("cargo build --release --target {target} (Debian toolchain)"),
-            || setup::run(&mut cmd),
-        )?;
+        c
     } else {
-        bail!("unsupported target {target}: use {host} or aarch64-unknown-linux-gnu");
-    }
-    let bin = root
+        bail!("unsupported target {target}: use {host} or {AARCH64}");
+    };
+    cmd.args([subcommand, "--release", "-p", "agent", "--target", target])
+        .args(["--target-dir", DIST_TARGET_DIR])
+        .current_dir(vm::workspace_root());
+    Ok(cmd)
+}
+
+/// Builds a release `nodewarden` for `target` and returns its path.
+pub fn dist(target: &str) -> Result<PathBuf> {
+    let mut cmd = dist_cargo("build", target)?;
+    setup::step(&format!("cargo build --release --target {target}"), || {
+        setup::run(&mut cmd)
+    })?;
+    let bin = vm::workspace_root()
         .join(DIST_TARGET_DIR)
         .join(target)
         .join("release")
@@ -94,6 +96,28 @@ pub fn dist(target: &str) -> Result<PathBuf> {
     }
     eprintln!("xtask: built {}", bin.display());
     Ok(bin)
+}
+
+/// Builds the agent's integration test `name` (and the agent it runs) for `target` in release
+/// mode; returns the test executable.
+pub fn dist_test(target: &str, name: &str) -> Result<PathBuf> {
+    let mut cmd = dist_cargo("test", target)?;
+    cmd.args(["--test", name, "--no-run", "--message-format=json"]);
+    let out = setup::step(
+        &format!("cargo test --no-run --test {name} --target {target}"),
+        || setup::output(&mut cmd),
+    )?;
+    test_executable_from(&out, name)
+}
+
+/// The executable of test target `name` in cargo's JSON messages.
+pub fn test_executable_from(messages: &str, name: &str) -> Result<PathBuf> {
+    messages
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == name)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("cargo built no executable for test {name}"))
 }
 
 /// The host's target triple, from `rustc -vV`.

@@ -82,8 +82,8 @@ pub fn main(args: &Args) -> Result<i32> {
         }
         if !args.no_arm64 {
             suite(
-                "aarch64: cross-build and `nodewarden check` in the arm64 VM".into(),
-                &mut || arm64_smoke(),
+                "aarch64: cross-build, `nodewarden check` and VM kernel tests on arm64".into(),
+                &mut arm64_tests,
             );
         }
     }
@@ -137,11 +137,7 @@ fn test_executable(name: &str) -> Result<PathBuf> {
             ])
             .current_dir(vm::workspace_root()),
     )?;
-    out.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == name)
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .with_context(|| format!("cargo built no executable for test {name}"))
+    build::test_executable_from(&out, name)
 }
 
 /// Runs the ignored (kernel) tests of `exe` inside a VM booted on `kernel`.
@@ -161,10 +157,11 @@ fn vm_tests(kernel: &str, exe: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Cross-builds for aarch64 and runs `nodewarden check` in the arm64 VM: it must start, read the
-/// kernel's BTF and report each probe (arm64 6.1 refuses fexit; tracepoints attach).
-fn arm64_smoke() -> Result<()> {
-    let bin = build::dist("aarch64-unknown-linux-gnu")?;
+/// Cross-builds for aarch64, runs `nodewarden check` in the arm64 VM (it must start, read the
+/// kernel's BTF and report each capability: arm64 6.1 refuses fexit, so limit writes use
+/// kprobes), then the VM kernel tests built for aarch64.
+fn arm64_tests() -> Result<()> {
+    let bin = build::dist(build::AARCH64)?;
     let report = vm::workspace_root().join("target/arm64-check.txt");
     let _ = std::fs::remove_file(&report);
     let argv = [
@@ -172,11 +169,8 @@ fn arm64_smoke() -> Result<()> {
         "-c".to_owned(),
         format!("{} check > {} 2>&1", bin.display(), report.display()),
     ];
-    let status = vm::run(
-        vm::default_kernel(vm::Arch::Aarch64),
-        &vm::RunOptions::default(),
-        &argv,
-    )?;
+    let kernel = vm::default_kernel(vm::Arch::Aarch64);
+    let status = vm::run(kernel, &vm::RunOptions::default(), &argv)?;
     let text = std::fs::read_to_string(&report)
         .with_context(|| format!("reading {}", report.display()))?;
     eprintln!("{text}");
@@ -186,13 +180,15 @@ fn arm64_smoke() -> Result<()> {
     for expected in [
         "aarch64",
         "every struct field found",
-        "tracepoint:oom/mark_victim       attached",
-        "raw_tp:signal_generate           attached",
-        "fexit:memory_max_write",
+        "limit_writes   kprobe      attached: memory_max_write",
+        "oom_kills      tracepoint  attached: oom/mark_victim",
+        "oom_victims    raw_tp      attached: signal_generate",
+        "cgroup_changes raw_tp      attached",
     ] {
         if !text.contains(expected) {
             bail!("arm64 `nodewarden check` output lacks {expected:?}");
         }
     }
-    Ok(())
+    let exe = build::dist_test(build::AARCH64, "vm_kernel")?;
+    vm_tests(kernel, &exe)
 }

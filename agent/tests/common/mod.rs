@@ -23,12 +23,23 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent with the default config on a free loopback port and extra environment.
     pub fn start(env: &[(&str, &str)]) -> Self {
+        Self::start_with(None, env)
+    }
+
+    /// Starts the agent with `config` (TOML text; the built-in one when `None`).
+    pub fn start_with(config: Option<&str>, env: &[(&str, &str)]) -> Self {
         let metrics = free_port();
         let log = std::env::temp_dir().join(format!("nodewarden-test-{}.log", metrics.port()));
         let log_file = std::fs::File::create(&log).expect("create agent log");
         let mut cmd = Command::new(NODEWARDEN);
-        cmd.args(["run", "--metrics-listen", &metrics.to_string()])
-            .env("RUST_LOG", "info,nodewarden=debug")
+        cmd.args(["run", "--metrics-listen", &metrics.to_string()]);
+        if let Some(text) = config {
+            let path =
+                std::env::temp_dir().join(format!("nodewarden-test-{}.toml", metrics.port()));
+            std::fs::write(&path, text).expect("write test config");
+            cmd.arg("--config").arg(path);
+        }
+        cmd.env("RUST_LOG", "info,nodewarden=debug,agent_ebpf=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log_file);
@@ -54,7 +65,7 @@ impl Agent {
         let start = Instant::now();
         while start.elapsed() < limit {
             if let Some(body) = scrape(self.metrics)
-                && body.contains("nodewarden_probe_attached")
+                && body.contains("nodewarden_probe_info")
             {
                 return;
             }
@@ -73,6 +84,20 @@ impl Agent {
         sample(&body, series)
     }
 
+    /// The mode `nodewarden_probe_info` reports for `capability`.
+    pub fn probe_mode(&self, capability: &str) -> String {
+        let body = scrape(self.metrics).expect("scrape");
+        let prefix = format!("nodewarden_probe_info{{capability=\"{capability}\",mode=\"");
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(&prefix)?
+                    .split('"')
+                    .next()
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| panic!("no nodewarden_probe_info for {capability} in:\n{body}"))
+    }
+
     /// Polls until `series` has `value`, failing with the last scrape after `limit`.
     pub fn wait_for_sample(&self, series: &str, value: f64, limit: Duration) {
         let start = Instant::now();
@@ -89,15 +114,15 @@ impl Agent {
         );
     }
 
-    /// Sends SIGTERM and waits (bounded) for the exit status.
-    pub fn stop(mut self) -> ExitStatus {
+    /// Sends SIGTERM and waits (bounded) for the exit status; returns it with the whole log.
+    pub fn stop(mut self) -> (ExitStatus, String) {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(20) {
             if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
+                return (status, self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -168,6 +193,12 @@ pub fn sample(body: &str, series: &str) -> Option<f64> {
     body.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// Tells the person running the tests that a check was skipped, and why. Written to stderr
+/// directly: libtest hides `eprintln!` output of passing tests, and a skip must be visible.
+pub fn skip_notice(what: &str, why: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIP: {what}: {why}");
 }
 
 /// Whether the test runs as root (kernel tests need it).
