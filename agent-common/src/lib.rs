@@ -23,6 +23,8 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     /// SIGKILLs seen recently, keyed by the target's pid: the OOM probe reads the victim's cgroup here.
     pub const KILLED: &str = "KILLED";
+    /// Limit writes seen at syscall entry, waiting for the syscall's exit (syscalls mode).
+    pub const PENDING_WRITES: &str = "PENDING_WRITES";
     /// Arguments of limit writes in flight, keyed by `pid_tgid` (kprobe mode: entry to return).
     pub const LIMIT_WRITE_ARGS: &str = "LIMIT_WRITE_ARGS";
     /// Global with the kernel struct offsets read from BTF at start-up.
@@ -35,6 +37,16 @@ pub mod programs {
     pub const LIMIT_WRITE_KPROBE: &str = "limit_write_kprobe";
     /// kretprobe on every limit write handler: the write with its result.
     pub const LIMIT_WRITE_KRETPROBE: &str = "limit_write_kretprobe";
+    /// Tracepoints on the write syscalls (syscalls mode): program, tracepoint (category
+    /// `syscalls`). Entries keep writes to limit files; exits emit them with the result.
+    pub const SYSCALL_WRITES: [(&str, &str); 6] = [
+        ("sys_enter_write", "sys_enter_write"),
+        ("sys_enter_pwrite64", "sys_enter_pwrite64"),
+        ("sys_enter_writev", "sys_enter_writev"),
+        ("sys_exit_write", "sys_exit_write"),
+        ("sys_exit_pwrite64", "sys_exit_pwrite64"),
+        ("sys_exit_writev", "sys_exit_writev"),
+    ];
     /// Raw tracepoint `cgroup_mkdir`: a cgroup's id and path as it is created.
     pub const CGROUP_MKDIR: &str = "cgroup_mkdir";
     /// Raw tracepoint `cgroup_rmdir`: a cgroup is removed.
@@ -208,6 +220,21 @@ pub struct CgroupEvent {
 }
 const _: () = assert!(size_of::<CgroupEvent>() == 48 + 16 + PATH_LEN);
 
+/// A write(2) to a cgroup limit file seen at syscall entry (syscalls mode), kept until its exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PendingWrite {
+    /// The file's `struct kernfs_node *`.
+    pub kn: u64,
+    /// Bytes of `value` captured from the user's buffer.
+    pub value_len: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// The start of the written bytes (limit values are short), not NUL-terminated.
+    pub value: [u8; VALUE_LEN],
+}
+const _: () = assert!(size_of::<PendingWrite>() == 16 + VALUE_LEN);
+
 /// Arguments of a limit write handler, kept from kprobe to kretprobe.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -285,8 +312,24 @@ pub struct KernelOffsets {
     pub kernfs_open_file_kn: u32,
     /// `kernfs_node.name` (a `const char *`).
     pub kernfs_node_name: u32,
+    /// `task_struct.files`.
+    pub task_files: u32,
+    /// `files_struct.fdt`.
+    pub files_struct_fdt: u32,
+    /// `fdtable.max_fds`.
+    pub fdtable_max_fds: u32,
+    /// `fdtable.fd` (the `struct file *` array).
+    pub fdtable_fd: u32,
+    /// `file.f_inode`.
+    pub file_f_inode: u32,
+    /// `inode.i_sb`.
+    pub inode_i_sb: u32,
+    /// `super_block.s_magic`.
+    pub super_block_s_magic: u32,
+    /// `inode.i_private` (kernfs keeps the file's `kernfs_node` there).
+    pub inode_i_private: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 40);
+const _: () = assert!(size_of::<KernelOffsets>() == 72);
 
 /// Marks a field the running kernel does not have.
 pub const OFFSET_UNKNOWN: u32 = u32::MAX;
@@ -304,6 +347,14 @@ impl KernelOffsets {
         kernfs_node_parent: OFFSET_UNKNOWN,
         kernfs_open_file_kn: OFFSET_UNKNOWN,
         kernfs_node_name: OFFSET_UNKNOWN,
+        task_files: OFFSET_UNKNOWN,
+        files_struct_fdt: OFFSET_UNKNOWN,
+        fdtable_max_fds: OFFSET_UNKNOWN,
+        fdtable_fd: OFFSET_UNKNOWN,
+        file_f_inode: OFFSET_UNKNOWN,
+        inode_i_sb: OFFSET_UNKNOWN,
+        super_block_s_magic: OFFSET_UNKNOWN,
+        inode_i_private: OFFSET_UNKNOWN,
     };
 
     /// Whether a task's cgroup id can be read (`task->cgroups->dfl_cgrp->kn->id`).
@@ -313,6 +364,20 @@ impl KernelOffsets {
             && self.css_set_dfl_cgrp != OFFSET_UNKNOWN
             && self.cgroup_kn != OFFSET_UNKNOWN
             && self.kernfs_node_id != OFFSET_UNKNOWN
+    }
+
+    /// Whether a syscall's fd can be followed to its kernfs node on a cgroup2 superblock
+    /// (`current->files->fdt->fd[fd]->f_inode->{i_sb->s_magic, i_private}`).
+    #[must_use]
+    pub const fn has_fd_to_kernfs(&self) -> bool {
+        self.task_files != OFFSET_UNKNOWN
+            && self.files_struct_fdt != OFFSET_UNKNOWN
+            && self.fdtable_max_fds != OFFSET_UNKNOWN
+            && self.fdtable_fd != OFFSET_UNKNOWN
+            && self.file_f_inode != OFFSET_UNKNOWN
+            && self.inode_i_sb != OFFSET_UNKNOWN
+            && self.super_block_s_magic != OFFSET_UNKNOWN
+            && self.inode_i_private != OFFSET_UNKNOWN
     }
 
     /// Whether a written file's name and cgroup id can be read (`of->kn->name`,
@@ -336,5 +401,6 @@ mod pod {
     unsafe impl aya::Pod for super::LimitWriteEvent {}
     unsafe impl aya::Pod for super::CgroupEvent {}
     unsafe impl aya::Pod for super::LimitWriteArgs {}
+    unsafe impl aya::Pod for super::PendingWrite {}
     unsafe impl aya::Pod for super::OomKillEvent {}
 }

@@ -21,7 +21,8 @@ use crate::{
 macro_rules! limit_write_fexit {
     ($($program:ident => $handler:literal),* $(,)?) => {$(
         #[fexit(function = $handler)]
-        #[expect(clippy::needless_pass_by_value, reason = "the program macro fixes the signature")]
+        // `allow`, not `expect`: clippy does not lint code made by a local macro.
+        #[allow(clippy::needless_pass_by_value, reason = "the program macro fixes the signature")]
         pub fn $program(ctx: FExitContext) -> i32 {
             let _ = emit(ctx.arg(0), ctx.arg(1), ctx.arg(4));
             0
@@ -78,8 +79,23 @@ fn emit(of: *const u8, buf: *const u8, result: i64) -> Result<(), i32> {
         return Err(-1);
     }
     // SAFETY: `of` is the handler's `struct kernfs_open_file *`; offsets come from BTF.
+    let kn: *const u8 = unsafe { read_field(of, off.kernfs_open_file_kn)? };
+    emit_for_node(kn, result, |value| {
+        // SAFETY: `buf` is the kernel's copy of the written bytes, NUL-terminated.
+        unsafe { bpf_probe_read_kernel_str_bytes(buf, value) }.map_or(0, <[u8]>::len)
+    })
+}
+
+/// Emits a [`LimitWriteEvent`] for a write to the kernfs file `kn` that returned `result`;
+/// `fill_value` writes the value and returns its length.
+pub fn emit_for_node(
+    kn: *const u8,
+    result: i64,
+    fill_value: impl FnOnce(&mut [u8; VALUE_LEN]) -> usize,
+) -> Result<(), i32> {
+    let off = OFFSETS.load();
+    // SAFETY: `kn` is a `struct kernfs_node *`; offsets come from BTF.
     let (name, target_cgroup_id) = unsafe {
-        let kn: *const u8 = read_field(of, off.kernfs_open_file_kn)?;
         let name: *const u8 = read_field(kn, off.kernfs_node_name)?;
         // The written file's directory is the cgroup.
         let parent: *const u8 = read_field(kn, off.kernfs_node_parent)?;
@@ -91,7 +107,7 @@ fn emit(of: *const u8, buf: *const u8, result: i64) -> Result<(), i32> {
     };
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points to a reserved ring buffer slot of the right size; every field is
-    // written before submit. `name` and `buf` are kernel strings.
+    // written before submit. `name` is a kernel string.
     unsafe {
         (*event).header = current_header(EventKind::LimitWrite as u32);
         (*event).target_cgroup_id = target_cgroup_id;
@@ -100,9 +116,9 @@ fn emit(of: *const u8, buf: *const u8, result: i64) -> Result<(), i32> {
         (*event).file_name = [0; FILE_NAME_LEN];
         let _ = bpf_probe_read_kernel_str_bytes(name, &mut (*event).file_name);
         (*event).value = [0; VALUE_LEN];
-        let len = bpf_probe_read_kernel_str_bytes(buf, &mut (*event).value).map_or(0, <[u8]>::len);
+        let len = fill_value(&mut (*event).value);
         #[expect(clippy::cast_possible_truncation, reason = "len <= VALUE_LEN")]
-        let len = len as u32;
+        let len = len.min(VALUE_LEN) as u32;
         (*event).value_len = len;
     }
     entry.submit(0);

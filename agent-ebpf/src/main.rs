@@ -8,6 +8,7 @@ mod kernel;
 mod limits;
 mod maps;
 mod oom;
+mod syscalls;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -1,6 +1,6 @@
 //! Every map and global the programs share with userspace. Names come from `agent_common::maps`.
 
-use agent_common::{KernelOffsets, KilledTask, LimitWriteArgs};
+use agent_common::{KernelOffsets, KilledTask, LimitWriteArgs, PendingWrite};
 use aya_ebpf::{
     Global,
     macros::map,
@@ -23,6 +23,10 @@ pub static KILLED: LruHashMap<u32, KilledTask> = LruHashMap::with_max_entries(10
 #[map(name = "LIMIT_WRITE_ARGS")]
 pub static LIMIT_WRITE_ARGS: LruHashMap<u64, LimitWriteArgs> =
     LruHashMap::with_max_entries(1024, 0);
+
+/// Limit writes seen at syscall entry, by `pid_tgid`, until the syscall returns (syscalls mode).
+#[map(name = "PENDING_WRITES")]
+pub static PENDING_WRITES: LruHashMap<u64, PendingWrite> = LruHashMap::with_max_entries(1024, 0);
 
 /// Kernel struct offsets, set by the loader from the running kernel's BTF.
 #[unsafe(no_mangle)]

@@ -44,6 +44,8 @@ pub enum LimitWriteMode {
     Auto,
     Fexit,
     Kprobe,
+    /// Tracepoints on write, pwrite64 and writev (for kernels without fexit and kprobes).
+    Syscalls,
 }
 
 /// Probe choices.

@@ -57,6 +57,14 @@ pub fn resolve(path: &Path) -> Result<Resolved, OffsetsError> {
         kernfs_node_parent: find("kernfs_node", &["parent", "__parent"]),
         kernfs_open_file_kn: find("kernfs_open_file", &["kn"]),
         kernfs_node_name: find("kernfs_node", &["name"]),
+        task_files: find("task_struct", &["files"]),
+        files_struct_fdt: find("files_struct", &["fdt"]),
+        fdtable_max_fds: find("fdtable", &["max_fds"]),
+        fdtable_fd: find("fdtable", &["fd"]),
+        file_f_inode: find("file", &["f_inode"]),
+        inode_i_sb: find("inode", &["i_sb"]),
+        super_block_s_magic: find("super_block", &["s_magic"]),
+        inode_i_private: find("inode", &["i_private"]),
     };
     Ok(Resolved { offsets, missing })
 }

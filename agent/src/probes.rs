@@ -27,8 +27,10 @@ pub struct ProbeStatus {
     pub mode: &'static str,
     /// The kernel hooks it attached to.
     pub hooks: Vec<String>,
-    /// Why a mode (or a hook of the chosen mode) could not attach; empty when all went well.
+    /// Why hooks of the chosen mode (or, when unavailable, of every mode) could not attach.
     pub errors: Vec<String>,
+    /// Why preferred modes were passed over for the one in use.
+    pub fallbacks: Vec<String>,
 }
 
 impl ProbeStatus {
@@ -53,6 +55,9 @@ impl fmt::Display for ProbeStatus {
         }
         for e in &self.errors {
             write!(f, "\n{:<17}{e}", "")?;
+        }
+        for e in &self.fallbacks {
+            write!(f, "\n{:<17}(passed over) {e}", "")?;
         }
         Ok(())
     }
@@ -125,12 +130,14 @@ fn single(
             mode,
             hooks: vec![hook.to_owned()],
             errors: Vec::new(),
+            fallbacks: Vec::new(),
         },
         Err(e) => ProbeStatus {
             capability,
             mode: UNAVAILABLE,
             hooks: Vec::new(),
             errors: vec![format!("{mode}:{hook}: {e}")],
+            fallbacks: Vec::new(),
         },
     }
 }
@@ -147,6 +154,7 @@ fn attach_limit_writes(
         mode: UNAVAILABLE,
         hooks: Vec::new(),
         errors: Vec::new(),
+        fallbacks: Vec::new(),
     };
     if !offsets.has_written_file() {
         status.errors.push(
@@ -155,13 +163,19 @@ fn attach_limit_writes(
         return status;
     }
     let modes: &[LimitWriteMode] = match choice {
-        LimitWriteMode::Auto => &[LimitWriteMode::Fexit, LimitWriteMode::Kprobe],
+        LimitWriteMode::Auto => &[
+            LimitWriteMode::Fexit,
+            LimitWriteMode::Kprobe,
+            LimitWriteMode::Syscalls,
+        ],
         LimitWriteMode::Fexit => &[LimitWriteMode::Fexit],
         LimitWriteMode::Kprobe => &[LimitWriteMode::Kprobe],
+        LimitWriteMode::Syscalls => &[LimitWriteMode::Syscalls],
     };
     for &mode in modes {
         let (name, (hooks, failures)) = match mode {
             LimitWriteMode::Kprobe => ("kprobe", attach_kprobes(ebpf)),
+            LimitWriteMode::Syscalls => ("syscalls", attach_syscalls(ebpf, offsets)),
             LimitWriteMode::Fexit | LimitWriteMode::Auto => ("fexit", attach_fexits(ebpf)),
         };
         let attached = !hooks.is_empty();
@@ -169,8 +183,10 @@ fn attach_limit_writes(
         if attached {
             status.mode = name;
             status.hooks = hooks;
-            // Errors of a mode tried before this one no longer matter.
-            status.errors.retain(|e| e.starts_with(name));
+            // Errors of the modes tried before this one explain why they were passed over.
+            let (this, earlier) = status.errors.drain(..).partition(|e| e.starts_with(name));
+            status.errors = this;
+            status.fallbacks = earlier;
             break;
         }
     }
@@ -259,6 +275,33 @@ fn attach_kprobes(ebpf: &mut Ebpf) -> Attempt {
         }
     }
     attempt
+}
+
+/// The write syscalls' entry and exit tracepoints: all six or none (an entry without its exit
+/// would keep writes that are never reported).
+fn attach_syscalls(ebpf: &mut Ebpf, offsets: &KernelOffsets) -> Attempt {
+    if !offsets.has_fd_to_kernfs() {
+        let why = "kernel BTF lacks the fields to follow an fd to its file";
+        return (Vec::new(), vec![("write syscalls", why.to_owned())]);
+    }
+    let mut hooks = Vec::new();
+    for (name, tracepoint) in programs::SYSCALL_WRITES {
+        let r = program::<TracePoint>(ebpf, name).and_then(|p| {
+            p.load().map_err(chain)?;
+            p.attach("syscalls", tracepoint).map(drop).map_err(chain)
+        });
+        if let Err(e) = r {
+            // Unloading detaches the ones already attached.
+            for (other, _) in programs::SYSCALL_WRITES {
+                if let Ok(p) = program::<TracePoint>(ebpf, other) {
+                    let _ = p.unload();
+                }
+            }
+            return (Vec::new(), vec![(name, e)]);
+        }
+        hooks.push(format!("syscalls/{tracepoint}"));
+    }
+    (hooks, Vec::new())
 }
 
 /// The program `name` as type `T`.

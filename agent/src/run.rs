@@ -130,6 +130,9 @@ fn report(status: &[probes::ProbeStatus], metrics: &Metrics) {
                 "probe attached"
             );
         }
+        for e in &s.fallbacks {
+            tracing::info!(capability = s.capability, "preferred mode passed over: {e}");
+        }
         for e in &s.errors {
             let note = if s.attached() {
                 "partly attached"

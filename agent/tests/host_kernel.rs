@@ -24,7 +24,7 @@ fn agent_starts_reports_probes_and_stops_on_sigterm() {
     assert_eq!(mode("cgroup_changes"), "raw_tp");
     let limit_writes = mode("limit_writes");
     assert!(
-        ["fexit", "kprobe", "unavailable"].contains(&limit_writes.as_str()),
+        ["fexit", "kprobe", "syscalls", "unavailable"].contains(&limit_writes.as_str()),
         "{limit_writes}"
     );
     if limit_writes == "unavailable" {
@@ -135,4 +135,59 @@ fn prometheus_scrapes_the_agent() {
         "prometheus never saw the agent up with its probe gauge; agent log:\n{}",
         agent.log()
     );
+}
+
+/// The syscall-tracepoint mode (the one this machine's kernel gets: no fexit, no kprobes)
+/// attaches, and ordinary writes of every style are not reported as limit writes.
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn syscalls_mode_ignores_ordinary_writes() {
+    use std::{io::Write as _, os::unix::fs::FileExt as _};
+
+    assert!(is_root(), "{NEEDS_ROOT}");
+    let config = "mode = \"observe\"\nshutdown_drain_ms = 2000\n[metrics]\nlisten = \"127.0.0.1:9717\"\n[probes]\nlimit_writes = \"syscalls\"\n";
+    let agent = Agent::start_with(Some(config), &[]);
+    assert_eq!(
+        agent.probe_mode("limit_writes"),
+        "syscalls",
+        "{}",
+        agent.log()
+    );
+
+    let path = std::env::temp_dir().join(format!("nodewarden-plain-{}", agent.metrics.port()));
+    let mut file = std::fs::File::create(&path).expect("create");
+    for _ in 0..1000 {
+        file.write_all(b"x").expect("write");
+    }
+    assert_eq!(file.write_at(b"memory.max", 0).expect("pwrite"), 10);
+    let iov = [std::io::IoSlice::new(b"64M")];
+    assert_eq!(file.write_vectored(&iov).expect("writev"), 3);
+    let mut null = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .expect("open");
+    for _ in 0..1000 {
+        null.write_all(b"max").expect("write");
+    }
+    let sh = Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo 512M > {}", path.display()))
+        .status()
+        .expect("sh");
+    assert!(sh.success());
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let body = common::scrape(agent.metrics).expect("scrape");
+    assert!(
+        !body.contains("nodewarden_cgroup_limit_writes_total{"),
+        "{body}"
+    );
+    assert_eq!(
+        common::sample(&body, "nodewarden_event_decode_errors_total"),
+        Some(0.0)
+    );
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit status {status}; log:\n{log}");
 }

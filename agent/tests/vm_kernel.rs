@@ -71,6 +71,65 @@ fn write_limit_as(comm: &str, cgroup: &Path, value: &str) -> std::io::Result<()>
     write_file_as(comm, &cgroup.join("memory.max"), value)
 }
 
+/// Writes `value` at offset 0 of `file` with pwrite(2) from a thread whose comm is `comm`.
+fn pwrite_as(comm: &str, file: &Path, value: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let (file, value) = (file.to_owned(), value.to_owned());
+    std::thread::Builder::new()
+        .name(comm.to_owned())
+        .spawn(move || {
+            let f = std::fs::OpenOptions::new().write(true).open(file)?;
+            f.write_at(value.as_bytes(), 0).map(drop)
+        })
+        .expect("spawn writer thread")
+        .join()
+        .expect("writer thread")
+}
+
+/// Writes `value` to `file` with writev(2) from a thread whose comm is `comm`.
+fn writev_as(comm: &str, file: &Path, value: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let (file, value) = (file.to_owned(), value.to_owned());
+    std::thread::Builder::new()
+        .name(comm.to_owned())
+        .spawn(move || {
+            let mut f = std::fs::OpenOptions::new().write(true).open(file)?;
+            f.write_vectored(&[std::io::IoSlice::new(value.as_bytes())])
+                .map(drop)
+        })
+        .expect("spawn writer thread")
+        .join()
+        .expect("writer thread")
+}
+
+/// Writes `value` to `file` the way Python does (`open(...).write(...)`), returning the writer's
+/// comm. The arm64 guest has no Python: there the test's own thread writes, and says so.
+fn python_write(file: &Path, value: &str) -> String {
+    let script = format!(
+        "open({:?}, 'w').write({value:?})",
+        file.display().to_string()
+    );
+    // Debian's path: the comm is the name exec'd ("python3"), not a version manager's shim.
+    match Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(&script)
+        .status()
+    {
+        Ok(status) => {
+            assert!(status.success(), "python3 -c {script}: {status}");
+            "python3".to_owned()
+        }
+        Err(e) => {
+            common::skip_notice(
+                "the Python writer",
+                &format!("no python3 in this guest ({e})"),
+            );
+            write_file_as("nw-lim-writer", file, value).expect("write");
+            "nw-lim-writer".to_owned()
+        }
+    }
+}
+
 /// Writes `value` to `file` (one write(2)) from a thread whose comm is `comm`.
 fn write_file_as(comm: &str, file: &Path, value: &str) -> std::io::Result<()> {
     let file = file.to_owned();
@@ -208,7 +267,7 @@ fn limit_write_and_oom_kill_are_counted_and_traced() {
 #[ignore = "writes cgroup v2 limits: runs in the VM via `cargo xtask test`"]
 fn limit_writes_in_each_probe_mode() {
     require_vm();
-    for mode in ["fexit", "kprobe"] {
+    for mode in ["fexit", "kprobe", "syscalls"] {
         limit_writes_in_mode(mode);
     }
 }
@@ -252,9 +311,9 @@ fn limit_writes_in_mode(mode: &str) {
     let writer = "nw-lim-writer";
     let file = |f: &str| cg.path.join(f);
     write_file_as(writer, &file("memory.max"), "64M").expect("memory.max");
-    write_file_as(writer, &file("memory.low"), "16M\n").expect("memory.low");
-    write_file_as(writer, &file("memory.min"), "8M").expect("memory.min");
-    write_file_as(writer, &file("memory.swap.max"), "0").expect("memory.swap.max");
+    pwrite_as(writer, &file("memory.low"), "16M\n").expect("memory.low");
+    writev_as(writer, &file("memory.min"), "8M").expect("memory.min");
+    let swap_writer = python_write(&file("memory.swap.max"), "0");
     write_file_as(writer, &file("pids.max"), "100").expect("pids.max");
     write_file_as(writer, &file("cpu.max"), "50000 100000").expect("cpu.max");
     let err = write_file_as(writer, &file("memory.max"), "abc").expect_err("abc is rejected");
@@ -289,12 +348,12 @@ fn limit_writes_in_mode(mode: &str) {
         "memory.max",
         "memory.low",
         "memory.min",
-        "memory.swap.max",
         "pids.max",
         "cpu.max",
     ] {
         agent.wait_for_sample(&counter(limit, writer, "ok"), 1.0, wait);
     }
+    agent.wait_for_sample(&counter("memory.swap.max", &swap_writer, "ok"), 1.0, wait);
     agent.wait_for_sample(&counter("memory.max", writer, "EINVAL"), 1.0, wait);
     agent.wait_for_sample(&counter("memory.high", "sh", "ok"), 1.0, wait);
     // Gauges follow the kernel's values (memory in bytes, cpu.max as cores).
