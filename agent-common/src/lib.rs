@@ -47,6 +47,11 @@ pub mod programs {
         ("sys_exit_pwrite64", "sys_exit_pwrite64"),
         ("sys_exit_writev", "sys_exit_writev"),
     ];
+    /// Empty programs on `syscalls/sys_enter_write` and `sys_exit_write`: the benchmark's baseline.
+    pub const BENCH_EMPTY: [(&str, &str); 2] = [
+        ("bench_empty_enter", "sys_enter_write"),
+        ("bench_empty_exit", "sys_exit_write"),
+    ];
     /// Raw tracepoint `cgroup_mkdir`: a cgroup's id and path as it is created.
     pub const CGROUP_MKDIR: &str = "cgroup_mkdir";
     /// Raw tracepoint `cgroup_rmdir`: a cgroup is removed.

@@ -4,6 +4,7 @@
 
 use agent_common::{FILE_NAME_LEN, PendingWrite, VALUE_LEN};
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel_str_bytes,
         bpf_probe_read_user_buf,
@@ -78,14 +79,7 @@ syscall_exit! {
 
 /// At entry: is `fd` a cgroup2 limit file? If so, keep its node and the written bytes.
 fn enter(ctx: &TracePointContext, iov: bool) -> Result<(), i32> {
-    // SAFETY: the offsets are inside the syscall tracepoint's record.
-    let (fd, mut buf, mut count) = unsafe {
-        (
-            ctx.read_at::<u64>(ARG0)?,
-            ctx.read_at::<u64>(ARG1)?,
-            ctx.read_at::<u64>(ARG2)?,
-        )
-    };
+    let fd = record_field(ctx, ARG0);
     let off = OFFSETS.load();
     // SAFETY: the current task is a `struct task_struct`; offsets come from BTF. Every read goes
     // through bpf_probe_read_kernel, so a stale pointer fails instead of faulting.
@@ -93,11 +87,10 @@ fn enter(ctx: &TracePointContext, iov: bool) -> Result<(), i32> {
         let task = bpf_get_current_task() as *const u8;
         let files: *const u8 = read_field(task, off.task_files)?;
         let fdt: *const u8 = read_field(files, off.files_struct_fdt)?;
-        let max_fds: u32 = read_field(fdt, off.fdtable_max_fds)?;
+        let (max_fds, fds) = fdtable(fdt, &off)?;
         if fd >= u64::from(max_fds) {
             return Ok(());
         }
-        let fds: *const u8 = read_field(fdt, off.fdtable_fd)?;
         #[expect(clippy::cast_possible_truncation, reason = "fd < max_fds, an int")]
         let slot = fds.add(fd as usize * 8);
         let file: *const u8 = read_field(slot, 0)?;
@@ -112,6 +105,7 @@ fn enter(ctx: &TracePointContext, iov: bool) -> Result<(), i32> {
     if !is_limit_file(kn)? {
         return Ok(());
     }
+    let (mut buf, mut count) = (record_field(ctx, ARG1), record_field(ctx, ARG2));
     if iov {
         // writev: the first iovec (a limit value is one short string).
         // SAFETY: `buf` is the user's `struct iovec *`; bpf_probe_read_user checks it.
@@ -142,6 +136,42 @@ fn enter(ctx: &TracePointContext, iov: bool) -> Result<(), i32> {
     PENDING_WRITES.insert(bpf_get_current_pid_tgid(), pending, 0)
 }
 
+/// An 8-byte field of the tracepoint record, loaded directly: a helper call per field would
+/// cost ordinary writes more than the rest of the filter.
+#[inline]
+fn record_field(ctx: &TracePointContext, offset: usize) -> u64 {
+    // SAFETY: `offset` is a field inside the syscall record the kernel passes as ctx, 8-byte
+    // aligned like the record itself (which the verifier checks).
+    #[expect(
+        clippy::cast_ptr_alignment,
+        reason = "the record's u64 fields are 8-byte aligned"
+    )]
+    unsafe {
+        ctx.as_ptr().cast::<u8>().add(offset).cast::<u64>().read()
+    }
+}
+
+/// `fdt->max_fds` and `fdt->fd`, in one read when they are adjacent (they are on every kernel
+/// from 5.10 to 6.18: an `unsigned int`, then the array pointer).
+#[inline]
+fn fdtable(fdt: *const u8, off: &agent_common::KernelOffsets) -> Result<(u32, *const u8), i32> {
+    // SAFETY: `fdt` is a `struct fdtable *`; offsets come from BTF.
+    unsafe {
+        if off.fdtable_fd == off.fdtable_max_fds + 8 {
+            let both: [u64; 2] = read_field(fdt, off.fdtable_max_fds)?;
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "max_fds is an unsigned int"
+            )]
+            return Ok((both[0] as u32, both[1] as *const u8));
+        }
+        Ok((
+            read_field(fdt, off.fdtable_max_fds)?,
+            read_field(fdt, off.fdtable_fd)?,
+        ))
+    }
+}
+
 /// Whether the kernfs node `kn` is one of the limit files (by name).
 fn is_limit_file(kn: *const u8) -> Result<bool, i32> {
     let off = OFFSETS.load();
@@ -162,8 +192,11 @@ fn exit(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     let _ = PENDING_WRITES.remove(key);
-    // SAFETY: the offset is inside the syscall exit record.
-    let ret: i64 = unsafe { ctx.read_at(RET)? };
+    #[expect(
+        clippy::cast_possible_wrap,
+        reason = "ret is a signed long in the record"
+    )]
+    let ret = record_field(ctx, RET) as i64;
     emit_for_node(pending.kn as *const u8, ret, |value| {
         *value = pending.value;
         pending.value_len as usize

@@ -1,5 +1,6 @@
 //! nodewarden: the node agent. This file is wiring only.
 
+mod bench;
 mod cgroups;
 mod check;
 mod config;
@@ -52,6 +53,15 @@ enum Cmd {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Time write(2) to /dev/null with nothing, empty programs, or the syscalls-mode probe
+    /// attached (used by `cargo xtask bench`).
+    #[command(hide = true)]
+    BenchWrite {
+        #[arg(long, value_enum)]
+        attached: bench::Attached,
+        #[arg(long, default_value_t = 2_000_000)]
+        iterations: u64,
+    },
     /// Validate a configuration file and print it as understood.
     CheckConfig {
         /// Configuration file (TOML); the embedded default when absent.
@@ -80,6 +90,10 @@ fn main() -> ExitCode {
             Ok(c) => exit(check::check(c.limit_writes)),
             Err(code) => code,
         },
+        Cmd::BenchWrite {
+            attached,
+            iterations,
+        } => exit(bench::bench_write(attached, iterations)),
         Cmd::CheckConfig { config } => match load_config(config.as_deref()) {
             Ok(c) => {
                 println!("{c:#?}");

@@ -78,11 +78,7 @@ pub struct Probes {
 
 /// Loads the object with `offsets` set, then loads and attaches every capability it can.
 pub fn load(offsets: &KernelOffsets, limit_writes: LimitWriteMode) -> Result<Probes, ProbeError> {
-    raise_memlock_limit();
-    ensure_tracefs();
-    let mut ebpf = EbpfLoader::new()
-        .override_global(maps::OFFSETS, offsets, true)
-        .load(EBPF_OBJECT)?;
+    let mut ebpf = load_object(offsets)?;
     let status = vec![
         attach_limit_writes(&mut ebpf, offsets, limit_writes),
         single("oom_victims", "raw_tp", "signal_generate", || {
@@ -115,6 +111,15 @@ pub fn load(offsets: &KernelOffsets, limit_writes: LimitWriteMode) -> Result<Pro
         ),
     ];
     Ok(Probes { ebpf, status })
+}
+
+/// Loads the object (maps, program definitions) with `offsets` set; attaches nothing.
+pub fn load_object(offsets: &KernelOffsets) -> Result<Ebpf, ProbeError> {
+    raise_memlock_limit();
+    ensure_tracefs();
+    Ok(EbpfLoader::new()
+        .override_global(maps::OFFSETS, offsets, true)
+        .load(EBPF_OBJECT)?)
 }
 
 /// A capability with one way to attach.

@@ -1,5 +1,6 @@
 //! `cargo xtask`: everything that needs root, the special eBPF toolchain or a VM.
 
+mod bench;
 mod build;
 mod lint;
 mod run;
@@ -40,6 +41,8 @@ enum Cmd {
     Test(test::Args),
     /// rustfmt and clippy on every crate, the eBPF one included.
     Lint,
+    /// Measure probe overhead against baselines in the same run; writes docs/benchmarks.md.
+    Bench,
     /// Boot a stock kernel under QEMU and run a command in it.
     Vm(vm::Args),
     /// Build a release binary for a target (host, or aarch64-unknown-linux-gnu).
@@ -72,6 +75,7 @@ fn try_main() -> Result<i32> {
         Cmd::Run { profile, args } => run::main(profile, &args),
         Cmd::Test(args) => test::main(&args),
         Cmd::Lint => lint::main().map(|()| 0),
+        Cmd::Bench => bench::main(),
         Cmd::Vm(args) => vm::main(&args),
         Cmd::Dist { target } => {
             let target = match target {
