@@ -77,7 +77,17 @@ struct RawConfig {
     cgroup_root: String,
     #[serde(default)]
     probes: ProbesConfig,
+    /// Unix socket of the live event feed (`nodewarden events`); empty disables it.
+    #[serde(default = "default_events_socket")]
+    events_socket: String,
 }
+
+fn default_events_socket() -> String {
+    DEFAULT_EVENTS_SOCKET.to_owned()
+}
+
+/// Where `nodewarden run` serves, and `nodewarden events` reads, the event feed by default.
+pub const DEFAULT_EVENTS_SOCKET: &str = "/run/nodewarden/events.sock";
 
 /// A validated configuration.
 #[derive(Clone, Debug)]
@@ -87,6 +97,7 @@ pub struct Config {
     pub shutdown_drain: Duration,
     pub cgroup_root: Option<PathBuf>,
     pub limit_writes: LimitWriteMode,
+    pub events_socket: Option<PathBuf>,
 }
 
 impl Config {
@@ -129,6 +140,14 @@ impl Config {
             ));
         }
         let cgroup_root = (!raw.cgroup_root.is_empty()).then(|| PathBuf::from(&raw.cgroup_root));
+        let events_socket =
+            (!raw.events_socket.is_empty()).then(|| PathBuf::from(&raw.events_socket));
+        if events_socket.as_ref().is_some_and(|p| !p.is_absolute()) {
+            problems.push(format!(
+                "events_socket = {:?}: must be an absolute path (or empty to disable)",
+                raw.events_socket
+            ));
+        }
         if let Some(root) = &cgroup_root
             && !root.is_absolute()
         {
@@ -144,6 +163,7 @@ impl Config {
                 shutdown_drain: Duration::from_millis(raw.shutdown_drain_ms),
                 cgroup_root,
                 limit_writes: raw.probes.limit_writes,
+                events_socket,
             }),
             _ => Err(ConfigError::Invalid {
                 origin: origin.to_owned(),

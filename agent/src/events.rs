@@ -50,6 +50,7 @@ pub struct VictimTask {
 /// A cgroup was created or removed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CgroupChange {
+    pub timestamp_ns: u64,
     pub id: u64,
     /// Path relative to the hierarchy's root, with a leading `/`.
     pub path: String,
@@ -112,6 +113,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let e: CgroupEvent = read(bytes)?;
             let path = c_str(&e.path);
             Ok(Event::Cgroup(CgroupChange {
+                timestamp_ns: header.timestamp_ns,
                 id: e.id,
                 // The kernel gives "/" for the root and "/a/b" below it.
                 path: if path.starts_with('/') {
@@ -230,6 +232,7 @@ mod tests {
         assert_eq!(
             decode(&bytes_of(&raw)),
             Ok(Event::Cgroup(CgroupChange {
+                timestamp_ns: 5,
                 id: 5,
                 path: "/a/b/c".into(),
                 created: false

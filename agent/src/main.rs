@@ -5,13 +5,17 @@ mod cgroups;
 mod check;
 mod config;
 mod events;
+mod events_cli;
+mod feed;
 mod http;
 mod k8s;
 mod limits;
 mod metrics;
 mod offsets;
+mod outputs;
 mod pipeline;
 mod probes;
+mod record;
 mod run;
 mod state;
 mod telemetry;
@@ -46,6 +50,24 @@ enum Cmd {
         /// Override `metrics.listen`.
         #[arg(long)]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// Override `events_socket`.
+        #[arg(long)]
+        events_socket: Option<PathBuf>,
+    },
+    /// Stream the running agent's events: limit writes, OOM kills, cgroup changes.
+    Events {
+        /// Print JSON lines instead of one readable line per event.
+        #[arg(long)]
+        json: bool,
+        /// Only cgroups whose path matches this glob (`*`, `?`), e.g. '/kubepods*'.
+        #[arg(long)]
+        cgroup: Option<String>,
+        /// Only these kinds (repeatable): `limit_write`, `oom_kill`, `cgroup_created`, `cgroup_removed`.
+        #[arg(long)]
+        kind: Vec<String>,
+        /// The agent's event socket.
+        #[arg(long, default_value = config::DEFAULT_EVENTS_SOCKET)]
+        socket: PathBuf,
     },
     /// Report which probes this kernel allows, in which mode, and why not.
     Check {
@@ -76,6 +98,7 @@ fn main() -> ExitCode {
         Cmd::Run {
             config,
             metrics_listen,
+            events_socket,
         } => {
             let mut config = match load_config(config.as_deref()) {
                 Ok(c) => c,
@@ -84,8 +107,24 @@ fn main() -> ExitCode {
             if let Some(addr) = metrics_listen {
                 config.metrics_listen = addr;
             }
+            if let Some(path) = events_socket {
+                config.events_socket = Some(path);
+            }
             exit(run(&config))
         }
+        Cmd::Events {
+            json,
+            cgroup,
+            kind,
+            socket,
+        } => exit(events_cli::run(
+            &socket,
+            &events_cli::Filter {
+                cgroup,
+                kinds: kind,
+            },
+            json,
+        )),
         Cmd::Check { config } => match load_config(config.as_deref()) {
             Ok(c) => exit(check::check(c.limit_writes)),
             Err(code) => code,

@@ -2,16 +2,14 @@
 
 use std::time::{Duration, SystemTime};
 
-use opentelemetry::KeyValue;
-
 use crate::{
     cgroups::{self, CgroupResolver},
     events::{self, CgroupChange, Event, LimitWrite, OomKill},
-    k8s,
-    limits::{self, LimitValue},
+    limits,
     metrics::Metrics,
+    outputs::Outputs,
+    record::{self, K8s, Process, Record},
     state::LimitState,
-    telemetry::Traces,
 };
 
 /// Label value for a cgroup whose path could not be found.
@@ -48,22 +46,31 @@ impl Clock {
     pub fn wall(&self, monotonic_ns: u64) -> SystemTime {
         self.boot + Duration::from_nanos(monotonic_ns)
     }
+
+    /// Nanoseconds since the Unix epoch for a kernel timestamp.
+    #[must_use]
+    pub fn unix_nano(&self, monotonic_ns: u64) -> u64 {
+        self.wall(monotonic_ns)
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    }
 }
 
-/// Enriches events and feeds metrics, spans and logs. One instance owns the cgroup map and the
-/// limit state.
+/// Enriches decoded events into records (cgroup paths, Kubernetes identity, previous values)
+/// and hands them to the outputs. Owns the cgroup map and the limit state.
 #[derive(Debug)]
 pub struct Pipeline<'a> {
     resolver: CgroupResolver,
     limits: LimitState,
     metrics: Metrics,
-    traces: &'a Traces,
+    outputs: Outputs<'a>,
     clock: Clock,
 }
 
 impl<'a> Pipeline<'a> {
     /// A pipeline whose limit state and gauges start from every cgroup's current limit files.
-    pub fn new(resolver: CgroupResolver, metrics: Metrics, traces: &'a Traces) -> Self {
+    pub fn new(resolver: CgroupResolver, outputs: Outputs<'a>) -> Self {
+        let metrics = outputs.metrics.clone();
         let mut limits = LimitState::new();
         if let Some(root) = resolver.root() {
             for (id, path) in resolver.entries() {
@@ -77,22 +84,24 @@ impl<'a> Pipeline<'a> {
             resolver,
             limits,
             metrics,
-            traces,
+            outputs,
             clock: Clock::now(),
         }
     }
 
     /// Handles one ring buffer record; a bad record is counted and logged, never fatal.
-    pub fn handle(&mut self, record: &[u8]) {
-        match events::decode(record) {
+    pub fn handle(&mut self, raw: &[u8]) {
+        let record = match events::decode(raw) {
             Ok(Event::LimitWrite(w)) => self.limit_write(&w),
             Ok(Event::OomKill(k)) => self.oom_kill(&k),
             Ok(Event::Cgroup(c)) => self.cgroup_change(c),
             Err(e) => {
                 self.metrics.decode_errors.inc();
                 tracing::warn!("dropped a kernel event: {e}");
+                return;
             }
-        }
+        };
+        self.outputs.emit(&record);
     }
 
     fn cgroup_label(&mut self, id: u64) -> String {
@@ -101,31 +110,46 @@ impl<'a> Pipeline<'a> {
             .unwrap_or_else(|| UNKNOWN_CGROUP.to_owned())
     }
 
-    fn cgroup_change(&mut self, c: CgroupChange) {
-        tracing::debug!(id = c.id, path = %c.path, created = c.created, "cgroup change");
+    fn cgroup_change(&mut self, c: CgroupChange) -> Record {
+        let change = record::CgroupChange {
+            time_unix_nano: self.clock.unix_nano(c.timestamp_ns),
+            cgroup: c.path.clone(),
+        };
         if c.created {
             for (limit, value) in self.limits.seed_defaults(c.id) {
                 self.metrics.set_limit(&c.path, limit, value);
             }
             self.resolver.created(c.id, c.path);
+            Record::CgroupCreated(change)
         } else {
             self.limits.forget(c.id);
             self.metrics.forget_cgroup(&c.path);
             self.resolver.removed(c.id);
+            Record::CgroupRemoved(change)
         }
     }
 
-    fn limit_write(&mut self, w: &LimitWrite) {
+    fn process(&mut self, t: &events::Task) -> Process {
+        Process {
+            pid: t.tgid,
+            tid: t.pid,
+            comm: t.comm.clone(),
+            // The writer may be gone already (a shell's `echo`): then the path is unknown.
+            exe: std::fs::read_link(format!("/proc/{}/exe", t.tgid))
+                .ok()
+                .map(|p| p.display().to_string()),
+            cgroup: self.cgroup_label(t.cgroup_id),
+        }
+    }
+
+    fn limit_write(&mut self, w: &LimitWrite) -> Record {
         let cgroup = self.cgroup_label(w.target_cgroup_id);
-        let writer_cgroup = self.cgroup_label(w.writer.cgroup_id);
-        let limit = w.limit.file_name();
         let result = match w.result {
             Ok(_) => "ok".to_owned(),
             Err(errno) => errno_name(errno),
         };
-        let parsed = limits::parse(w.limit, &w.value);
         // A write the kernel refused leaves the limit as it was.
-        let (old, new) = match (w.result, parsed) {
+        let (old, new) = match (w.result, limits::parse(w.limit, &w.value)) {
             (Ok(_), Ok(v)) => {
                 let (old, now) = self.limits.record(w.target_cgroup_id, w.limit, v);
                 self.metrics.set_limit(&cgroup, w.limit, now);
@@ -133,106 +157,51 @@ impl<'a> Pipeline<'a> {
             }
             _ => (self.limits.get(w.target_cgroup_id, w.limit), None),
         };
-        let show =
-            |v: Option<LimitValue>| v.map_or_else(|| "unknown".to_owned(), |v| v.to_string());
-        let identity = k8s::parse(&cgroup);
-        self.metrics
-            .limit_writes
-            .with_label_values(&[
-                cgroup.as_str(),
-                limit,
-                w.writer.comm.as_str(),
-                result.as_str(),
-            ])
-            .inc();
-        tracing::info!(
-            cgroup = %cgroup,
-            limit,
-            value = %w.value,
-            old = %show(old),
-            new = %show(new),
-            writer = %w.writer.comm,
-            writer_pid = w.writer.tgid,
-            writer_cgroup = %writer_cgroup,
-            result = %result,
-            "cgroup limit write"
-        );
-        let mut attributes = vec![
-            KeyValue::new("cgroup.path", cgroup),
-            KeyValue::new("cgroup.limit", limit),
-            KeyValue::new("cgroup.limit.value", w.value.clone()),
-            KeyValue::new("cgroup.limit.old", show(old)),
-            KeyValue::new("cgroup.limit.new", show(new)),
-            KeyValue::new("cgroup.limit.result", result),
-            KeyValue::new("process.pid", i64::from(w.writer.tgid)),
-            KeyValue::new("thread.id", i64::from(w.writer.pid)),
-            KeyValue::new("process.command", w.writer.comm.clone()),
-            KeyValue::new("process.cgroup", writer_cgroup),
-        ];
-        if let Some(id) = identity {
-            attributes.extend(k8s_attributes(&id));
-        }
-        self.traces.event_span(
-            "cgroup.limit_write",
-            self.clock.wall(w.timestamp_ns),
-            attributes,
-        );
+        Record::LimitWrite(record::LimitWrite {
+            time_unix_nano: self.clock.unix_nano(w.timestamp_ns),
+            k8s: K8s::from_path(&cgroup),
+            cgroup,
+            limit: w.limit.file_name().to_owned(),
+            value: w.value.clone(),
+            old: old.map(|v| v.to_string()),
+            new: new.map(|v| v.to_string()),
+            result,
+            writer: self.process(&w.writer),
+        })
     }
 
-    fn oom_kill(&mut self, k: &OomKill) {
+    fn oom_kill(&mut self, k: &OomKill) -> Record {
         // The victim's cgroup comes from its task in the kernel; failing that, from /proc while
         // the victim is still there (it can be gone already: then the cgroup is unknown).
-        let (victim_cgroup, victim_comm, source) = match &k.victim {
-            Some(v) => (self.cgroup_label(v.cgroup_id), v.comm.clone(), "kernel"),
+        let (cgroup, comm, tgid, source) = match &k.victim {
+            Some(v) => (
+                self.cgroup_label(v.cgroup_id),
+                v.comm.clone(),
+                Some(v.tgid),
+                "kernel",
+            ),
             None => (
                 cgroups::path_of_pid(k.victim_pid).unwrap_or_else(|| UNKNOWN_CGROUP.to_owned()),
                 std::fs::read_to_string(format!("/proc/{}/comm", k.victim_pid))
                     .map(|c| c.trim().to_owned())
                     .unwrap_or_default(),
+                None,
                 "procfs",
             ),
         };
-        let trigger_cgroup = self.cgroup_label(k.trigger.cgroup_id);
-        self.metrics
-            .oom_kills
-            .with_label_values(&[victim_cgroup.as_str()])
-            .inc();
-        tracing::warn!(
-            victim_pid = k.victim_pid,
-            victim_comm = %victim_comm,
-            victim_cgroup = %victim_cgroup,
-            victim_cgroup_from = source,
-            trigger = %k.trigger.comm,
-            trigger_pid = k.trigger.tgid,
-            trigger_cgroup = %trigger_cgroup,
-            "OOM kill"
-        );
-        self.traces.event_span(
-            "oom.kill",
-            self.clock.wall(k.timestamp_ns),
-            vec![
-                KeyValue::new("cgroup.path", victim_cgroup),
-                KeyValue::new("oom.victim.pid", i64::from(k.victim_pid)),
-                KeyValue::new("oom.victim.command", victim_comm),
-                KeyValue::new("oom.victim.cgroup_source", source),
-                KeyValue::new("oom.trigger.pid", i64::from(k.trigger.tgid)),
-                KeyValue::new("oom.trigger.command", k.trigger.comm.clone()),
-                KeyValue::new("oom.trigger.cgroup", trigger_cgroup),
-            ],
-        );
+        Record::OomKill(record::OomKill {
+            time_unix_nano: self.clock.unix_nano(k.timestamp_ns),
+            k8s: K8s::from_path(&cgroup),
+            cgroup,
+            victim: record::Victim {
+                pid: k.victim_pid,
+                tgid,
+                comm,
+                cgroup_source: source.to_owned(),
+            },
+            trigger: self.process(&k.trigger),
+        })
     }
-}
-
-/// Span attributes for a Kubernetes identity (OpenTelemetry semantic conventions where they exist).
-fn k8s_attributes(id: &k8s::Identity) -> Vec<KeyValue> {
-    let mut a = vec![
-        KeyValue::new("k8s.pod.uid", id.pod_uid.clone()),
-        KeyValue::new("k8s.pod.qos_class", id.qos.as_str()),
-    ];
-    if let Some(c) = &id.container {
-        a.push(KeyValue::new("container.id", c.id.clone()));
-    }
-    a
 }
 
 /// The symbolic name of an errno ("EINVAL"), or its number when it has none here.

@@ -14,9 +14,11 @@ use tokio::{
 use crate::{
     cgroups::{self, CgroupResolver},
     config::Config,
+    feed::{self, Feed},
     http,
     metrics::Metrics,
     offsets,
+    outputs::Outputs,
     pipeline::Pipeline,
     probes,
     telemetry::Traces,
@@ -31,6 +33,10 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
     let listener = http::bind(config.metrics_listen)
         .await
         .with_context(|| format!("binding the metrics endpoint {}", config.metrics_listen))?;
+    let events_listener = match &config.events_socket {
+        Some(path) => Some((feed::bind(path).await?, path.clone())),
+        None => None,
+    };
 
     let resolved = offsets::resolve(Path::new(offsets::VMLINUX_BTF));
     let kernel_offsets = match resolved {
@@ -72,10 +78,18 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
     } else {
         tracing::warn!("no cgroup v2 mount found: cgroup paths will be unknown");
     }
-    let mut pipeline = Pipeline::new(CgroupResolver::new(root), metrics.clone(), traces);
+    let feed = Feed::new();
+    let outputs = Outputs {
+        metrics: metrics.clone(),
+        traces,
+        feed: feed.clone(),
+    };
+    let mut pipeline = Pipeline::new(CgroupResolver::new(root), outputs);
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(http::serve(listener, metrics, stop_rx));
+    let server = tokio::spawn(http::serve(listener, metrics, stop_rx.clone()));
+    let feed_server =
+        events_listener.map(|(l, path)| tokio::spawn(feed::serve(l, path, feed, stop_rx)));
     tracing::info!(
         "nodewarden running (mode {:?}); metrics at http://{}/metrics",
         config.mode,
@@ -103,6 +117,9 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
         pipeline.handle(&record);
     }
     let _ = stop_tx.send(true);
+    if let Some(f) = feed_server {
+        let _ = tokio::time::timeout(config.shutdown_drain, f).await;
+    }
     if tokio::time::timeout(config.shutdown_drain, server)
         .await
         .is_err()

@@ -422,3 +422,77 @@ fn limit_writes_in_mode(mode: &str) {
     assert_eq!(high.attributes["process.command"], "sh");
     assert_eq!(high.attributes["cgroup.limit.new"], "536870912");
 }
+
+/// `nodewarden events` streams the running agent's events, filtered by cgroup glob and kind, as
+/// JSON lines and as readable lines.
+#[test]
+#[ignore = "writes cgroup v2 limits: runs in the VM via `cargo xtask test`"]
+fn events_cli_streams_filtered_events() {
+    require_vm();
+    let agent = Agent::start(&[]);
+    let socket = Agent::events_socket_for(agent.metrics);
+    let cli = |json: bool| {
+        let mut cmd = Command::new(common::NODEWARDEN);
+        cmd.arg("events")
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--cgroup", "/nw-events-*", "--kind", "limit_write"])
+            .stdout(std::process::Stdio::piped());
+        if json {
+            cmd.arg("--json");
+        }
+        common::KillOnDrop(cmd.spawn().expect("spawn nodewarden events"))
+    };
+    let (mut json, mut human) = (cli(true), cli(false));
+    // Both clients connect within this pause; events before it are not theirs to see.
+    std::thread::sleep(Duration::from_secs(1));
+
+    let shown = TestCgroup::new("nw-events-a");
+    let hidden = TestCgroup::new("nw-other");
+    write_limit_as("nw-lim-writer", &shown.path, "64M").expect("write");
+    write_limit_as("nw-lim-writer", &hidden.path, "32M").expect("write");
+    agent.wait_for_sample(
+        "nodewarden_cgroup_limit_writes_total{cgroup=\"/nw-other\",limit=\"memory.max\",result=\"ok\",writer=\"nw-lim-writer\"}",
+        1.0,
+        Duration::from_secs(10),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit {status}; log:\n{log}");
+    let output = |c: &mut common::KillOnDrop| {
+        let _ = c.0.kill();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut c.0.stdout.take().expect("stdout"), &mut out)
+            .expect("read");
+        out
+    };
+    let (json, human) = (output(&mut json), output(&mut human));
+
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert_eq!(lines.len(), 1, "only the filtered cgroup's write: {json}");
+    let e = &lines[0];
+    assert_eq!(e["kind"], "limit_write");
+    assert_eq!(e["cgroup"], "/nw-events-a");
+    assert_eq!(e["limit"], "memory.max");
+    assert_eq!(e["value"], "64M");
+    assert_eq!(e["old"], "max");
+    assert_eq!(e["new"], "67108864");
+    assert_eq!(e["result"], "ok");
+    assert_eq!(e["writer"]["comm"], "nw-lim-writer");
+    assert_eq!(e["writer"]["pid"], std::process::id());
+    // The writer (this test) was alive to name its executable.
+    let exe = std::env::current_exe().expect("exe").display().to_string();
+    assert_eq!(e["writer"]["exe"], exe.as_str());
+
+    assert_eq!(human.lines().count(), 1, "{human}");
+    assert!(
+        human.contains(&format!(
+            "limit_write    /nw-events-a memory.max = \"64M\" (max -> 67108864) ok by nw-lim-writer[{}] {exe} in ",
+            std::process::id()
+        )),
+        "{human}"
+    );
+}

@@ -32,7 +32,10 @@ impl Agent {
         let log = std::env::temp_dir().join(format!("nodewarden-test-{}.log", metrics.port()));
         let log_file = std::fs::File::create(&log).expect("create agent log");
         let mut cmd = Command::new(NODEWARDEN);
-        cmd.args(["run", "--metrics-listen", &metrics.to_string()]);
+        let events = Self::events_socket_for(metrics);
+        cmd.args(["run", "--metrics-listen", &metrics.to_string()])
+            .arg("--events-socket")
+            .arg(&events);
         if let Some(text) = config {
             let path =
                 std::env::temp_dir().join(format!("nodewarden-test-{}.toml", metrics.port()));
@@ -54,6 +57,12 @@ impl Agent {
         };
         agent.wait_for_metrics(Duration::from_secs(60));
         agent
+    }
+
+    /// The event socket of the agent serving metrics on `metrics` (one per agent: tests run
+    /// several at once).
+    pub fn events_socket_for(metrics: SocketAddr) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("nodewarden-test-{}.sock", metrics.port()))
     }
 
     /// The agent's log so far.

@@ -1,0 +1,120 @@
+//! Where records go: Prometheus counters, the log, OpenTelemetry spans, and the live event feed.
+
+use std::time::{Duration, SystemTime};
+
+use opentelemetry::KeyValue;
+
+use crate::{
+    feed::Feed,
+    metrics::Metrics,
+    record::{K8s, Process, Record},
+    telemetry::Traces,
+};
+
+#[derive(Debug)]
+pub struct Outputs<'a> {
+    pub metrics: Metrics,
+    pub traces: &'a Traces,
+    pub feed: Feed,
+}
+
+impl Outputs<'_> {
+    pub fn emit(&self, record: &Record) {
+        self.feed.publish(record);
+        let at = SystemTime::UNIX_EPOCH + Duration::from_nanos(record.time_unix_nano());
+        match record {
+            Record::LimitWrite(r) => {
+                self.metrics
+                    .limit_writes
+                    .with_label_values(&[&r.cgroup, &r.limit, &r.writer.comm, &r.result])
+                    .inc();
+                tracing::info!(
+                    cgroup = %r.cgroup,
+                    limit = %r.limit,
+                    value = %r.value,
+                    old = r.old.as_deref().unwrap_or("unknown"),
+                    new = r.new.as_deref().unwrap_or("unknown"),
+                    writer = %r.writer.comm,
+                    writer_pid = r.writer.pid,
+                    writer_cgroup = %r.writer.cgroup,
+                    result = %r.result,
+                    "cgroup limit write"
+                );
+                let mut a = vec![
+                    KeyValue::new("cgroup.path", r.cgroup.clone()),
+                    KeyValue::new("cgroup.limit", r.limit.clone()),
+                    KeyValue::new("cgroup.limit.value", r.value.clone()),
+                    KeyValue::new("cgroup.limit.old", r.old.clone().unwrap_or_else(unknown)),
+                    KeyValue::new("cgroup.limit.new", r.new.clone().unwrap_or_else(unknown)),
+                    KeyValue::new("cgroup.limit.result", r.result.clone()),
+                ];
+                a.extend(process_attributes("process", &r.writer));
+                a.extend(k8s_attributes(r.k8s.as_ref()));
+                self.traces.event_span("cgroup.limit_write", at, a);
+            }
+            Record::OomKill(r) => {
+                self.metrics.oom_kills.with_label_values(&[&r.cgroup]).inc();
+                tracing::warn!(
+                    victim_pid = r.victim.pid,
+                    victim_comm = %r.victim.comm,
+                    victim_cgroup = %r.cgroup,
+                    victim_cgroup_from = %r.victim.cgroup_source,
+                    trigger = %r.trigger.comm,
+                    trigger_pid = r.trigger.pid,
+                    trigger_cgroup = %r.trigger.cgroup,
+                    "OOM kill"
+                );
+                let mut a = vec![
+                    KeyValue::new("cgroup.path", r.cgroup.clone()),
+                    KeyValue::new("oom.victim.pid", i64::from(r.victim.pid)),
+                    KeyValue::new("oom.victim.command", r.victim.comm.clone()),
+                    KeyValue::new("oom.victim.cgroup_source", r.victim.cgroup_source.clone()),
+                ];
+                a.extend(process_attributes("oom.trigger", &r.trigger));
+                a.extend(k8s_attributes(r.k8s.as_ref()));
+                self.traces.event_span("oom.kill", at, a);
+            }
+            Record::CgroupCreated(r) | Record::CgroupRemoved(r) => {
+                tracing::debug!(cgroup = %r.cgroup, kind = record.kind(), "cgroup change");
+            }
+        }
+    }
+}
+
+fn unknown() -> String {
+    "unknown".to_owned()
+}
+
+/// `process.*` (OpenTelemetry semantic conventions) or another prefix for a task.
+fn process_attributes(prefix: &str, p: &Process) -> Vec<KeyValue> {
+    let mut a = vec![
+        KeyValue::new(format!("{prefix}.pid"), i64::from(p.pid)),
+        KeyValue::new(format!("{prefix}.command"), p.comm.clone()),
+        KeyValue::new(format!("{prefix}.cgroup"), p.cgroup.clone()),
+    ];
+    if prefix == "process" {
+        a.push(KeyValue::new("thread.id", i64::from(p.tid)));
+    }
+    if let Some(exe) = &p.exe {
+        a.push(KeyValue::new(
+            format!("{prefix}.executable.path"),
+            exe.clone(),
+        ));
+    }
+    a
+}
+
+/// Span attributes for a Kubernetes identity (OpenTelemetry semantic conventions where they exist).
+fn k8s_attributes(k: Option<&K8s>) -> Vec<KeyValue> {
+    let Some(k) = k else {
+        return Vec::new();
+    };
+    let mut a = vec![
+        KeyValue::new("k8s.pod.uid", k.pod_uid.clone()),
+        KeyValue::new("k8s.pod.qos_class", k.qos.clone()),
+    ];
+    if let Some(c) = &k.container_id {
+        a.push(KeyValue::new("container.id", c.clone()));
+    }
+    a
+}

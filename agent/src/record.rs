@@ -1,0 +1,257 @@
+//! The enriched form of each event: what the outputs (metrics, logs, spans, the event feed)
+//! are made from, and what `nodewarden events` reads back. One JSON object per event.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// A process as seen by a probe.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Process {
+    /// Process id (the kernel's tgid).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    pub comm: String,
+    /// Executable path, when the process was still there to ask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    /// The process's own cgroup.
+    pub cgroup: String,
+}
+
+/// Kubernetes identity from a cgroup path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct K8s {
+    pub pod_uid: String,
+    pub qos: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+}
+
+impl K8s {
+    #[must_use]
+    pub fn from_path(path: &str) -> Option<Self> {
+        crate::k8s::parse(path).map(|i| Self {
+            pod_uid: i.pod_uid,
+            qos: i.qos.as_str().to_owned(),
+            container_id: i.container.map(|c| c.id),
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitWrite {
+    pub time_unix_nano: u64,
+    /// The cgroup whose limit was written.
+    pub cgroup: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s: Option<K8s>,
+    /// The limit file (`memory.max`...).
+    pub limit: String,
+    /// The value as written (whitespace trimmed).
+    pub value: String,
+    /// The value before the write, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old: Option<String>,
+    /// The value the kernel holds after a successful write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new: Option<String>,
+    /// `ok`, or the errno name the kernel returned.
+    pub result: String,
+    pub writer: Process,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Victim {
+    pub pid: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tgid: Option<u32>,
+    pub comm: String,
+    /// How the victim's cgroup was found: `kernel` (its task) or `procfs`.
+    pub cgroup_source: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OomKill {
+    pub time_unix_nano: u64,
+    /// The victim's cgroup.
+    pub cgroup: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s: Option<K8s>,
+    pub victim: Victim,
+    /// The task whose allocation triggered the kill.
+    pub trigger: Process,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupChange {
+    pub time_unix_nano: u64,
+    pub cgroup: String,
+}
+
+/// One event, tagged by `kind`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Record {
+    LimitWrite(LimitWrite),
+    OomKill(OomKill),
+    CgroupCreated(CgroupChange),
+    CgroupRemoved(CgroupChange),
+}
+
+/// Every `kind`, for `nodewarden events --kind`.
+pub const KINDS: [&str; 4] = [
+    "limit_write",
+    "oom_kill",
+    "cgroup_created",
+    "cgroup_removed",
+];
+
+impl Record {
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::LimitWrite(_) => KINDS[0],
+            Self::OomKill(_) => KINDS[1],
+            Self::CgroupCreated(_) => KINDS[2],
+            Self::CgroupRemoved(_) => KINDS[3],
+        }
+    }
+
+    /// The cgroup the event is about.
+    #[must_use]
+    pub fn cgroup(&self) -> &str {
+        match self {
+            Self::LimitWrite(r) => &r.cgroup,
+            Self::OomKill(r) => &r.cgroup,
+            Self::CgroupCreated(r) | Self::CgroupRemoved(r) => &r.cgroup,
+        }
+    }
+
+    #[must_use]
+    pub fn time_unix_nano(&self) -> u64 {
+        match self {
+            Self::LimitWrite(r) => r.time_unix_nano,
+            Self::OomKill(r) => r.time_unix_nano,
+            Self::CgroupCreated(r) | Self::CgroupRemoved(r) => r.time_unix_nano,
+        }
+    }
+
+    /// One readable line.
+    #[must_use]
+    pub fn human(&self) -> String {
+        let mut s = format!(
+            "{} {:<14} {}",
+            utc(self.time_unix_nano()),
+            self.kind(),
+            self.cgroup()
+        );
+        match self {
+            Self::LimitWrite(r) => {
+                let _ = write!(s, " {} = {:?}", r.limit, r.value);
+                if let (Some(old), Some(new)) = (&r.old, &r.new) {
+                    let _ = write!(s, " ({old} -> {new})");
+                }
+                let _ = write!(s, " {} by {}", r.result, process(&r.writer));
+            }
+            Self::OomKill(r) => {
+                let _ = write!(
+                    s,
+                    " victim {}[{}] (cgroup from {}), triggered by {}",
+                    r.victim.comm,
+                    r.victim.pid,
+                    r.victim.cgroup_source,
+                    process(&r.trigger)
+                );
+            }
+            Self::CgroupCreated(_) | Self::CgroupRemoved(_) => {}
+        }
+        if let Some(k) = match self {
+            Self::LimitWrite(r) => r.k8s.as_ref(),
+            Self::OomKill(r) => r.k8s.as_ref(),
+            _ => None,
+        } {
+            let _ = write!(s, " [pod {} {}", k.pod_uid, k.qos);
+            if let Some(c) = &k.container_id {
+                let _ = write!(s, " container {}", &c[..c.len().min(12)]);
+            }
+            s.push(']');
+        }
+        s
+    }
+}
+
+fn process(p: &Process) -> String {
+    let exe = p
+        .exe
+        .as_deref()
+        .map(|e| format!(" {e}"))
+        .unwrap_or_default();
+    format!("{}[{}]{exe} in {}", p.comm, p.pid, p.cgroup)
+}
+
+/// `2026-11-26T06:50:01.123Z` for nanoseconds since the epoch (days to a civil date per
+/// Howard Hinnant's algorithm, to need no date crate for one format).
+#[must_use]
+pub fn utc(unix_nano: u64) -> String {
+    let secs = unix_nano / 1_000_000_000;
+    let millis = (unix_nano / 1_000_000) % 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    /// Expected values from `date -u -d @SECONDS`.
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc(951_782_400_000_000_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(utc(1_795_000_000_123_000_000), "2026-11-18T11:06:40.123Z");
+    }
+
+    #[test]
+    fn round_trips_as_json_with_a_kind_tag() {
+        let r = Record::LimitWrite(LimitWrite {
+            time_unix_nano: 0,
+            cgroup: "/a".into(),
+            k8s: None,
+            limit: "memory.max".into(),
+            value: "64M".into(),
+            old: Some("max".into()),
+            new: Some("67108864".into()),
+            result: "ok".into(),
+            writer: Process {
+                pid: 1,
+                tid: 2,
+                comm: "sh".into(),
+                exe: Some("/bin/dash".into()),
+                cgroup: "/".into(),
+            },
+        });
+        let json = serde_json::to_string(&r).expect("serialize");
+        assert!(json.starts_with("{\"kind\":\"limit_write\""), "{json}");
+        assert_eq!(serde_json::from_str::<Record>(&json).expect("parse"), r);
+        assert_eq!(
+            r.human(),
+            "1970-01-01T00:00:00.000Z limit_write    /a memory.max = \"64M\" (max -> 67108864) ok by sh[1] /bin/dash in /"
+        );
+    }
+}
