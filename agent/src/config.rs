@@ -80,6 +80,13 @@ struct RawConfig {
     /// Unix socket of the live event feed (`nodewarden events`); empty disables it.
     #[serde(default = "default_events_socket")]
     events_socket: String,
+    /// Where kubelet keeps `containers/` and `pods/` logs (names for pod UIDs, container IDs).
+    #[serde(default = "default_kubelet_log_dir")]
+    kubelet_log_dir: String,
+}
+
+fn default_kubelet_log_dir() -> String {
+    crate::kubelet::DEFAULT_LOG_DIR.to_owned()
 }
 
 fn default_events_socket() -> String {
@@ -98,6 +105,7 @@ pub struct Config {
     pub cgroup_root: Option<PathBuf>,
     pub limit_writes: LimitWriteMode,
     pub events_socket: Option<PathBuf>,
+    pub kubelet_log_dir: PathBuf,
 }
 
 impl Config {
@@ -164,6 +172,7 @@ impl Config {
                 cgroup_root,
                 limit_writes: raw.probes.limit_writes,
                 events_socket,
+                kubelet_log_dir: PathBuf::from(raw.kubelet_log_dir),
             }),
             _ => Err(ConfigError::Invalid {
                 origin: origin.to_owned(),

@@ -9,6 +9,7 @@ mod events_cli;
 mod feed;
 mod http;
 mod k8s;
+mod kubelet;
 mod limits;
 mod metrics;
 mod offsets;

@@ -3,7 +3,34 @@
 use agent_common::LimitFile;
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
+use prometheus::core::{Collector as _, MetricVec, MetricVecBuilder};
+
 use crate::limits::LimitValue;
+
+/// The series of `vec` with these label values; a wrong count of values (a bug) is logged
+/// instead of panicking as `with_label_values` would.
+pub fn labelled<T: MetricVecBuilder>(vec: &MetricVec<T>, values: &[&str]) -> Option<T::M> {
+    vec.get_metric_with_label_values(values)
+        .map_err(|e| tracing::error!("metric {:?}: {e}", vec.desc().first().map(|d| &d.fq_name)))
+        .ok()
+}
+
+/// A cgroup's identity labels: its path, and its Kubernetes names (empty outside Kubernetes).
+#[derive(Debug, Clone, Default)]
+pub struct Who {
+    pub cgroup: String,
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+}
+
+impl Who {
+    /// `cgroup`, `namespace`, `pod`, `container`, in the metrics' label order.
+    #[must_use]
+    pub fn labels(&self) -> [&str; 4] {
+        [&self.cgroup, &self.namespace, &self.pod, &self.container]
+    }
+}
 
 /// The agent's metrics, registered in their own registry.
 #[derive(Debug, Clone)]
@@ -35,7 +62,7 @@ impl Metrics {
                 "nodewarden_oom_kills_total",
                 "Processes killed by the kernel's OOM killer, by the victim's cgroup.",
             ),
-            &["cgroup"],
+            &["cgroup", "namespace", "pod", "container"],
         )
         .expect("static metric definition");
         let limit_writes = IntCounterVec::new(
@@ -43,7 +70,7 @@ impl Metrics {
                 "nodewarden_cgroup_limit_writes_total",
                 "Writes to cgroup limit files, by target cgroup, limit file, writer comm and result.",
             ),
-            &["cgroup", "limit", "writer", "result"],
+            &["cgroup", "namespace", "pod", "container", "limit", "writer", "result"],
         )
         .expect("static metric definition");
         let probe_info = IntGaugeVec::new(
@@ -59,7 +86,7 @@ impl Metrics {
                 "nodewarden_cgroup_limit_bytes",
                 "Current memory limits of each cgroup (memory.max, .high, .low, .min, .swap.max); max is +Inf.",
             ),
-            &["cgroup", "limit"],
+            &["cgroup", "namespace", "pod", "container", "limit"],
         )
         .expect("static metric definition");
         let pids_limit = GaugeVec::new(
@@ -67,7 +94,7 @@ impl Metrics {
                 "nodewarden_cgroup_pids_limit",
                 "Current pids.max of each cgroup; max is +Inf.",
             ),
-            &["cgroup"],
+            &["cgroup", "namespace", "pod", "container"],
         )
         .expect("static metric definition");
         let cpu_limit_cores = GaugeVec::new(
@@ -75,7 +102,7 @@ impl Metrics {
                 "nodewarden_cgroup_cpu_limit_cores",
                 "Current cpu.max of each cgroup as cores (quota / period); max is +Inf.",
             ),
-            &["cgroup"],
+            &["cgroup", "namespace", "pod", "container"],
         )
         .expect("static metric definition");
         let decode_errors = IntCounter::new(
@@ -106,29 +133,48 @@ impl Metrics {
         }
     }
 
-    /// Sets the gauge of one limit of one cgroup.
-    pub fn set_limit(&self, cgroup: &str, limit: LimitFile, value: LimitValue) {
+    /// Sets the gauge of one limit of one cgroup; `who` is the cgroup's identity labels.
+    pub fn set_limit(&self, who: &Who, limit: LimitFile, value: LimitValue) {
         let v = value.as_f64();
-        match limit {
-            LimitFile::PidsMax => self.pids_limit.with_label_values(&[cgroup]).set(v),
-            LimitFile::CpuMax => self.cpu_limit_cores.with_label_values(&[cgroup]).set(v),
-            _ => self
-                .limit_bytes
-                .with_label_values(&[cgroup, limit.file_name()])
-                .set(v),
+        let w = who.labels();
+        let gauge = match limit {
+            LimitFile::PidsMax => labelled(&self.pids_limit, &w),
+            LimitFile::CpuMax => labelled(&self.cpu_limit_cores, &w),
+            _ => labelled(
+                &self.limit_bytes,
+                &[w[0], w[1], w[2], w[3], limit.file_name()],
+            ),
+        };
+        if let Some(g) = gauge {
+            g.set(v);
         }
     }
 
-    /// Drops the limit gauges of a removed cgroup (its counters stay).
+    /// Drops the limit gauges of a removed cgroup, whatever names they carry (its counters stay).
     pub fn forget_cgroup(&self, cgroup: &str) {
-        for limit in LimitFile::ALL {
-            let _ = match limit {
-                LimitFile::PidsMax => self.pids_limit.remove_label_values(&[cgroup]),
-                LimitFile::CpuMax => self.cpu_limit_cores.remove_label_values(&[cgroup]),
-                _ => self
-                    .limit_bytes
-                    .remove_label_values(&[cgroup, limit.file_name()]),
-            };
+        for gauge in [&self.limit_bytes, &self.pids_limit, &self.cpu_limit_cores] {
+            for family in gauge.collect() {
+                for m in family.get_metric() {
+                    let label = |n: &str| {
+                        m.get_label()
+                            .iter()
+                            .find(|l| l.name() == n)
+                            .map(|l| l.value().to_owned())
+                    };
+                    if label("cgroup").as_deref() != Some(cgroup) {
+                        continue;
+                    }
+                    // Label pairs come sorted by name; removal wants definition order.
+                    let mut names = vec!["cgroup", "namespace", "pod", "container"];
+                    if label("limit").is_some() {
+                        names.push("limit");
+                    }
+                    let values: Vec<String> =
+                        names.iter().map(|n| label(n).unwrap_or_default()).collect();
+                    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+                    let _ = gauge.remove_label_values(&values);
+                }
+            }
         }
     }
 
@@ -138,34 +184,65 @@ impl Metrics {
         let text = TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# encoding failed: {e}\n"));
-        spell_infinities(&text)
+        tidy(&text)
     }
 }
 
-/// The encoder prints sample values with Rust's `Display`, which spells infinity `inf`; the
-/// exposition format spells it `+Inf`/`-Inf` (an unlimited cgroup's limit is +Inf). Sample lines
-/// end with the value (no timestamps are set), and label values are quoted, so only the last
-/// token of a line is touched.
-fn spell_infinities(text: &str) -> String {
+/// Two fixes to the encoder's text, line by line:
+/// - it prints sample values with Rust's `Display`, which spells infinity `inf`; the exposition
+///   format spells it `+Inf`/`-Inf` (an unlimited cgroup's limit is +Inf);
+/// - a label with an empty value means the same as no label to Prometheus, and the Kubernetes
+///   labels are empty outside Kubernetes: they are left out, so a host's series stay short.
+fn tidy(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
-        let fixed = if line.starts_with('#') {
-            None
-        } else if let Some(head) = line.strip_suffix(" inf") {
-            Some((head, " +Inf"))
+        if line.starts_with('#') {
+            out.push_str(line);
         } else {
-            line.strip_suffix(" -inf").map(|head| (head, " -Inf"))
-        };
-        match fixed {
-            Some((head, value)) => {
-                out.push_str(head);
-                out.push_str(value);
-            }
-            None => out.push_str(line),
+            let (series, value) = line.rsplit_once(' ').unwrap_or((line, ""));
+            out.push_str(&drop_empty_labels(series));
+            out.push(' ');
+            out.push_str(match value {
+                "inf" => "+Inf",
+                "-inf" => "-Inf",
+                v => v,
+            });
         }
         out.push('\n');
     }
     out
+}
+
+/// `name{a="1",b="",c="x"}` to `name{a="1",c="x"}` (quoted values may hold escaped quotes).
+fn drop_empty_labels(series: &str) -> String {
+    let Some((name, labels)) = series.split_once('{') else {
+        return series.to_owned();
+    };
+    let labels = labels.strip_suffix('}').unwrap_or(labels);
+    let mut kept: Vec<&str> = Vec::new();
+    let mut rest = labels;
+    while !rest.is_empty() {
+        // A pair ends at the first unescaped quote after its opening one.
+        let Some(open) = rest.find("=\"") else {
+            break;
+        };
+        let value_start = open + 2;
+        let mut end = value_start;
+        let bytes = rest.as_bytes();
+        while end < bytes.len() && bytes[end] != b'"' {
+            end += if bytes[end] == b'\\' { 2 } else { 1 };
+        }
+        let pair = &rest[..=end.min(rest.len() - 1)];
+        if end > value_start {
+            kept.push(pair);
+        }
+        rest = rest[(end + 1).min(rest.len())..].trim_start_matches(',');
+    }
+    if kept.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}{{{}}}", kept.join(","))
+    }
 }
 
 impl Default for Metrics {
@@ -181,13 +258,20 @@ mod tests {
     #[test]
     fn renders_counters_with_labels() {
         let m = Metrics::new();
-        m.oom_kills.with_label_values(&["/a"]).inc();
+        m.oom_kills.with_label_values(&["/a", "", "", ""]).inc();
         m.limit_writes
-            .with_label_values(&["/a", "memory.max", "sh", "ok"])
+            .with_label_values(&["/a", "", "", "", "memory.max", "sh", "ok"])
             .inc_by(2);
-        m.set_limit("/a", LimitFile::MemoryMax, LimitValue::Max);
+        let a = Who {
+            cgroup: "/a".into(),
+            ..Who::default()
+        };
+        for limit in LimitFile::ALL {
+            m.set_limit(&a, limit, LimitValue::Count(1));
+        }
+        m.set_limit(&a, LimitFile::MemoryMax, LimitValue::Max);
         m.set_limit(
-            "/a",
+            &a,
             LimitFile::CpuMax,
             LimitValue::Cpu {
                 quota_us: Some(50_000),
@@ -205,6 +289,11 @@ mod tests {
         );
         m.forget_cgroup("/a");
         assert!(!m.render().contains("nodewarden_cgroup_limit_bytes{"));
+        assert_eq!(
+            drop_empty_labels(r#"x{a="1",b="",c="q\"u,o}te",d=""}"#),
+            r#"x{a="1",c="q\"u,o}te"}"#
+        );
+        assert_eq!(drop_empty_labels(r#"x{b=""}"#), "x");
         assert!(
             text.contains("nodewarden_oom_kills_total{cgroup=\"/a\"} 1"),
             "{text}"

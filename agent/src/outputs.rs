@@ -6,7 +6,7 @@ use opentelemetry::KeyValue;
 
 use crate::{
     feed::Feed,
-    metrics::Metrics,
+    metrics::{Metrics, labelled},
     record::{K8s, Process, Record},
     telemetry::Traces,
 };
@@ -24,10 +24,20 @@ impl Outputs<'_> {
         let at = SystemTime::UNIX_EPOCH + Duration::from_nanos(record.time_unix_nano());
         match record {
             Record::LimitWrite(r) => {
-                self.metrics
-                    .limit_writes
-                    .with_label_values(&[&r.cgroup, &r.limit, &r.writer.comm, &r.result])
-                    .inc();
+                let who = K8s::who(&r.cgroup, r.k8s.as_ref());
+                let [cgroup, namespace, pod, container] = who.labels();
+                let values = [
+                    cgroup,
+                    namespace,
+                    pod,
+                    container,
+                    &r.limit,
+                    &r.writer.comm,
+                    &r.result,
+                ];
+                if let Some(c) = labelled(&self.metrics.limit_writes, &values) {
+                    c.inc();
+                }
                 tracing::info!(
                     cgroup = %r.cgroup,
                     limit = %r.limit,
@@ -53,7 +63,10 @@ impl Outputs<'_> {
                 self.traces.event_span("cgroup.limit_write", at, a);
             }
             Record::OomKill(r) => {
-                self.metrics.oom_kills.with_label_values(&[&r.cgroup]).inc();
+                let who = K8s::who(&r.cgroup, r.k8s.as_ref());
+                if let Some(c) = labelled(&self.metrics.oom_kills, &who.labels()) {
+                    c.inc();
+                }
                 tracing::warn!(
                     victim_pid = r.victim.pid,
                     victim_comm = %r.victim.comm,
@@ -115,6 +128,15 @@ fn k8s_attributes(k: Option<&K8s>) -> Vec<KeyValue> {
     ];
     if let Some(c) = &k.container_id {
         a.push(KeyValue::new("container.id", c.clone()));
+    }
+    for (key, v) in [
+        ("k8s.namespace.name", &k.namespace),
+        ("k8s.pod.name", &k.pod),
+        ("k8s.container.name", &k.container),
+    ] {
+        if let Some(v) = v {
+            a.push(KeyValue::new(key, v.clone()));
+        }
     }
     a
 }

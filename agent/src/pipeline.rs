@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime};
 use crate::{
     cgroups::{self, CgroupResolver},
     events::{self, CgroupChange, Event, LimitWrite, OomKill},
+    kubelet::KubeletNames,
     limits,
     metrics::Metrics,
     outputs::Outputs,
@@ -61,6 +62,7 @@ impl Clock {
 #[derive(Debug)]
 pub struct Pipeline<'a> {
     resolver: CgroupResolver,
+    kubelet: KubeletNames,
     limits: LimitState,
     metrics: Metrics,
     outputs: Outputs<'a>,
@@ -69,19 +71,21 @@ pub struct Pipeline<'a> {
 
 impl<'a> Pipeline<'a> {
     /// A pipeline whose limit state and gauges start from every cgroup's current limit files.
-    pub fn new(resolver: CgroupResolver, outputs: Outputs<'a>) -> Self {
+    pub fn new(resolver: CgroupResolver, mut kubelet: KubeletNames, outputs: Outputs<'a>) -> Self {
         let metrics = outputs.metrics.clone();
         let mut limits = LimitState::new();
         if let Some(root) = resolver.root() {
             for (id, path) in resolver.entries() {
                 let dir = root.join(path.trim_start_matches('/'));
+                let who = K8s::who(path, K8s::from_path(path, &mut kubelet).as_ref());
                 for (limit, value) in limits.seed_from_dir(id, &dir) {
-                    metrics.set_limit(path, limit, value);
+                    metrics.set_limit(&who, limit, value);
                 }
             }
         }
         Self {
             resolver,
+            kubelet,
             limits,
             metrics,
             outputs,
@@ -116,8 +120,9 @@ impl<'a> Pipeline<'a> {
             cgroup: c.path.clone(),
         };
         if c.created {
+            let who = K8s::who(&c.path, K8s::from_path(&c.path, &mut self.kubelet).as_ref());
             for (limit, value) in self.limits.seed_defaults(c.id) {
-                self.metrics.set_limit(&c.path, limit, value);
+                self.metrics.set_limit(&who, limit, value);
             }
             self.resolver.created(c.id, c.path);
             Record::CgroupCreated(change)
@@ -148,18 +153,20 @@ impl<'a> Pipeline<'a> {
             Ok(_) => "ok".to_owned(),
             Err(errno) => errno_name(errno),
         };
+        let k8s = K8s::from_path(&cgroup, &mut self.kubelet);
         // A write the kernel refused leaves the limit as it was.
         let (old, new) = match (w.result, limits::parse(w.limit, &w.value)) {
             (Ok(_), Ok(v)) => {
                 let (old, now) = self.limits.record(w.target_cgroup_id, w.limit, v);
-                self.metrics.set_limit(&cgroup, w.limit, now);
+                self.metrics
+                    .set_limit(&K8s::who(&cgroup, k8s.as_ref()), w.limit, now);
                 (old, Some(now))
             }
             _ => (self.limits.get(w.target_cgroup_id, w.limit), None),
         };
         Record::LimitWrite(record::LimitWrite {
             time_unix_nano: self.clock.unix_nano(w.timestamp_ns),
-            k8s: K8s::from_path(&cgroup),
+            k8s,
             cgroup,
             limit: w.limit.file_name().to_owned(),
             value: w.value.clone(),
@@ -191,7 +198,7 @@ impl<'a> Pipeline<'a> {
         };
         Record::OomKill(record::OomKill {
             time_unix_nano: self.clock.unix_nano(k.timestamp_ns),
-            k8s: K8s::from_path(&cgroup),
+            k8s: K8s::from_path(&cgroup, &mut self.kubelet),
             cgroup,
             victim: record::Victim {
                 pid: k.victim_pid,

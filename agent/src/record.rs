@@ -27,16 +27,47 @@ pub struct K8s {
     pub qos: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
+    /// Names, when kubelet's directories on this node know the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 impl K8s {
-    #[must_use]
-    pub fn from_path(path: &str) -> Option<Self> {
-        crate::k8s::parse(path).map(|i| Self {
-            pod_uid: i.pod_uid,
-            qos: i.qos.as_str().to_owned(),
-            container_id: i.container.map(|c| c.id),
+    /// The identity in a cgroup path, named through `kubelet`'s directories where possible.
+    pub fn from_path(path: &str, kubelet: &mut crate::kubelet::KubeletNames) -> Option<Self> {
+        let id = crate::k8s::parse(path)?;
+        let container_id = id.container.map(|c| c.id);
+        let names = kubelet.names(&id.pod_uid, container_id.as_deref());
+        let some = |s: String| (!s.is_empty()).then_some(s);
+        let (namespace, pod, container) = match names {
+            Some(n) => (some(n.namespace), some(n.pod), some(n.container)),
+            None => (None, None, None),
+        };
+        Some(Self {
+            pod_uid: id.pod_uid,
+            qos: id.qos.as_str().to_owned(),
+            container_id,
+            namespace,
+            pod,
+            container,
         })
+    }
+
+    /// The metrics' identity labels for a cgroup with this identity.
+    #[must_use]
+    pub fn who(cgroup: &str, k8s: Option<&Self>) -> crate::metrics::Who {
+        let name =
+            |f: fn(&Self) -> &Option<String>| k8s.and_then(|k| f(k).clone()).unwrap_or_default();
+        crate::metrics::Who {
+            cgroup: cgroup.to_owned(),
+            namespace: name(|k| &k.namespace),
+            pod: name(|k| &k.pod),
+            container: name(|k| &k.container),
+        }
     }
 }
 
@@ -172,8 +203,18 @@ impl Record {
             Self::OomKill(r) => r.k8s.as_ref(),
             _ => None,
         } {
-            let _ = write!(s, " [pod {} {}", k.pod_uid, k.qos);
-            if let Some(c) = &k.container_id {
+            match (&k.namespace, &k.pod) {
+                (Some(ns), Some(pod)) => {
+                    let _ = write!(s, " [pod {ns}/{pod} {}", k.qos);
+                }
+                _ => {
+                    let _ = write!(s, " [pod {} {}", k.pod_uid, k.qos);
+                }
+            }
+            if let Some(c) = &k.container {
+                let _ = write!(s, " container {c}");
+            }
+            if let (None, Some(c)) = (&k.container, &k.container_id) {
                 let _ = write!(s, " container {}", &c[..c.len().min(12)]);
             }
             s.push(']');

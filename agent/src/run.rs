@@ -16,7 +16,8 @@ use crate::{
     config::Config,
     feed::{self, Feed},
     http,
-    metrics::Metrics,
+    kubelet::KubeletNames,
+    metrics::{Metrics, labelled},
     offsets,
     outputs::Outputs,
     pipeline::Pipeline,
@@ -84,7 +85,8 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
         traces,
         feed: feed.clone(),
     };
-    let mut pipeline = Pipeline::new(CgroupResolver::new(root), outputs);
+    let kubelet = KubeletNames::new(config.kubelet_log_dir.clone());
+    let mut pipeline = Pipeline::new(CgroupResolver::new(root), kubelet, outputs);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(http::serve(listener, metrics, stop_rx.clone()));
@@ -135,10 +137,9 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
 /// Logs how each capability attached (or why not) and sets `nodewarden_probe_info`.
 fn report(status: &[probes::ProbeStatus], metrics: &Metrics) {
     for s in status {
-        metrics
-            .probe_info
-            .with_label_values(&[s.capability, s.mode])
-            .set(1);
+        if let Some(g) = labelled(&metrics.probe_info, &[s.capability, s.mode]) {
+            g.set(1);
+        }
         if s.attached() {
             tracing::info!(
                 capability = s.capability,

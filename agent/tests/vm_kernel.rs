@@ -496,3 +496,60 @@ fn events_cli_streams_filtered_events() {
         "{human}"
     );
 }
+
+/// A write to a container's cgroup shaped as kubelet (systemd driver) and containerd make them is
+/// labelled with the pod's and container's names. The cgroups are real; no kubelet runs here,
+/// so a directory with kubelet's log layout stands in for /var/log.
+#[test]
+#[ignore = "writes cgroup v2 limits: runs in the VM via `cargo xtask test`"]
+fn kubernetes_cgroups_are_named() {
+    const UID: &str = "3f9a1c2e-7b4d-4e8f-9a0b-1c2d3e4f5a6b";
+    const ID: &str = "4c01db0b339c2c4e3a1f0d9e8b7a6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b";
+    require_vm();
+    let logs = std::env::temp_dir().join("nw-kubelet-logs");
+    std::fs::create_dir_all(logs.join("containers")).expect("mkdir");
+    std::fs::create_dir_all(logs.join(format!("pods/shop_cart-7d9f_{UID}/app"))).expect("mkdir");
+    std::fs::write(
+        logs.join(format!("containers/cart-7d9f_shop_app-{ID}.log")),
+        "",
+    )
+    .expect("log");
+    let config = format!(
+        "mode = \"observe\"\nshutdown_drain_ms = 2000\nkubelet_log_dir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:9717\"\n",
+        logs.display()
+    );
+    let agent = Agent::start_with(Some(&config), &[]);
+
+    let pod = format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+        UID.replace('-', "_")
+    );
+    let container = format!("{pod}/cri-containerd-{ID}.scope");
+    let mut dir = PathBuf::from(CGROUP_ROOT);
+    for part in container.split('/') {
+        std::fs::write(dir.join("cgroup.subtree_control"), "+memory").expect("+memory");
+        dir.push(part);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+    }
+    write_limit_as("containerd-shim", &dir, "256M").expect("write");
+
+    let series = format!(
+        "nodewarden_cgroup_limit_writes_total{{cgroup=\"/{container}\",container=\"app\",limit=\"memory.max\",namespace=\"shop\",pod=\"cart-7d9f\",result=\"ok\",writer=\"containerd-shim\"}}"
+    );
+    agent.wait_for_sample(&series, 1.0, Duration::from_secs(10));
+    agent.wait_for_sample(
+        &format!(
+            "nodewarden_cgroup_limit_bytes{{cgroup=\"/{container}\",container=\"app\",limit=\"memory.max\",namespace=\"shop\",pod=\"cart-7d9f\"}}"
+        ),
+        268_435_456.0,
+        Duration::from_secs(10),
+    );
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit {status}; log:\n{log}");
+    // Leaf first.
+    while dir != Path::new(CGROUP_ROOT) {
+        let _ = std::fs::remove_dir(&dir);
+        dir.pop();
+    }
+    let _ = std::fs::remove_dir_all(&logs);
+}
