@@ -46,6 +46,8 @@ pub enum LimitWriteMode {
     Kprobe,
     /// Tracepoints on write, pwrite64 and writev (for kernels without fexit and kprobes).
     Syscalls,
+    /// No BPF: inotify on the cgroup directories plus polling; the writer is unknown.
+    Inotify,
 }
 
 /// Probe choices.

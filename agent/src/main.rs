@@ -8,6 +8,7 @@ mod events;
 mod events_cli;
 mod feed;
 mod http;
+mod inotify;
 mod k8s;
 mod kubelet;
 mod limits;

@@ -26,14 +26,9 @@ impl Outputs<'_> {
             Record::LimitWrite(r) => {
                 let who = K8s::who(&r.cgroup, r.k8s.as_ref());
                 let [cgroup, namespace, pod, container] = who.labels();
+                let writer = r.writer.as_ref().map_or("unknown", |w| w.comm.as_str());
                 let values = [
-                    cgroup,
-                    namespace,
-                    pod,
-                    container,
-                    &r.limit,
-                    &r.writer.comm,
-                    &r.result,
+                    cgroup, namespace, pod, container, &r.limit, writer, &r.result,
                 ];
                 if let Some(c) = labelled(&self.metrics.limit_writes, &values) {
                     c.inc();
@@ -44,9 +39,9 @@ impl Outputs<'_> {
                     value = %r.value,
                     old = r.old.as_deref().unwrap_or("unknown"),
                     new = r.new.as_deref().unwrap_or("unknown"),
-                    writer = %r.writer.comm,
-                    writer_pid = r.writer.pid,
-                    writer_cgroup = %r.writer.cgroup,
+                    writer = writer,
+                    writer_pid = r.writer.as_ref().map_or(0, |w| w.pid),
+                    seen_by = %r.seen_by,
                     result = %r.result,
                     "cgroup limit write"
                 );
@@ -58,7 +53,10 @@ impl Outputs<'_> {
                     KeyValue::new("cgroup.limit.new", r.new.clone().unwrap_or_else(unknown)),
                     KeyValue::new("cgroup.limit.result", r.result.clone()),
                 ];
-                a.extend(process_attributes("process", &r.writer));
+                a.push(KeyValue::new("cgroup.limit.seen_by", r.seen_by.clone()));
+                if let Some(w) = &r.writer {
+                    a.extend(process_attributes("process", w));
+                }
                 a.extend(k8s_attributes(r.k8s.as_ref()));
                 self.traces.event_span("cgroup.limit_write", at, a);
             }

@@ -1,10 +1,16 @@
 //! From decoded events to outputs: enrich with cgroup paths, then count and trace.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    path::Path,
+    time::{Duration, SystemTime},
+};
+
+use agent_common::LimitFile;
 
 use crate::{
     cgroups::{self, CgroupResolver},
     events::{self, CgroupChange, Event, LimitWrite, OomKill},
+    inotify::Observed,
     kubelet::KubeletNames,
     limits,
     metrics::Metrics,
@@ -16,6 +22,17 @@ use crate::{
 /// Label value for a cgroup whose path could not be found.
 const UNKNOWN_CGROUP: &str = "unknown";
 
+/// `CLOCK_MONOTONIC` now, in nanoseconds (the kernel's timestamps use the same clock).
+fn monotonic_now() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes a valid timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
 /// Converts the kernel's `CLOCK_MONOTONIC` timestamps to wall-clock time.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
@@ -26,19 +43,9 @@ pub struct Clock {
 impl Clock {
     #[must_use]
     pub fn now() -> Self {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes a valid timespec; CLOCK_MONOTONIC always exists on Linux.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-        let mono = Duration::new(
-            u64::try_from(ts.tv_sec).unwrap_or(0),
-            u32::try_from(ts.tv_nsec).unwrap_or(0),
-        );
         Self {
             boot: SystemTime::now()
-                .checked_sub(mono)
+                .checked_sub(Duration::from_nanos(monotonic_now()))
                 .unwrap_or(SystemTime::UNIX_EPOCH),
         }
     }
@@ -61,6 +68,8 @@ impl Clock {
 /// and hands them to the outputs. Owns the cgroup map and the limit state.
 #[derive(Debug)]
 pub struct Pipeline<'a> {
+    /// How limit writes are seen (`fexit`, `kprobe`, `syscalls`, `inotify`).
+    limit_mode: &'static str,
     resolver: CgroupResolver,
     kubelet: KubeletNames,
     limits: LimitState,
@@ -71,7 +80,12 @@ pub struct Pipeline<'a> {
 
 impl<'a> Pipeline<'a> {
     /// A pipeline whose limit state and gauges start from every cgroup's current limit files.
-    pub fn new(resolver: CgroupResolver, mut kubelet: KubeletNames, outputs: Outputs<'a>) -> Self {
+    pub fn new(
+        resolver: CgroupResolver,
+        mut kubelet: KubeletNames,
+        outputs: Outputs<'a>,
+        limit_mode: &'static str,
+    ) -> Self {
         let metrics = outputs.metrics.clone();
         let mut limits = LimitState::new();
         if let Some(root) = resolver.root() {
@@ -84,6 +98,7 @@ impl<'a> Pipeline<'a> {
             }
         }
         Self {
+            limit_mode,
             resolver,
             kubelet,
             limits,
@@ -106,6 +121,73 @@ impl<'a> Pipeline<'a> {
             }
         };
         self.outputs.emit(&record);
+    }
+
+    /// A limit file seen modified without BPF (inotify), or found changed by a poll; reported
+    /// when its value differs from the one known.
+    pub fn observed(&mut self, o: &Observed, seen_by: &'static str) {
+        let Ok(value) = limits::parse(o.limit, &o.value) else {
+            tracing::warn!(cgroup = %o.path, limit = o.limit.file_name(), "unparsable value {:?}", o.value);
+            return;
+        };
+        // Without the writer's syscall only changes can be told apart: a cgroup not known yet
+        // is new, so it starts from the kernel's defaults.
+        if self.limits.get(o.id, o.limit).is_none() {
+            self.limits.seed_defaults(o.id);
+        }
+        if self.limits.get(o.id, o.limit) == Some(value) {
+            return;
+        }
+        let k8s = K8s::from_path(&o.path, &mut self.kubelet);
+        let (old, now) = self.limits.record(o.id, o.limit, value);
+        self.metrics
+            .set_limit(&K8s::who(&o.path, k8s.as_ref()), o.limit, now);
+        let record = Record::LimitWrite(record::LimitWrite {
+            time_unix_nano: self.clock.unix_nano(monotonic_now()),
+            cgroup: o.path.clone(),
+            k8s,
+            limit: o.limit.file_name().to_owned(),
+            value: o.value.clone(),
+            old: old.map(|v| v.to_string()),
+            new: Some(now.to_string()),
+            result: "ok".to_owned(),
+            writer: None,
+            seen_by: seen_by.to_owned(),
+        });
+        self.outputs.emit(&record);
+    }
+
+    /// Reads every known cgroup's limit files; each that differs from the state is reported
+    /// (seen by `poll`). The backstop of the inotify mode.
+    pub fn poll(&mut self) {
+        let Some(root) = self.resolver.root().map(Path::to_path_buf) else {
+            return;
+        };
+        let cgroups: Vec<(u64, String)> = self
+            .resolver
+            .entries()
+            .map(|(id, p)| (id, p.to_owned()))
+            .collect();
+        for (id, path) in cgroups {
+            let dir = root.join(path.trim_start_matches('/'));
+            for limit in LimitFile::ALL {
+                let Ok(text) = std::fs::read_to_string(dir.join(limit.file_name())) else {
+                    continue;
+                };
+                let Ok(v) = limits::parse(limit, &text) else {
+                    continue;
+                };
+                if self.limits.get(id, limit).is_some_and(|known| known != v) {
+                    let o = Observed {
+                        id,
+                        path: path.clone(),
+                        limit,
+                        value: text.trim().to_owned(),
+                    };
+                    self.observed(&o, "poll");
+                }
+            }
+        }
     }
 
     fn cgroup_label(&mut self, id: u64) -> String {
@@ -173,7 +255,8 @@ impl<'a> Pipeline<'a> {
             old: old.map(|v| v.to_string()),
             new: new.map(|v| v.to_string()),
             result,
-            writer: self.process(&w.writer),
+            writer: Some(self.process(&w.writer)),
+            seen_by: self.limit_mode.to_owned(),
         })
     }
 

@@ -176,12 +176,15 @@ fn attach_limit_writes(
         LimitWriteMode::Fexit => &[LimitWriteMode::Fexit],
         LimitWriteMode::Kprobe => &[LimitWriteMode::Kprobe],
         LimitWriteMode::Syscalls => &[LimitWriteMode::Syscalls],
+        LimitWriteMode::Inotify => &[],
     };
     for &mode in modes {
         let (name, (hooks, failures)) = match mode {
             LimitWriteMode::Kprobe => ("kprobe", attach_kprobes(ebpf)),
             LimitWriteMode::Syscalls => ("syscalls", attach_syscalls(ebpf, offsets)),
-            LimitWriteMode::Fexit | LimitWriteMode::Auto => ("fexit", attach_fexits(ebpf)),
+            LimitWriteMode::Fexit | LimitWriteMode::Auto | LimitWriteMode::Inotify => {
+                ("fexit", attach_fexits(ebpf))
+            }
         };
         let attached = !hooks.is_empty();
         status.errors.extend(grouped(name, attached, failures));
@@ -195,7 +198,49 @@ fn attach_limit_writes(
             break;
         }
     }
+    if matches!(choice, LimitWriteMode::Auto | LimitWriteMode::Inotify) && !status.attached() {
+        status = inotify_status(std::mem::take(&mut status.errors));
+    }
     status
+}
+
+/// Limit writes seen without BPF (the agent runs the watcher); `fallbacks` say why.
+#[must_use]
+pub fn inotify_status(fallbacks: Vec<String>) -> ProbeStatus {
+    ProbeStatus {
+        capability: "limit_writes",
+        mode: INOTIFY,
+        hooks: vec!["inotify on every cgroup directory, and polling (writer unknown)".to_owned()],
+        errors: Vec::new(),
+        fallbacks,
+    }
+}
+
+/// The mode of `limit_writes` when no BPF probe sees them.
+pub const INOTIFY: &str = "inotify";
+
+/// Every capability's status when the eBPF object could not be loaded at all.
+#[must_use]
+pub fn without_bpf(why: &str, limit_writes: LimitWriteMode) -> Vec<ProbeStatus> {
+    let unavailable = |capability| ProbeStatus {
+        capability,
+        mode: UNAVAILABLE,
+        hooks: Vec::new(),
+        errors: vec![format!("no BPF: {why}")],
+        fallbacks: Vec::new(),
+    };
+    let limits = match limit_writes {
+        LimitWriteMode::Auto | LimitWriteMode::Inotify => {
+            inotify_status(vec![format!("no BPF: {why}")])
+        }
+        _ => unavailable("limit_writes"),
+    };
+    vec![
+        limits,
+        unavailable("oom_victims"),
+        unavailable("oom_kills"),
+        unavailable("cgroup_changes"),
+    ]
 }
 
 /// The handlers a mode attached to, and (handler, error) for the others.

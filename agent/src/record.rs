@@ -90,7 +90,11 @@ pub struct LimitWrite {
     pub new: Option<String>,
     /// `ok`, or the errno name the kernel returned.
     pub result: String,
-    pub writer: Process,
+    /// Who wrote; unknown when the write was seen without BPF (`seen_by` inotify or poll).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<Process>,
+    /// How the write was seen: `fexit`, `kprobe`, `syscalls`, `inotify` or `poll`.
+    pub seen_by: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,7 +188,18 @@ impl Record {
                 if let (Some(old), Some(new)) = (&r.old, &r.new) {
                     let _ = write!(s, " ({old} -> {new})");
                 }
-                let _ = write!(s, " {} by {}", r.result, process(&r.writer));
+                match &r.writer {
+                    Some(w) => {
+                        let _ = write!(s, " {} by {}", r.result, process(w));
+                    }
+                    None => {
+                        let _ = write!(
+                            s,
+                            " {} by an unknown writer (seen by {})",
+                            r.result, r.seen_by
+                        );
+                    }
+                }
             }
             Self::OomKill(r) => {
                 let _ = write!(
@@ -279,13 +294,14 @@ mod tests {
             old: Some("max".into()),
             new: Some("67108864".into()),
             result: "ok".into(),
-            writer: Process {
+            writer: Some(Process {
                 pid: 1,
                 tid: 2,
                 comm: "sh".into(),
                 exe: Some("/bin/dash".into()),
                 cgroup: "/".into(),
-            },
+            }),
+            seen_by: "fexit".into(),
         });
         let json = serde_json::to_string(&r).expect("serialize");
         assert!(json.starts_with("{\"kind\":\"limit_write\""), "{json}");

@@ -1,6 +1,6 @@
 //! `nodewarden run`: the daemon. Wiring of probes, pipeline and endpoints, and a bounded drain.
 
-use std::path::Path;
+use std::{os::fd::AsRawFd, path::Path, time::Duration};
 
 use agent_common::maps;
 use anyhow::{Context as _, Result};
@@ -16,6 +16,7 @@ use crate::{
     config::Config,
     feed::{self, Feed},
     http,
+    inotify::Watcher,
     kubelet::KubeletNames,
     metrics::{Metrics, labelled},
     offsets,
@@ -24,6 +25,9 @@ use crate::{
     probes,
     telemetry::Traces,
 };
+
+/// How often the inotify mode rereads every limit file, to catch what inotify missed.
+const POLL_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs until SIGTERM or SIGINT, then drains for at most `config.shutdown_drain`.
 pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
@@ -39,36 +43,8 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
         None => None,
     };
 
-    let resolved = offsets::resolve(Path::new(offsets::VMLINUX_BTF));
-    let kernel_offsets = match resolved {
-        Ok(r) => {
-            if !r.missing.is_empty() {
-                tracing::warn!(
-                    "kernel BTF lacks {}: probes that need them degrade",
-                    r.missing.join(", ")
-                );
-            }
-            r.offsets
-        }
-        Err(e) => {
-            tracing::warn!("{e}: probes that read kernel structs degrade");
-            agent_common::KernelOffsets::UNKNOWN
-        }
-    };
-    let mut probes =
-        probes::load(&kernel_offsets, config.limit_writes).context("loading eBPF programs")?;
-    report(&probes.status, &metrics);
-    spawn_ebpf_logs(&mut probes.ebpf);
-
-    let ring = probes
-        .ebpf
-        .take_map(maps::EVENTS)
-        .context("map EVENTS missing from the eBPF object")?;
-    let ring = RingBuf::try_from(ring).context("map EVENTS is not a ring buffer")?;
-    // SAFETY: the ring buffer owns its map fd, which stays open as long as the AsyncFd owns it.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-        .context("registering the event ring buffer with the runtime")?;
+    // Kept to the end: dropping the object detaches the programs.
+    let (_ebpf, mut ring, limit_mode) = attach(config, &metrics)?;
 
     let root = config
         .cgroup_root
@@ -79,6 +55,10 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
     } else {
         tracing::warn!("no cgroup v2 mount found: cgroup paths will be unknown");
     }
+    let mut watcher = match (&root, limit_mode == probes::INOTIFY) {
+        (Some(root), true) => Some(start_watcher(root)?),
+        _ => None,
+    };
     let feed = Feed::new();
     let outputs = Outputs {
         metrics: metrics.clone(),
@@ -86,7 +66,7 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
         feed: feed.clone(),
     };
     let kubelet = KubeletNames::new(config.kubelet_log_dir.clone());
-    let mut pipeline = Pipeline::new(CgroupResolver::new(root), kubelet, outputs);
+    let mut pipeline = Pipeline::new(CgroupResolver::new(root), kubelet, outputs, limit_mode);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(http::serve(listener, metrics, stop_rx.clone()));
@@ -98,9 +78,10 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
         config.metrics_listen
     );
 
+    let mut poll = tokio::time::interval(POLL_EVERY);
     loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
+            guard = readable(ring.as_mut()) => {
                 let mut guard = guard.context("polling the event ring buffer")?;
                 let rb = guard.get_inner_mut();
                 while let Some(record) = rb.next() {
@@ -108,15 +89,25 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
                 }
                 guard.clear_ready();
             }
+            guard = readable(watcher.as_mut()) => {
+                let mut guard = guard.context("polling inotify")?;
+                for o in guard.get_inner_mut().read().context("reading inotify")? {
+                    pipeline.observed(&o, probes::INOTIFY);
+                }
+                guard.clear_ready();
+            }
+            _ = poll.tick(), if watcher.is_some() => pipeline.poll(),
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
         }
     }
 
-    // Bounded drain: events already in the ring buffer are handled, the endpoint stops.
-    let rb = ring.get_mut();
-    while let Some(record) = rb.next() {
-        pipeline.handle(&record);
+    // Bounded drain: events already in the ring buffer are handled, the endpoints stop.
+    if let Some(ring) = ring.as_mut() {
+        let rb = ring.get_mut();
+        while let Some(record) = rb.next() {
+            pipeline.handle(&record);
+        }
     }
     let _ = stop_tx.send(true);
     if let Some(f) = feed_server {
@@ -132,6 +123,95 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The loaded object, its event ring, and how limit writes are seen.
+type Attached = (
+    Option<aya::Ebpf>,
+    Option<AsyncFd<RingBuf<aya::maps::MapData>>>,
+    &'static str,
+);
+
+/// Loads and attaches the probes, reports how (log, metric), and opens their event ring.
+/// Without BPF at all the agent still runs: limit writes are then seen by inotify.
+fn attach(config: &Config, metrics: &Metrics) -> Result<Attached> {
+    let (mut ebpf, status) = match probes::load(&kernel_offsets(), config.limit_writes) {
+        Ok(p) => (Some(p.ebpf), p.status),
+        Err(e) => {
+            tracing::error!("no eBPF probes: {e}");
+            (
+                None,
+                probes::without_bpf(&e.to_string(), config.limit_writes),
+            )
+        }
+    };
+    report(&status, metrics);
+    let limit_mode = status
+        .iter()
+        .find(|s| s.capability == "limit_writes")
+        .map_or(probes::UNAVAILABLE, |s| s.mode);
+    let ring = match ebpf.as_mut() {
+        Some(ebpf) => {
+            spawn_ebpf_logs(ebpf);
+            Some(event_ring(ebpf)?)
+        }
+        None => None,
+    };
+    Ok((ebpf, ring, limit_mode))
+}
+
+/// Readiness of an optional fd; never ready when there is none.
+async fn readable<T: AsRawFd>(
+    fd: Option<&mut AsyncFd<T>>,
+) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, T>> {
+    match fd {
+        Some(fd) => fd.readable_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Kernel struct offsets from BTF; missing ones make the probes that need them degrade.
+fn kernel_offsets() -> agent_common::KernelOffsets {
+    match offsets::resolve(Path::new(offsets::VMLINUX_BTF)) {
+        Ok(r) => {
+            if !r.missing.is_empty() {
+                tracing::warn!(
+                    "kernel BTF lacks {}: probes that need them degrade",
+                    r.missing.join(", ")
+                );
+            }
+            r.offsets
+        }
+        Err(e) => {
+            tracing::warn!("{e}: probes that read kernel structs degrade");
+            agent_common::KernelOffsets::UNKNOWN
+        }
+    }
+}
+
+/// The programs' event ring buffer, registered with the runtime.
+fn event_ring(ebpf: &mut aya::Ebpf) -> Result<AsyncFd<RingBuf<aya::maps::MapData>>> {
+    let ring = ebpf
+        .take_map(maps::EVENTS)
+        .context("map EVENTS missing from the eBPF object")?;
+    let ring = RingBuf::try_from(ring).context("map EVENTS is not a ring buffer")?;
+    // SAFETY: the ring buffer owns its map fd, which stays open as long as the AsyncFd owns it.
+    unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+        .context("registering the event ring buffer with the runtime")
+}
+
+/// The inotify watcher over the whole hierarchy, registered with the runtime.
+fn start_watcher(root: &Path) -> Result<AsyncFd<Watcher>> {
+    let w = Watcher::new(root).with_context(|| format!("inotify on {}", root.display()))?;
+    tracing::info!(
+        "limit writes seen by inotify on {} cgroup directories",
+        w.watched()
+    );
+    // SAFETY: the watcher owns its inotify fd, open as long as the AsyncFd owns the watcher.
+    unsafe { AsyncFd::register_with_interest(w, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+        .context("registering inotify with the runtime")
 }
 
 /// Logs how each capability attached (or why not) and sets `nodewarden_probe_info`.

@@ -553,3 +553,68 @@ fn kubernetes_cgroups_are_named() {
     }
     let _ = std::fs::remove_dir_all(&logs);
 }
+
+/// Without BPF (forced here; the agent falls back to it when no probe loads), limit writes are
+/// seen by inotify: the new and previous values are right, the writer is unknown and says so,
+/// and a write the kernel rejected is not seen (nothing changed).
+#[test]
+#[ignore = "writes cgroup v2 limits: runs in the VM via `cargo xtask test`"]
+fn limit_writes_without_bpf() {
+    require_vm();
+    let receiver = otlp::Receiver::start();
+    let endpoint = receiver.endpoint();
+    let config = "mode = \"observe\"\nshutdown_drain_ms = 2000\n[metrics]\nlisten = \"127.0.0.1:9717\"\n[probes]\nlimit_writes = \"inotify\"\n";
+    let agent = Agent::start_with(
+        Some(config),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ],
+    );
+    assert_eq!(agent.probe_mode("limit_writes"), "inotify");
+    let cg = TestCgroup::new("nw-inotify");
+    let cgroup = "/nw-inotify";
+    write_limit_as("nw-lim-writer", &cg.path, "64M").expect("write");
+    let _ = write_limit_as("nw-lim-writer", &cg.path, "abc").expect_err("rejected");
+    let sh = Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo 100 > {}", cg.path.join("pids.max").display()))
+        .status()
+        .expect("sh");
+    assert!(sh.success());
+
+    let wait = Duration::from_secs(10);
+    let counter = |limit: &str| {
+        format!(
+            "nodewarden_cgroup_limit_writes_total{{cgroup=\"{cgroup}\",limit=\"{limit}\",result=\"ok\",writer=\"unknown\"}}"
+        )
+    };
+    agent.wait_for_sample(&counter("memory.max"), 1.0, wait);
+    agent.wait_for_sample(&counter("pids.max"), 1.0, wait);
+    agent.wait_for_sample(
+        &format!("nodewarden_cgroup_limit_bytes{{cgroup=\"{cgroup}\",limit=\"memory.max\"}}"),
+        67_108_864.0,
+        wait,
+    );
+    let body = common::scrape(agent.metrics).expect("scrape");
+    assert!(
+        !body.contains("result=\"EINVAL\""),
+        "a rejected write changes nothing: {body}"
+    );
+
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit {status}; log:\n{log}");
+    let spans = receiver.spans();
+    let max = spans
+        .iter()
+        .find(|s| {
+            s.name == "cgroup.limit_write"
+                && s.attributes["cgroup.path"] == cgroup
+                && s.attributes["cgroup.limit"] == "memory.max"
+        })
+        .unwrap_or_else(|| panic!("no span in {spans:#?}"));
+    assert_eq!(max.attributes["cgroup.limit.seen_by"], "inotify");
+    assert_eq!(max.attributes["cgroup.limit.old"], "max");
+    assert_eq!(max.attributes["cgroup.limit.new"], "67108864");
+    assert!(!max.attributes.contains_key("process.command"), "{max:?}");
+}
