@@ -42,7 +42,9 @@ impl LimitState {
         seen
     }
 
-    /// A new cgroup starts with the kernel's defaults: no limits, no protection.
+    /// A new cgroup starts with the kernel's defaults: no limits, no protection. Limits already
+    /// known are kept (inotify can report a new cgroup's write before the mkdir event arrives);
+    /// returns the defaults recorded.
     pub fn seed_defaults(&mut self, id: u64) -> Vec<(LimitFile, LimitValue)> {
         let defaults = [
             (LimitFile::MemoryMax, LimitValue::Max),
@@ -59,10 +61,14 @@ impl LimitState {
                 },
             ),
         ];
+        let mut seeded = Vec::new();
         for (limit, v) in defaults {
-            self.values.insert((id, limit), v);
+            if let std::collections::hash_map::Entry::Vacant(e) = self.values.entry((id, limit)) {
+                e.insert(v);
+                seeded.push((limit, v));
+            }
         }
-        defaults.to_vec()
+        seeded
     }
 
     /// Records a successful write of `written`; returns the previous value (if known) and the
@@ -100,7 +106,7 @@ mod tests {
     #[test]
     fn writes_move_values_and_report_the_previous_one() {
         let mut s = LimitState::new();
-        s.seed_defaults(7);
+        assert_eq!(s.seed_defaults(7).len(), 7);
         let (old, now) = s.record(7, LimitFile::MemoryMax, LimitValue::Bytes(64 << 20));
         assert_eq!(old, Some(LimitValue::Max));
         assert_eq!(now, LimitValue::Bytes(64 << 20));
@@ -111,6 +117,9 @@ mod tests {
             s.record(8, LimitFile::PidsMax, LimitValue::Count(3)).0,
             None
         );
+        // A late mkdir event keeps what is already known.
+        assert_eq!(s.seed_defaults(8).len(), 6);
+        assert_eq!(s.get(8, LimitFile::PidsMax), Some(LimitValue::Count(3)));
         s.forget(7);
         assert_eq!(s.get(7, LimitFile::MemoryMax), None);
         assert_eq!(s.get(8, LimitFile::PidsMax), Some(LimitValue::Count(3)));
