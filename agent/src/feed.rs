@@ -3,7 +3,7 @@
 
 use std::{
     io::ErrorKind,
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -56,19 +56,22 @@ impl Default for Feed {
 pub enum FeedError {
     #[error("event socket {path}: another agent is serving it")]
     InUse { path: PathBuf },
-    #[error("event socket {path}: {source}")]
+    #[error("event socket {path}: exists and is not a socket; not touching it")]
+    NotSocket { path: PathBuf },
+    // `error`, not `source`: the message already says it, and anyhow would repeat a source.
+    #[error("event socket {path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
 /// Binds the socket at `path` (creating its directory), replacing a stale one left by an agent
 /// that died, but never one a live agent serves.
 pub async fn bind(path: &Path) -> Result<UnixListener, FeedError> {
-    let io = |source| FeedError::Io {
+    let io = |error| FeedError::Io {
         path: path.to_owned(),
-        source,
+        error,
     };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
@@ -80,7 +83,15 @@ pub async fn bind(path: &Path) -> Result<UnixListener, FeedError> {
             });
         }
         Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(_) => std::fs::remove_file(path).map_err(io)?,
+        // Only a socket nobody serves is ours to replace; any other file stays.
+        Err(_) if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) => {
+            std::fs::remove_file(path).map_err(io)?;
+        }
+        Err(_) => {
+            return Err(FeedError::NotSocket {
+                path: path.to_owned(),
+            });
+        }
     }
     let listener = UnixListener::bind(path).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
