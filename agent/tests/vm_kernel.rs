@@ -75,31 +75,21 @@ fn write_limit_as(comm: &str, cgroup: &Path, value: &str) -> std::io::Result<()>
 fn pwrite_as(comm: &str, file: &Path, value: &str) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt as _;
     let (file, value) = (file.to_owned(), value.to_owned());
-    std::thread::Builder::new()
-        .name(comm.to_owned())
-        .spawn(move || {
-            let f = std::fs::OpenOptions::new().write(true).open(file)?;
-            f.write_at(value.as_bytes(), 0).map(drop)
-        })
-        .expect("spawn writer thread")
-        .join()
-        .expect("writer thread")
+    on_thread(comm, move || {
+        let f = std::fs::OpenOptions::new().write(true).open(file)?;
+        f.write_at(value.as_bytes(), 0).map(drop)
+    })
 }
 
 /// Writes `value` to `file` with writev(2) from a thread whose comm is `comm`.
 fn writev_as(comm: &str, file: &Path, value: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     let (file, value) = (file.to_owned(), value.to_owned());
-    std::thread::Builder::new()
-        .name(comm.to_owned())
-        .spawn(move || {
-            let mut f = std::fs::OpenOptions::new().write(true).open(file)?;
-            f.write_vectored(&[std::io::IoSlice::new(value.as_bytes())])
-                .map(drop)
-        })
-        .expect("spawn writer thread")
-        .join()
-        .expect("writer thread")
+    on_thread(comm, move || {
+        let mut f = std::fs::OpenOptions::new().write(true).open(file)?;
+        f.write_vectored(&[std::io::IoSlice::new(value.as_bytes())])
+            .map(drop)
+    })
 }
 
 /// Writes `value` to `file` the way Python does (`open(...).write(...)`), returning the writer's
@@ -132,11 +122,15 @@ fn python_write(file: &Path, value: &str) -> String {
 
 /// Writes `value` to `file` (one write(2)) from a thread whose comm is `comm`.
 fn write_file_as(comm: &str, file: &Path, value: &str) -> std::io::Result<()> {
-    let file = file.to_owned();
-    let value = value.to_owned();
+    let (file, value) = (file.to_owned(), value.to_owned());
+    on_thread(comm, move || std::fs::write(file, value))
+}
+
+/// Runs `f` on a thread named `comm`: the kernel reports that name as the writer's comm.
+fn on_thread<T: Send + 'static>(comm: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::Builder::new()
         .name(comm.to_owned())
-        .spawn(move || std::fs::write(file, value))
+        .spawn(f)
         .expect("spawn writer thread")
         .join()
         .expect("writer thread")
