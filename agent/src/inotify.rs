@@ -111,15 +111,13 @@ impl Watcher {
             return;
         };
         let rel = dir.strip_prefix(&self.root).unwrap_or(dir);
-        for limit in LimitFile::ALL {
-            if let Ok(value) = std::fs::read_to_string(dir.join(limit.file_name())) {
-                out.push(Observed {
-                    id: meta.ino(),
-                    path: format!("/{}", rel.display()),
-                    limit,
-                    value: value.trim().to_owned(),
-                });
-            }
+        for (limit, value) in crate::limits::read_files(dir) {
+            out.push(Observed {
+                id: meta.ino(),
+                path: format!("/{}", rel.display()),
+                limit,
+                value,
+            });
         }
     }
 

@@ -56,6 +56,19 @@ impl fmt::Display for LimitValue {
     }
 }
 
+/// The limit files present in the cgroup directory `dir` (those its controllers provide), as
+/// (file, content with surrounding whitespace trimmed).
+#[must_use]
+pub fn read_files(dir: &std::path::Path) -> Vec<(LimitFile, String)> {
+    LimitFile::ALL
+        .into_iter()
+        .filter_map(|limit| {
+            let text = std::fs::read_to_string(dir.join(limit.file_name())).ok()?;
+            Some((limit, text.trim().to_owned()))
+        })
+        .collect()
+}
+
 /// Why a value is not one the kernel would accept.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {

@@ -5,8 +5,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use agent_common::LimitFile;
-
 use crate::{
     cgroups::{self, CgroupResolver},
     events::{self, CgroupChange, Event, LimitWrite, OomKill},
@@ -170,11 +168,8 @@ impl<'a> Pipeline<'a> {
             .collect();
         for (id, path) in cgroups {
             let dir = root.join(path.trim_start_matches('/'));
-            for limit in LimitFile::ALL {
-                let Ok(text) = std::fs::read_to_string(dir.join(limit.file_name())) else {
-                    continue;
-                };
-                let Ok(v) = limits::parse(limit, &text) else {
+            for (limit, value) in limits::read_files(&dir) {
+                let Ok(v) = limits::parse(limit, &value) else {
                     continue;
                 };
                 if self.limits.get(id, limit).is_some_and(|known| known != v) {
@@ -182,7 +177,7 @@ impl<'a> Pipeline<'a> {
                         id,
                         path: path.clone(),
                         limit,
-                        value: text.trim().to_owned(),
+                        value,
                     };
                     self.observed(&o, "poll");
                 }

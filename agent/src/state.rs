@@ -30,10 +30,7 @@ impl LimitState {
     /// records them; returns what was read.
     pub fn seed_from_dir(&mut self, id: u64, dir: &Path) -> Vec<(LimitFile, LimitValue)> {
         let mut seen = Vec::new();
-        for limit in LimitFile::ALL {
-            let Ok(text) = std::fs::read_to_string(dir.join(limit.file_name())) else {
-                continue;
-            };
+        for (limit, text) in limits::read_files(dir) {
             if let Ok(v) = limits::parse(limit, &text) {
                 self.values.insert((id, limit), v);
                 seen.push((limit, v));
