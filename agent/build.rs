@@ -35,11 +35,12 @@ fn main() -> anyhow::Result<()> {
         None => "nightly".to_owned(),
     };
     if toolchain == DEBIAN_SYSROOT {
-        // aya-ebpf uses one unstable feature on bpf (asm_experimental_arch); allow it for that
-        // crate only. A value of "1" would make aya-build ask for -Z build-std, which the
-        // prebuilt core makes unnecessary.
+        // aya-ebpf uses one unstable feature on bpf (asm_experimental_arch) and our programs one
+        // (core_intrinsics, for an atomic add); allow them for those crates only. A value of
+        // "1" would make aya-build ask for -Z build-std, which the prebuilt core makes
+        // unnecessary.
         // SAFETY: this build script is single-threaded; the variable is read by the child cargo.
-        unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf") };
+        unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf,agent_ebpf") };
     }
     aya_build::build_ebpf(
         [aya_build::Package {

@@ -47,6 +47,13 @@ pub mod programs {
         ("sys_exit_pwrite64", "sys_exit_pwrite64"),
         ("sys_exit_writev", "sys_exit_writev"),
     ];
+    /// The same entries for kernels without `bpf_get_current_task_btf` (before 5.11) or whose
+    /// verifier refuses the direct loads: they read the task through helper calls instead.
+    pub const SYSCALL_WRITES_COMPAT: [(&str, &str); 3] = [
+        ("sys_enter_write_compat", "sys_enter_write"),
+        ("sys_enter_pwrite64_compat", "sys_enter_pwrite64"),
+        ("sys_enter_writev_compat", "sys_enter_writev"),
+    ];
     /// Empty programs on `syscalls/sys_enter_write` and `sys_exit_write`: the benchmark's baseline.
     pub const BENCH_EMPTY: [(&str, &str); 2] = [
         ("bench_empty_enter", "sys_enter_write"),
@@ -333,8 +340,13 @@ pub struct KernelOffsets {
     pub super_block_s_magic: u32,
     /// `inode.i_private` (kernfs keeps the file's `kernfs_node` there).
     pub inode_i_private: u32,
+    /// `files_struct.fdtab`, the fd table a process starts with (`fdt` points at it until the
+    /// process has more than 64 fds open).
+    pub files_struct_fdtab: u32,
+    /// `files_struct.fd_array`, that first table's `struct file *` slots.
+    pub files_struct_fd_array: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 72);
+const _: () = assert!(size_of::<KernelOffsets>() == 80);
 
 /// Marks a field the running kernel does not have.
 pub const OFFSET_UNKNOWN: u32 = u32::MAX;
@@ -360,6 +372,8 @@ impl KernelOffsets {
         inode_i_sb: OFFSET_UNKNOWN,
         super_block_s_magic: OFFSET_UNKNOWN,
         inode_i_private: OFFSET_UNKNOWN,
+        files_struct_fdtab: OFFSET_UNKNOWN,
+        files_struct_fd_array: OFFSET_UNKNOWN,
     };
 
     /// Whether a task's cgroup id can be read (`task->cgroups->dfl_cgrp->kn->id`).

@@ -2,6 +2,10 @@
 //! all maps live in `maps`.
 #![no_std]
 #![no_main]
+// The BPF target has no atomic read-modify-write in `core::sync::atomic`; the intrinsic is what
+// those methods call (see `maps::pending_add`). Enabled by RUSTC_BOOTSTRAP for this crate only.
+#![feature(core_intrinsics)]
+#![allow(internal_features, reason = "core_intrinsics, for atomic_xadd")]
 
 mod bench;
 mod cgroups;

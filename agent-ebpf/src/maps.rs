@@ -1,5 +1,7 @@
 //! Every map and global the programs share with userspace. Names come from `agent_common::maps`.
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use agent_common::{KernelOffsets, KilledTask, LimitWriteArgs, PendingWrite};
 use aya_ebpf::{
     Global,
@@ -31,3 +33,28 @@ pub static PENDING_WRITES: LruHashMap<u64, PendingWrite> = LruHashMap::with_max_
 /// Kernel struct offsets, set by the loader from the running kernel's BTF.
 #[unsafe(no_mangle)]
 pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::UNKNOWN);
+
+/// How many entries `PENDING_WRITES` may hold (a limit write in flight somewhere). The exit
+/// programs run after every write on the node and skip the map while it is zero: a map lookup
+/// and the pid helper are each a call, and calls are most of what a probe costs an ordinary
+/// write. Never too low (counted up after the insert, down after a removal), only too high
+/// when the LRU evicts an entry, which costs a lookup, never an event.
+static mut PENDING_COUNT: u64 = 0;
+
+/// Adds `n` (wrapping: `u64::MAX` takes one away) to [`PENDING_COUNT`], atomically: enters and
+/// exits run on every CPU at once. The BPF target has no `AtomicU64::fetch_add`, so this is the
+/// intrinsic it would call (one `lock xadd`).
+#[inline]
+pub fn pending_add(n: u64) {
+    // SAFETY: an aligned u64 in .bss, changed only atomically.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut PENDING_COUNT, n);
+    }
+}
+
+/// Whether any limit write may be in flight.
+#[inline]
+pub fn any_pending() -> bool {
+    // SAFETY: an aligned u64 in .bss; a torn read is impossible for one aligned word.
+    unsafe { core::ptr::read_volatile(&raw const PENDING_COUNT) != 0 }
+}

@@ -2,12 +2,12 @@
 //! follows the fd to its file and keeps only writes to cgroup2 limit files, so ordinary writes
 //! cost a few reads. Catches redirections (`sh` dup2s the fd), `write`, `pwrite64` and `writev`.
 
-use agent_common::{FILE_NAME_LEN, PendingWrite, VALUE_LEN};
+use agent_common::{FILE_NAME_LEN, KernelOffsets, OFFSET_UNKNOWN, PendingWrite, VALUE_LEN};
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel_str_bytes,
-        bpf_probe_read_user_buf,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_task_btf,
+        bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_buf,
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -16,7 +16,7 @@ use aya_ebpf::{
 use crate::{
     kernel::read_field,
     limits::emit_for_node,
-    maps::{OFFSETS, PENDING_WRITES},
+    maps::{OFFSETS, PENDING_WRITES, any_pending, pending_add},
 };
 
 /// `CGROUP2_SUPER_MAGIC` from the kernel's uapi `magic.h`.
@@ -41,13 +41,25 @@ const LIMIT_NAMES: [[u8; FILE_NAME_LEN]; 7] = [
     *b"cpu.max\0\0\0\0\0\0\0\0\0",
 ];
 
+/// One field of [`OFFSETS`], read alone: the verifier then knows it as a constant.
+macro_rules! offset {
+    ($field:ident) => {
+        // SAFETY: `Global` is a transparent wrapper of an initialized `KernelOffsets`.
+        unsafe {
+            core::ptr::read_volatile(
+                &raw const (*(&raw const OFFSETS).cast::<KernelOffsets>()).$field,
+            )
+        }
+    };
+}
+
 macro_rules! syscall_enter {
-    ($($program:ident => $name:literal, $iov:literal);* $(;)?) => {$(
+    ($($program:ident => $name:literal, $iov:literal, $btf:literal);* $(;)?) => {$(
         #[tracepoint(category = "syscalls", name = $name)]
         // `allow`, not `expect`: clippy does not lint code made by a local macro.
         #[allow(clippy::needless_pass_by_value, reason = "the program macro fixes the signature")]
         pub fn $program(ctx: TracePointContext) -> u32 {
-            let _ = enter(&ctx, $iov);
+            let _ = enter::<$btf>(&ctx, $iov);
             0
         }
     )*};
@@ -66,9 +78,12 @@ macro_rules! syscall_exit {
 }
 
 syscall_enter! {
-    sys_enter_write => "sys_enter_write", false;
-    sys_enter_pwrite64 => "sys_enter_pwrite64", false;
-    sys_enter_writev => "sys_enter_writev", true;
+    sys_enter_write => "sys_enter_write", false, true;
+    sys_enter_pwrite64 => "sys_enter_pwrite64", false, true;
+    sys_enter_writev => "sys_enter_writev", true, true;
+    sys_enter_write_compat => "sys_enter_write", false, false;
+    sys_enter_pwrite64_compat => "sys_enter_pwrite64", false, false;
+    sys_enter_writev_compat => "sys_enter_writev", true, false;
 }
 
 syscall_exit! {
@@ -78,29 +93,15 @@ syscall_exit! {
 }
 
 /// At entry: is `fd` a cgroup2 limit file? If so, keep its node and the written bytes.
-fn enter(ctx: &TracePointContext, iov: bool) -> Result<(), i32> {
+fn enter<const BTF: bool>(ctx: &TracePointContext, iov: bool) -> Result<(), i32> {
     let fd = record_field(ctx, ARG0);
-    let off = OFFSETS.load();
-    // SAFETY: the current task is a `struct task_struct`; offsets come from BTF. Every read goes
-    // through bpf_probe_read_kernel, so a stale pointer fails instead of faulting.
-    let kn = unsafe {
-        let task = bpf_get_current_task() as *const u8;
-        let files: *const u8 = read_field(task, off.task_files)?;
-        let fdt: *const u8 = read_field(files, off.files_struct_fdt)?;
-        let (max_fds, fds) = fdtable(fdt, &off)?;
-        if fd >= u64::from(max_fds) {
-            return Ok(());
-        }
-        #[expect(clippy::cast_possible_truncation, reason = "fd < max_fds, an int")]
-        let slot = fds.add(fd as usize * 8);
-        let file: *const u8 = read_field(slot, 0)?;
-        let inode: *const u8 = read_field(file, off.file_f_inode)?;
-        let sb: *const u8 = read_field(inode, off.inode_i_sb)?;
-        let magic: u64 = read_field(sb, off.super_block_s_magic)?;
-        if magic != CGROUP2_SUPER_MAGIC {
-            return Ok(());
-        }
-        read_field::<*const u8>(inode, off.inode_i_private)?
+    let found = if BTF {
+        cgroup_node_btf(fd)?
+    } else {
+        cgroup_node(fd)?
+    };
+    let Some(kn) = found else {
+        return Ok(());
     };
     if !is_limit_file(kn)? {
         return Ok(());
@@ -133,7 +134,9 @@ fn enter(ctx: &TracePointContext, iov: bool) -> Result<(), i32> {
         let len = len as u32;
         pending.value_len = len;
     }
-    PENDING_WRITES.insert(bpf_get_current_pid_tgid(), pending, 0)
+    PENDING_WRITES.insert(bpf_get_current_pid_tgid(), pending, 0)?;
+    pending_add(1);
+    Ok(())
 }
 
 /// An 8-byte field of the tracepoint record, loaded directly: a helper call per field would
@@ -151,26 +154,144 @@ fn record_field(ctx: &TracePointContext, offset: usize) -> u64 {
     }
 }
 
-/// `fdt->max_fds` and `fdt->fd`, in one read when they are adjacent (they are on every kernel
-/// from 5.10 to 6.18: an `unsigned int`, then the array pointer).
+/// The fd's cgroup2 node (`None`: not open, or not on cgroup2) through `bpf_probe_read_kernel`:
+/// seven helper calls, on any kernel.
 #[inline]
-fn fdtable(fdt: *const u8, off: &agent_common::KernelOffsets) -> Result<(u32, *const u8), i32> {
-    // SAFETY: `fdt` is a `struct fdtable *`; offsets come from BTF.
+fn cgroup_node(fd: u64) -> Result<Option<*const u8>, i32> {
+    let off = OFFSETS.load();
+    // SAFETY: the current task is a `struct task_struct`; offsets come from BTF. Every read goes
+    // through bpf_probe_read_kernel, so a stale pointer fails instead of faulting.
     unsafe {
-        if off.fdtable_fd == off.fdtable_max_fds + 8 {
+        let task = bpf_get_current_task() as *const u8;
+        let files: *const u8 = read_field(task, off.task_files)?;
+        let fdt: *const u8 = read_field(files, off.files_struct_fdt)?;
+        // `max_fds` and `fd` are adjacent on every kernel from 5.10 to 6.18: one read.
+        let (max_fds, fds) = if off.fdtable_fd == off.fdtable_max_fds + 8 {
             let both: [u64; 2] = read_field(fdt, off.fdtable_max_fds)?;
-            #[expect(
-                clippy::cast_possible_truncation,
-                reason = "max_fds is an unsigned int"
-            )]
-            return Ok((both[0] as u32, both[1] as *const u8));
+            (both[0] & u64::from(u32::MAX), both[1] as *const u8)
+        } else {
+            let max_fds: u32 = read_field(fdt, off.fdtable_max_fds)?;
+            (u64::from(max_fds), read_field(fdt, off.fdtable_fd)?)
+        };
+        if fd >= max_fds {
+            return Ok(None);
         }
-        Ok((
-            read_field(fdt, off.fdtable_max_fds)?,
-            read_field(fdt, off.fdtable_fd)?,
-        ))
+        slot_node(fds, fd)
     }
 }
+
+/// The cgroup2 node of the file in slot `fd` of the `struct file *` array `fds`, through
+/// `bpf_probe_read_kernel` (four helper calls).
+///
+/// # Safety
+/// `fds` must be an fd table's array with more than `fd` slots.
+#[inline]
+unsafe fn slot_node(fds: *const u8, fd: u64) -> Result<Option<*const u8>, i32> {
+    let off = OFFSETS.load();
+    unsafe {
+        #[expect(clippy::cast_possible_truncation, reason = "fd < max_fds, an int")]
+        let file: *const u8 = read_field(fds.add(fd as usize * 8), 0)?;
+        let inode: *const u8 = read_field(file, off.file_f_inode)?;
+        let sb: *const u8 = read_field(inode, off.inode_i_sb)?;
+        let magic: u64 = read_field(sb, off.super_block_s_magic)?;
+        if magic != CGROUP2_SUPER_MAGIC {
+            return Ok(None);
+        }
+        Ok(Some(read_field(inode, off.inode_i_private)?))
+    }
+}
+
+/// The same by direct loads from the BTF-typed current task (5.11 and later): the verifier
+/// types each load from the kernel's BTF and the JIT makes it one fault-handled move, several
+/// times cheaper than a helper call. This is what keeps ordinary writes cheap.
+///
+/// All the way to the superblock for the fds in the table every process starts with (the
+/// first 64, until it has more open); a process that outgrew that table needs the helpers from
+/// the fd slot on, since the verifier cannot type the separately allocated array.
+///
+/// The verifier needs every offset to be a constant: they sit in frozen `.rodata`, and the
+/// array slot is reached by adding a constant per bit of the fd (a computed `8 * fd` would be a
+/// variable offset, which it refuses).
+#[inline]
+fn cgroup_node_btf(fd: u64) -> Result<Option<*const u8>, i32> {
+    let offsets = [
+        offset!(task_files),
+        offset!(files_struct_fdt),
+        offset!(files_struct_fdtab),
+        offset!(files_struct_fd_array),
+        offset!(fdtable_max_fds),
+        offset!(fdtable_fd),
+        offset!(file_f_inode),
+        offset!(inode_i_sb),
+        offset!(super_block_s_magic),
+        offset!(inode_i_private),
+    ];
+    if offsets.contains(&OFFSET_UNKNOWN) {
+        return cgroup_node(fd);
+    }
+    let [
+        files_off,
+        fdt_off,
+        fdtab_off,
+        array_off,
+        max_fds_off,
+        slots_off,
+        inode_off,
+        sb_off,
+        magic_off,
+        private_off,
+    ] = offsets.map(|o| o as usize);
+    // SAFETY: the verifier checks each load against the kernel's BTF at these constant offsets,
+    // and the JIT turns a fault into a zero.
+    unsafe {
+        let task = bpf_get_current_task_btf() as *const u8;
+        let files = load::<*const u8>(task, files_off);
+        let fdt = load::<*const u8>(files, fdt_off);
+        if fd >= u64::from(load::<u32>(fdt, max_fds_off)) {
+            return Ok(None);
+        }
+        if fdt != files.add(fdtab_off) || fd >= FD_ARRAY_LEN {
+            // The process outgrew its first table.
+            return slot_node(load::<*const u8>(fdt, slots_off), fd);
+        }
+        let mut slot = files.add(array_off);
+        for (bit, step) in FD_SLOT_STEPS.iter().enumerate() {
+            if fd & (1 << bit) != 0 {
+                slot = slot.add(core::ptr::read_volatile(step) as usize);
+            }
+        }
+        let file = load::<*const u8>(slot, 0);
+        if file.is_null() {
+            return Ok(None);
+        }
+        let inode = load::<*const u8>(file, inode_off);
+        let sb = load::<*const u8>(inode, sb_off);
+        if load::<u64>(sb, magic_off) != CGROUP2_SUPER_MAGIC {
+            return Ok(None);
+        }
+        Ok(Some(load::<*const u8>(inode, private_off)))
+    }
+}
+
+/// A `T` at `base + offset`, by a direct load the verifier checks against BTF.
+///
+/// # Safety
+/// `base` must be a BTF-typed kernel pointer whose type has a `T` field at `offset`.
+#[expect(
+    clippy::inline_always,
+    reason = "a BPF subprogram call would hide the BTF type and the constant offset from the verifier"
+)]
+#[inline(always)]
+unsafe fn load<T>(base: *const u8, offset: usize) -> T {
+    unsafe { base.add(offset).cast::<T>().read() }
+}
+
+/// Slots in `files_struct.fd_array` (`NR_OPEN_DEFAULT`, the bits in a long).
+const FD_ARRAY_LEN: u64 = 64;
+
+/// The byte offset of each bit of an fd in `fd_array`. Read through volatile loads so that LLVM
+/// cannot fold them back into `8 * fd`; the verifier sees the frozen values as constants.
+static FD_SLOT_STEPS: [u32; 6] = [8, 16, 32, 64, 128, 256];
 
 /// Whether the kernfs node `kn` is one of the limit files (by name).
 fn is_limit_file(kn: *const u8) -> Result<bool, i32> {
@@ -186,12 +307,17 @@ fn is_limit_file(kn: *const u8) -> Result<bool, i32> {
 
 /// At exit: the pending write, if any, with the syscall's result.
 fn exit(ctx: &TracePointContext) -> Result<(), i32> {
+    if !any_pending() {
+        return Ok(());
+    }
     let key = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
     let Some(pending) = (unsafe { PENDING_WRITES.get(key) }).copied() else {
         return Ok(());
     };
-    let _ = PENDING_WRITES.remove(key);
+    if PENDING_WRITES.remove(key).is_ok() {
+        pending_add(u64::MAX);
+    }
     #[expect(
         clippy::cast_possible_wrap,
         reason = "ret is a signed long in the record"

@@ -21,8 +21,25 @@ pub enum Attached {
     Syscalls,
 }
 
-/// Writes one byte to /dev/null `iterations` times and prints the mean ns per write.
-pub fn bench_write(attached: Attached, iterations: u64) -> Result<()> {
+/// Has a fresh process write one byte to /dev/null `iterations` times with `attached` attached,
+/// and prints its mean ns per write. The writer is started before anything is loaded: this
+/// process comes to hold dozens of BPF fds, and a process with more than 64 fds (which a child
+/// inherits across exec) takes the probe's slower path; `open_files` measures that one.
+pub fn bench_write(attached: Attached, iterations: u64, open_files: u32) -> Result<()> {
+    // A child's fd table is sized by the highest fd open at fork, and stray descriptors
+    // inherited from whatever started us (a CI runner's fd 251, say) would give the writer a
+    // big table. Closing them first gives it the table an ordinary process starts with.
+    // SAFETY: nothing in this process uses a descriptor above stderr yet.
+    if unsafe { libc::close_range(3, u32::MAX, 0) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("close_range");
+    }
+    let mut writer = std::process::Command::new(std::env::current_exe()?)
+        .args(["bench-write", "--attached", "none", "--loop-only"])
+        .args(["--iterations", &iterations.to_string()])
+        .args(["--open-files", &open_files.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
     let offsets = offsets::resolve(std::path::Path::new(offsets::VMLINUX_BTF))?.offsets;
     // Kept alive (attached) until the loop ends.
     let _probes = match attached {
@@ -38,7 +55,7 @@ pub fn bench_write(attached: Attached, iterations: u64) -> Result<()> {
             Some(p)
         }
         Attached::Empty => {
-            let mut ebpf = probes::load_object(&offsets)?;
+            let mut ebpf = probes::load(&offsets, LimitWriteMode::Inotify)?.ebpf;
             for (name, tracepoint) in programs::BENCH_EMPTY {
                 let p: &mut TracePoint = ebpf
                     .program_mut(name)
@@ -53,7 +70,30 @@ pub fn bench_write(attached: Attached, iterations: u64) -> Result<()> {
             })
         }
     };
+    // The go signal: a line on its stdin.
+    writer
+        .stdin
+        .take()
+        .context("writer stdin")?
+        .write_all(b"go\n")?;
+    let out = writer.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the write loop failed: {}",
+        out.status
+    );
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    Ok(())
+}
+
+/// The measured loop: `open_files` files held open, then one-byte writes to /dev/null.
+pub fn write_loop(iterations: u64, open_files: u32) -> Result<()> {
+    let _held = (0..open_files)
+        .map(|_| std::fs::File::open("/dev/null"))
+        .collect::<std::io::Result<Vec<_>>>()?;
     let mut null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go)?;
     // Warm-up, then the measured loop.
     for _ in 0..iterations / 10 {
         null.write_all(b"x")?;

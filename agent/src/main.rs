@@ -85,6 +85,13 @@ enum Cmd {
         attached: bench::Attached,
         #[arg(long, default_value_t = 2_000_000)]
         iterations: u64,
+        /// Files the writing process holds open besides stdio and /dev/null (over 61 moves
+        /// its fds out of the table a process starts with).
+        #[arg(long, default_value_t = 0)]
+        open_files: u32,
+        /// Run the loop in this process (the loader spawns itself with this).
+        #[arg(long)]
+        loop_only: bool,
     },
     /// Validate a configuration file and print it as understood.
     CheckConfig {
@@ -134,7 +141,13 @@ fn main() -> ExitCode {
         Cmd::BenchWrite {
             attached,
             iterations,
-        } => exit(bench::bench_write(attached, iterations)),
+            open_files,
+            loop_only,
+        } => exit(if loop_only {
+            bench::write_loop(iterations, open_files)
+        } else {
+            bench::bench_write(attached, iterations, open_files)
+        }),
         Cmd::CheckConfig { config } => match load_config(config.as_deref()) {
             Ok(c) => {
                 println!("{c:#?}");

@@ -61,6 +61,8 @@ pub fn resolve(path: &Path) -> Result<Resolved, OffsetsError> {
         files_struct_fdt: find("files_struct", &["fdt"]),
         fdtable_max_fds: find("fdtable", &["max_fds"]),
         fdtable_fd: find("fdtable", &["fd"]),
+        files_struct_fdtab: find("files_struct", &["fdtab"]),
+        files_struct_fd_array: find("files_struct", &["fd_array"]),
         file_f_inode: find("file", &["f_inode"]),
         inode_i_sb: find("inode", &["i_sb"]),
         super_block_s_magic: find("super_block", &["s_magic"]),

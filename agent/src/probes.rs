@@ -328,30 +328,56 @@ fn attach_kprobes(ebpf: &mut Ebpf) -> Attempt {
 }
 
 /// The write syscalls' entry and exit tracepoints: all six or none (an entry without its exit
-/// would keep writes that are never reported).
+/// would keep writes that are never reported). The entries that load the task by BTF are tried
+/// first; where the kernel refuses them, the helper-reading entries.
 fn attach_syscalls(ebpf: &mut Ebpf, offsets: &KernelOffsets) -> Attempt {
     if !offsets.has_fd_to_kernfs() {
         let why = "kernel BTF lacks the fields to follow an fd to its file";
         return (Vec::new(), vec![("write syscalls", why.to_owned())]);
     }
+    let (exits, btf_entries) = (
+        &programs::SYSCALL_WRITES[3..],
+        &programs::SYSCALL_WRITES[..3],
+    );
+    let mut refused = Vec::new();
+    for entries in [btf_entries, &programs::SYSCALL_WRITES_COMPAT[..]] {
+        let set: Vec<_> = entries.iter().chain(exits).collect();
+        match attach_tracepoints(ebpf, &set) {
+            Ok(hooks) => {
+                for (name, e) in &refused {
+                    tracing::info!("syscalls mode reads the task through helpers: {name}: {e}");
+                }
+                return (hooks, Vec::new());
+            }
+            Err(e) => refused.push(e),
+        }
+    }
+    (Vec::new(), refused)
+}
+
+/// Loads and attaches `syscalls/*` tracepoint programs, all or none.
+fn attach_tracepoints(
+    ebpf: &mut Ebpf,
+    set: &[&(&'static str, &'static str)],
+) -> Result<Vec<String>, (&'static str, String)> {
     let mut hooks = Vec::new();
-    for (name, tracepoint) in programs::SYSCALL_WRITES {
+    for &&(name, tracepoint) in set {
         let r = program::<TracePoint>(ebpf, name).and_then(|p| {
             p.load().map_err(chain)?;
             p.attach("syscalls", tracepoint).map(drop).map_err(chain)
         });
         if let Err(e) = r {
             // Unloading detaches the ones already attached.
-            for (other, _) in programs::SYSCALL_WRITES {
+            for &&(other, _) in set {
                 if let Ok(p) = program::<TracePoint>(ebpf, other) {
                     let _ = p.unload();
                 }
             }
-            return (Vec::new(), vec![(name, e)]);
+            return Err((name, e));
         }
         hooks.push(format!("syscalls/{tracepoint}"));
     }
-    (hooks, Vec::new())
+    Ok(hooks)
 }
 
 /// The program `name` as type `T`.

@@ -298,6 +298,30 @@ fn limit_writes_in_mode(mode: &str) {
         agent.log()
     );
 
+    if mode == "syscalls" {
+        // The BTF-typed entries need bpf_get_current_task_btf (5.11); before that, the entries
+        // that read through helpers must have taken over.
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+        let mut version = release
+            .trim()
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (version.next().unwrap_or(0), version.next().unwrap_or(0));
+        assert_eq!(
+            agent.log().contains("reads the task through helpers"),
+            (major, minor) < (5, 11),
+            "wrong syscalls entries for {release}; log:\n{}",
+            agent.log()
+        );
+        // The writers below run in this process and its children: its fd table must be the one
+        // a process starts with, or the test would not reach the probe's direct-load path.
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        assert!(
+            status.lines().any(|l| l == "FDSize:\t64"),
+            "this process has outgrown its first fd table:\n{status}"
+        );
+    }
+
     // Created after the agent started: known from the mkdir probe, with the kernel's defaults.
     let name = format!("nw-limits-{mode}");
     let cg = TestCgroup::new(&name);
@@ -321,6 +345,18 @@ fn limit_writes_in_mode(mode: &str) {
         .status()
         .expect("sh");
     assert!(sh.success());
+
+    // A writer whose process has outgrown its first fd table (an fd above 63 open): the
+    // syscalls mode reaches its file through helper reads. The table stays big after the
+    // close, so this comes last of the writers in this process, and syscalls is the last mode.
+    let wide = "nw-lim-wide";
+    if mode == "syscalls" {
+        // SAFETY: dup2 onto an fd number nothing in this process uses, closed again below.
+        assert_eq!(unsafe { libc::dup2(2, 100) }, 100);
+        write_file_as(wide, &file("memory.swap.max"), "max").expect("memory.swap.max");
+        // SAFETY: the fd opened just above.
+        unsafe { libc::close(100) };
+    }
 
     let kernel = |f: &str| {
         std::fs::read_to_string(file(f))
@@ -350,6 +386,9 @@ fn limit_writes_in_mode(mode: &str) {
     agent.wait_for_sample(&counter("memory.swap.max", &swap_writer, "ok"), 1.0, wait);
     agent.wait_for_sample(&counter("memory.max", writer, "EINVAL"), 1.0, wait);
     agent.wait_for_sample(&counter("memory.high", "sh", "ok"), 1.0, wait);
+    if mode == "syscalls" {
+        agent.wait_for_sample(&counter("memory.swap.max", wide, "ok"), 1.0, wait);
+    }
     // Gauges follow the kernel's values (memory in bytes, cpu.max as cores).
     let gauge = |limit: &str| {
         format!("nodewarden_cgroup_limit_bytes{{cgroup=\"{cgroup}\",limit=\"{limit}\"}}")

@@ -36,7 +36,7 @@ pub fn main() -> Result<()> {
                 .arg(root.join("target/ebpf-clippy"))
                 .args(["--", "-D", "warnings"])
                 .current_dir(root.join("agent-ebpf"))
-                .env("RUSTC_BOOTSTRAP", "aya_ebpf")
+                .env("RUSTC_BOOTSTRAP", "aya_ebpf,agent_ebpf")
                 .env(
                     "CARGO_ENCODED_RUSTFLAGS",
                     format!("--cfg=bpf_target_arch=\"{arch}\""),
