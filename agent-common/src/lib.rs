@@ -29,6 +29,8 @@ pub mod maps {
     pub const LIMIT_WRITE_ARGS: &str = "LIMIT_WRITE_ARGS";
     /// Global with the kernel struct offsets read from BTF at start-up.
     pub const OFFSETS: &str = "OFFSETS";
+    /// `out_of_memory` calls in progress, keyed by `pid_tgid`: their `struct oom_control *`.
+    pub const OOM_ENTRIES: &str = "OOM_ENTRIES";
 }
 
 /// Names of the programs (their function names in the eBPF object).
@@ -67,6 +69,12 @@ pub mod programs {
     pub const OOM_MARK_VICTIM: &str = "oom_mark_victim";
     /// Raw tracepoint `signal_generate`: remembers SIGKILL targets' cgroups for the OOM probe.
     pub const SIGNAL_GENERATE: &str = "signal_generate";
+    /// fentry on `out_of_memory`: remembers its `struct oom_control *` (the limit hit).
+    pub const OOM_ENTER_FENTRY: &str = "oom_enter_fentry";
+    /// kprobe on `out_of_memory`, where fentry is not allowed.
+    pub const OOM_ENTER_KPROBE: &str = "oom_enter_kprobe";
+    /// The kernel function both OOM entry programs attach to.
+    pub const OUT_OF_MEMORY: &str = "out_of_memory";
 }
 
 /// Event kinds, with stable numbers: they are the first field of every event.
@@ -272,15 +280,48 @@ pub struct OomKillEvent {
     pub victim_tgid: u32,
     /// Bit set of `VICTIM_*` flags.
     pub victim_flags: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// The victim's `oom_score_adj` (valid with [`VICTIM_MEMORY`]).
+    pub victim_oom_score_adj: i32,
     /// The victim's `comm`, NUL-padded; empty when unknown.
     pub victim_comm: [u8; COMM_LEN],
+    /// The victim's resident pages by [`RSS_FILE`], [`RSS_ANON`], [`RSS_SWAP`] (swap entries)
+    /// and [`RSS_SHMEM`], when it was sent SIGKILL (valid with [`VICTIM_MEMORY`]).
+    pub victim_rss_pages: [u64; 4],
+    /// The victim's `mm->total_vm` in pages (valid with [`VICTIM_MEMORY`]).
+    pub victim_total_vm_pages: u64,
+    /// Cgroup v2 id of the memory cgroup whose limit was hit; 0 for a global OOM or when the
+    /// OOM call was not seen (see `oom_flags`).
+    pub limit_cgroup_id: u64,
+    /// That cgroup's `memory.current` in pages when the victim was chosen.
+    pub limit_usage_pages: u64,
+    /// That cgroup's `memory.max` in pages.
+    pub limit_max_pages: u64,
+    /// `oom_control.totalpages`: the memory the OOM killer weighed victims against.
+    pub total_pages: u64,
+    /// When the `out_of_memory` call that chose this victim began (`CLOCK_MONOTONIC`): the same
+    /// for every victim of one limit hit.
+    pub incident_ns: u64,
+    /// `oom_control.constraint` (`enum oom_constraint`: 0 none, 1 cpuset, 2 mempolicy, 3 memcg).
+    pub constraint: u32,
+    /// Bit set of `OOM_*` flags.
+    pub oom_flags: u32,
 }
-const _: () = assert!(size_of::<OomKillEvent>() == 48 + 24 + COMM_LEN);
+const _: () = assert!(size_of::<OomKillEvent>() == 48 + 24 + COMM_LEN + 32 + 56);
 
 /// `victim_cgroup_id`, `victim_tgid` and `victim_comm` were read from the victim's task in the kernel.
 pub const VICTIM_FROM_TASK: u32 = 1;
+/// The victim's memory figures and `oom_score_adj` were read from its task.
+pub const VICTIM_MEMORY: u32 = 2;
+/// The `out_of_memory` call was seen: the `limit_*`, `total_pages`, `incident_ns` and
+/// `constraint` fields are the kernel's.
+pub const OOM_CONTROL: u32 = 1;
+
+/// Indexes of `victim_rss_pages`, the kernel's `MM_FILEPAGES`, `MM_ANONPAGES`, `MM_SWAPENTS`
+/// and `MM_SHMEMPAGES` (the same numbers since 4.5).
+pub const RSS_FILE: usize = 0;
+pub const RSS_ANON: usize = 1;
+pub const RSS_SWAP: usize = 2;
+pub const RSS_SHMEM: usize = 3;
 
 /// What the `signal_generate` probe remembers of a SIGKILL's target, keyed by its pid.
 #[repr(C)]
@@ -290,12 +331,31 @@ pub struct KilledTask {
     pub cgroup_id: u64,
     /// Thread group id of the target.
     pub tgid: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// `VICTIM_*` flags for what could be read.
+    pub flags: u32,
     /// The target's `comm`.
     pub comm: [u8; COMM_LEN],
+    /// As [`OomKillEvent::victim_rss_pages`].
+    pub rss_pages: [u64; 4],
+    /// `mm->total_vm` in pages.
+    pub total_vm_pages: u64,
+    /// `signal->oom_score_adj`.
+    pub oom_score_adj: i32,
+    /// Reserved, zero.
+    pub reserved: u32,
 }
-const _: () = assert!(size_of::<KilledTask>() == 32);
+const _: () = assert!(size_of::<KilledTask>() == 80);
+
+/// An `out_of_memory` call in progress on a thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct OomEntry {
+    /// Its `struct oom_control *`.
+    pub oc: u64,
+    /// When it began (`CLOCK_MONOTONIC`).
+    pub entered_ns: u64,
+}
+const _: () = assert!(size_of::<OomEntry>() == 16);
 
 /// Byte offsets of the kernel struct fields the programs read, taken from the running kernel's BTF.
 ///
@@ -345,8 +405,33 @@ pub struct KernelOffsets {
     pub files_struct_fdtab: u32,
     /// `files_struct.fd_array`, that first table's `struct file *` slots.
     pub files_struct_fd_array: u32,
+    /// `task_struct.mm`.
+    pub task_mm: u32,
+    /// `task_struct.signal`.
+    pub task_signal: u32,
+    /// `signal_struct.oom_score_adj` (a `short`).
+    pub signal_oom_score_adj: u32,
+    /// `mm_struct.total_vm`.
+    pub mm_total_vm: u32,
+    /// The first RSS counter's value in `mm_struct` (`rss_stat.count[0]` before 6.2,
+    /// `rss_stat[0].count` since): a signed 64-bit page count.
+    pub mm_rss_counters: u32,
+    /// Bytes from one RSS counter to the next (8, or `sizeof(struct percpu_counter)`).
+    pub mm_rss_stride: u32,
+    /// `oom_control.memcg` (NULL for a global OOM).
+    pub oom_control_memcg: u32,
+    /// `oom_control.constraint`.
+    pub oom_control_constraint: u32,
+    /// `oom_control.totalpages`.
+    pub oom_control_totalpages: u32,
+    /// `mem_cgroup.css.cgroup`: the memory cgroup's `struct cgroup *`.
+    pub mem_cgroup_css_cgroup: u32,
+    /// `mem_cgroup.memory.usage` (pages, an `atomic_long_t`).
+    pub mem_cgroup_usage: u32,
+    /// `mem_cgroup.memory.max` (pages).
+    pub mem_cgroup_max: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 80);
+const _: () = assert!(size_of::<KernelOffsets>() == 128);
 
 /// Marks a field the running kernel does not have.
 pub const OFFSET_UNKNOWN: u32 = u32::MAX;
@@ -374,6 +459,18 @@ impl KernelOffsets {
         inode_i_private: OFFSET_UNKNOWN,
         files_struct_fdtab: OFFSET_UNKNOWN,
         files_struct_fd_array: OFFSET_UNKNOWN,
+        task_mm: OFFSET_UNKNOWN,
+        task_signal: OFFSET_UNKNOWN,
+        signal_oom_score_adj: OFFSET_UNKNOWN,
+        mm_total_vm: OFFSET_UNKNOWN,
+        mm_rss_counters: OFFSET_UNKNOWN,
+        mm_rss_stride: OFFSET_UNKNOWN,
+        oom_control_memcg: OFFSET_UNKNOWN,
+        oom_control_constraint: OFFSET_UNKNOWN,
+        oom_control_totalpages: OFFSET_UNKNOWN,
+        mem_cgroup_css_cgroup: OFFSET_UNKNOWN,
+        mem_cgroup_usage: OFFSET_UNKNOWN,
+        mem_cgroup_max: OFFSET_UNKNOWN,
     };
 
     /// Whether a task's cgroup id can be read (`task->cgroups->dfl_cgrp->kn->id`).
@@ -399,6 +496,17 @@ impl KernelOffsets {
             && self.inode_i_private != OFFSET_UNKNOWN
     }
 
+    /// Whether an `out_of_memory` call's limit can be read (`oc->memcg->css.cgroup->kn->id`,
+    /// `oc->constraint`).
+    #[must_use]
+    pub const fn has_oom_control(&self) -> bool {
+        self.oom_control_memcg != OFFSET_UNKNOWN
+            && self.oom_control_constraint != OFFSET_UNKNOWN
+            && self.mem_cgroup_css_cgroup != OFFSET_UNKNOWN
+            && self.cgroup_kn != OFFSET_UNKNOWN
+            && self.kernfs_node_id != OFFSET_UNKNOWN
+    }
+
     /// Whether a written file's name and cgroup id can be read (`of->kn->name`,
     /// `of->kn->parent->id`): without them a write cannot be attributed at all.
     #[must_use]
@@ -422,4 +530,5 @@ mod pod {
     unsafe impl aya::Pod for super::LimitWriteArgs {}
     unsafe impl aya::Pod for super::PendingWrite {}
     unsafe impl aya::Pod for super::OomKillEvent {}
+    unsafe impl aya::Pod for super::OomEntry {}
 }

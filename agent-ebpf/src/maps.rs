@@ -2,7 +2,7 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use agent_common::{KernelOffsets, KilledTask, LimitWriteArgs, PendingWrite};
+use agent_common::{KernelOffsets, KilledTask, LimitWriteArgs, OomEntry, PendingWrite};
 use aya_ebpf::{
     Global,
     macros::map,
@@ -29,6 +29,11 @@ pub static LIMIT_WRITE_ARGS: LruHashMap<u64, LimitWriteArgs> =
 /// Limit writes seen at syscall entry, by `pid_tgid`, until the syscall returns (syscalls mode).
 #[map(name = "PENDING_WRITES")]
 pub static PENDING_WRITES: LruHashMap<u64, PendingWrite> = LruHashMap::with_max_entries(1024, 0);
+
+/// `out_of_memory` calls in progress by `pid_tgid` (see `oom::remember_oom`). LRU: entries are
+/// replaced, never removed.
+#[map(name = "OOM_ENTRIES")]
+pub static OOM_ENTRIES: LruHashMap<u64, OomEntry> = LruHashMap::with_max_entries(256, 0);
 
 /// Kernel struct offsets, set by the loader from the running kernel's BTF.
 #[unsafe(no_mangle)]

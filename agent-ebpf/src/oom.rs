@@ -1,15 +1,20 @@
-//! OOM kills: the victim from `oom/mark_victim`, its cgroup from the SIGKILL sent just before.
+//! OOM kills: the victim from `oom/mark_victim`, its cgroup and memory from the SIGKILL sent
+//! just before, and the limit that was hit from the `out_of_memory` call that chose it.
 
-use agent_common::{COMM_LEN, EventKind, KilledTask, OomKillEvent, VICTIM_FROM_TASK};
+use agent_common::{
+    COMM_LEN, EventKind, KernelOffsets, KilledTask, OOM_CONTROL, OomEntry, OomKillEvent,
+    VICTIM_FROM_TASK, VICTIM_MEMORY,
+};
 use aya_ebpf::{
-    macros::{raw_tracepoint, tracepoint},
-    programs::{RawTracePointContext, TracePointContext},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{fentry, kprobe, raw_tracepoint, tracepoint},
+    programs::{FEntryContext, ProbeContext, RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::debug;
 
 use crate::{
     kernel::{current_header, read_field, task_cgroup_id},
-    maps::{EVENTS, KILLED, OFFSETS},
+    maps::{EVENTS, KILLED, OFFSETS, OOM_ENTRIES},
 };
 
 const SIGKILL: i32 = 9;
@@ -46,15 +51,83 @@ fn try_signal_generate(ctx: &RawTracePointContext) -> Result<(), i32> {
     // SAFETY: `task` is the tracepoint's `struct task_struct *`; offsets come from BTF.
     let (pid, killed) = unsafe {
         let pid: u32 = read_field(task, off.task_pid)?;
-        let killed = KilledTask {
+        let mut killed = KilledTask {
             cgroup_id: task_cgroup_id(&off, task)?,
             tgid: read_field(task, off.task_tgid)?,
-            reserved: 0,
+            flags: VICTIM_FROM_TASK,
             comm: read_field::<[u8; COMM_LEN]>(task, off.task_comm).unwrap_or([0; COMM_LEN]),
+            rss_pages: [0; 4],
+            total_vm_pages: 0,
+            oom_score_adj: 0,
+            reserved: 0,
         };
+        if read_memory(&off, task, &mut killed).is_ok() {
+            killed.flags |= VICTIM_MEMORY;
+        }
         (pid, killed)
     };
     KILLED.insert(pid, killed, 0)
+}
+
+/// The task's RSS counters, `total_vm` and `oom_score_adj`: what the kernel's own OOM report
+/// prints, read at the same moment (the SIGKILL precedes the report).
+///
+/// # Safety
+/// `task` must point to a `struct task_struct`.
+unsafe fn read_memory(off: &KernelOffsets, task: *const u8, k: &mut KilledTask) -> Result<(), i32> {
+    unsafe {
+        let signal: *const u8 = read_field(task, off.task_signal)?;
+        let adj: i16 = read_field(signal, off.signal_oom_score_adj)?;
+        k.oom_score_adj = i32::from(adj);
+        // A kernel thread has no mm; an exiting task may have dropped it.
+        let mm: *const u8 = read_field(task, off.task_mm)?;
+        k.total_vm_pages = read_field(mm, off.mm_total_vm)?;
+        let mut at = off.mm_rss_counters;
+        for slot in &mut k.rss_pages {
+            // The per-CPU total can be briefly negative; the kernel reports it as 0 too.
+            let pages: i64 = read_field(mm, at)?;
+            *slot = pages.max(0).cast_unsigned();
+            at = at.wrapping_add(off.mm_rss_stride);
+        }
+    }
+    Ok(())
+}
+
+/// fentry on `out_of_memory(struct oom_control *oc)`: every victim chosen in this call (several
+/// with `memory.oom.group`) is marked from inside it, on this thread.
+#[fentry(function = "out_of_memory")]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the program macro fixes the signature"
+)]
+pub fn oom_enter_fentry(ctx: FEntryContext) -> i32 {
+    let oc: u64 = ctx.arg(0);
+    remember_oom(oc);
+    0
+}
+
+/// The same as a kprobe, where fentry is not allowed (arm64 6.1).
+#[kprobe]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the program macro fixes the signature"
+)]
+pub fn oom_enter_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(oc) = ctx.arg::<u64>(0) {
+        remember_oom(oc);
+    }
+    0
+}
+
+/// Keeps the call's `oc` for `mark_victim`. No return probe removes it: every `mark_victim`
+/// comes from inside an `out_of_memory` call, whose entry has just replaced the thread's entry.
+fn remember_oom(oc: u64) {
+    let entry = OomEntry {
+        oc,
+        // SAFETY: no preconditions.
+        entered_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    let _ = OOM_ENTRIES.insert(bpf_get_current_pid_tgid(), entry, 0);
 }
 
 /// Offset of `pid` in the `oom/mark_victim` record: first field after the 8-byte common header,
@@ -80,6 +153,9 @@ fn try_mark_victim(ctx: &TracePointContext) -> Result<(), i32> {
     let killed = unsafe { KILLED.get(victim_pid) }.copied();
     let _ = KILLED.remove(victim_pid);
 
+    // SAFETY: the value is copied out of the map.
+    let oom = unsafe { OOM_ENTRIES.get(bpf_get_current_pid_tgid()) }.copied();
+
     let Some(mut entry) = EVENTS.reserve::<OomKillEvent>(0) else {
         return Err(-1);
     };
@@ -88,16 +164,65 @@ fn try_mark_victim(ctx: &TracePointContext) -> Result<(), i32> {
     unsafe {
         (*event).header = current_header(EventKind::OomKill as u32);
         (*event).victim_pid = victim_pid;
-        (*event).reserved = 0;
-        let (cgroup_id, tgid, comm, flags) = killed.map_or((0, 0, [0; COMM_LEN], 0), |k| {
-            (k.cgroup_id, k.tgid, k.comm, VICTIM_FROM_TASK)
+        let k = killed.unwrap_or(KilledTask {
+            cgroup_id: 0,
+            tgid: 0,
+            flags: 0,
+            comm: [0; COMM_LEN],
+            rss_pages: [0; 4],
+            total_vm_pages: 0,
+            oom_score_adj: 0,
+            reserved: 0,
         });
-        (*event).victim_cgroup_id = cgroup_id;
-        (*event).victim_tgid = tgid;
-        (*event).victim_comm = comm;
-        (*event).victim_flags = flags;
+        (*event).victim_cgroup_id = k.cgroup_id;
+        (*event).victim_tgid = k.tgid;
+        (*event).victim_comm = k.comm;
+        (*event).victim_flags = k.flags;
+        (*event).victim_oom_score_adj = k.oom_score_adj;
+        (*event).victim_rss_pages = k.rss_pages;
+        (*event).victim_total_vm_pages = k.total_vm_pages;
+        (*event).limit_cgroup_id = 0;
+        (*event).limit_usage_pages = 0;
+        (*event).limit_max_pages = 0;
+        (*event).total_pages = 0;
+        (*event).incident_ns = 0;
+        (*event).constraint = 0;
+        (*event).oom_flags = 0;
+        if let Some(oom) = oom
+            && read_oom_control(oom.oc as *const u8, &mut *event).is_ok()
+        {
+            (*event).incident_ns = oom.entered_ns;
+            (*event).oom_flags = OOM_CONTROL;
+        }
     }
     entry.submit(0);
     debug!(ctx, "oom: victim pid {}", victim_pid);
+    Ok(())
+}
+
+/// The limit the `out_of_memory` call is about: `oc->constraint`, `oc->totalpages`, and for a
+/// memory cgroup's OOM (`oc->memcg` set) its cgroup id, usage and max.
+///
+/// # Safety
+/// `oc` must point to the `struct oom_control` of an `out_of_memory` call in progress.
+unsafe fn read_oom_control(oc: *const u8, event: &mut OomKillEvent) -> Result<(), i32> {
+    let off = OFFSETS.load();
+    if !off.has_oom_control() {
+        return Err(-1);
+    }
+    unsafe {
+        event.constraint = read_field(oc, off.oom_control_constraint)?;
+        event.total_pages = read_field(oc, off.oom_control_totalpages).unwrap_or(0);
+        let memcg: *const u8 = read_field(oc, off.oom_control_memcg)?;
+        if memcg.is_null() {
+            return Ok(());
+        }
+        let cgroup: *const u8 = read_field(memcg, off.mem_cgroup_css_cgroup)?;
+        let kn: *const u8 = read_field(cgroup, off.cgroup_kn)?;
+        event.limit_cgroup_id = read_field(kn, off.kernfs_node_id)?;
+        let usage: i64 = read_field(memcg, off.mem_cgroup_usage).unwrap_or(0);
+        event.limit_usage_pages = usage.max(0).cast_unsigned();
+        event.limit_max_pages = read_field(memcg, off.mem_cgroup_max).unwrap_or(0);
+    }
     Ok(())
 }

@@ -8,7 +8,10 @@ use agent_common::programs;
 use anyhow::{Context as _, Result};
 use aya::programs::TracePoint;
 
-use crate::{config::LimitWriteMode, offsets, probes};
+use crate::{
+    config::{LimitWriteMode, ProbesConfig},
+    offsets, probes,
+};
 
 /// What is attached while the loop runs.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -45,7 +48,11 @@ pub fn bench_write(attached: Attached, iterations: u64, open_files: u32) -> Resu
     let _probes = match attached {
         Attached::None => None,
         Attached::Syscalls => {
-            let p = probes::load(&offsets, LimitWriteMode::Syscalls)?;
+            let choices = ProbesConfig {
+                limit_writes: LimitWriteMode::Syscalls,
+                ..ProbesConfig::default()
+            };
+            let p = probes::load(&offsets, &choices)?;
             let s = p
                 .status
                 .iter()
@@ -55,7 +62,7 @@ pub fn bench_write(attached: Attached, iterations: u64, open_files: u32) -> Resu
             Some(p)
         }
         Attached::Empty => {
-            let mut ebpf = probes::load(&offsets, LimitWriteMode::Inotify)?.ebpf;
+            let mut ebpf = probes::load_object(&offsets)?;
             for (name, tracepoint) in programs::BENCH_EMPTY {
                 let p: &mut TracePoint = ebpf
                     .program_mut(name)

@@ -4,10 +4,10 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::{cgroups, config::LimitWriteMode, offsets, probes};
+use crate::{cgroups, config::ProbesConfig, offsets, probes};
 
 /// Prints the report; fails only when the eBPF object cannot be loaded at all.
-pub fn check(limit_writes: LimitWriteMode) -> Result<()> {
+pub fn check(choices: &ProbesConfig) -> Result<()> {
     let uname = uname();
     println!("kernel: {uname}");
 
@@ -41,7 +41,7 @@ pub fn check(limit_writes: LimitWriteMode) -> Result<()> {
         None => println!("cgroup v2: not mounted"),
     }
 
-    let probes = probes::load(&kernel_offsets, limit_writes)?;
+    let probes = probes::load(&kernel_offsets, choices)?;
     println!("probes:");
     for s in &probes.status {
         println!("  {s}");

@@ -50,12 +50,28 @@ pub enum LimitWriteMode {
     Inotify,
 }
 
+/// How the limit an OOM kill hit is found: `auto` probes `out_of_memory` where the kernel
+/// allows it; `memory-events` forces the userspace derivation (for tests, and kernels whose
+/// probes misbehave).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OomLimitMode {
+    #[default]
+    Auto,
+    Fentry,
+    Kprobe,
+    /// From the ancestors' `memory.events.local` counters, read when the kill is seen.
+    MemoryEvents,
+}
+
 /// Probe choices.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ProbesConfig {
     #[serde(default)]
     pub limit_writes: LimitWriteMode,
+    #[serde(default)]
+    pub oom_limits: OomLimitMode,
 }
 
 /// Where metrics are served.
@@ -64,6 +80,14 @@ pub struct ProbesConfig {
 pub struct MetricsConfig {
     /// Address of the Prometheus endpoint (`/metrics`).
     pub listen: String,
+    /// How long the series of a removed cgroup stay after its removal, in seconds: long enough
+    /// for Prometheus to scrape its last counts.
+    #[serde(default = "default_deleted_cgroup_ttl_s")]
+    pub deleted_cgroup_ttl_s: u64,
+}
+
+fn default_deleted_cgroup_ttl_s() -> u64 {
+    3600
 }
 
 /// The whole configuration file, as written.
@@ -105,7 +129,9 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     pub shutdown_drain: Duration,
     pub cgroup_root: Option<PathBuf>,
-    pub limit_writes: LimitWriteMode,
+    pub probes: ProbesConfig,
+    /// How long a removed cgroup's series stay.
+    pub deleted_cgroup_ttl: Duration,
     pub events_socket: Option<PathBuf>,
     pub kubelet_log_dir: PathBuf,
 }
@@ -158,6 +184,12 @@ impl Config {
                 raw.events_socket
             ));
         }
+        if raw.metrics.deleted_cgroup_ttl_s == 0 || raw.metrics.deleted_cgroup_ttl_s > 7 * 86_400 {
+            problems.push(format!(
+                "metrics.deleted_cgroup_ttl_s = {}: must be between 1 and 604800 (a week)",
+                raw.metrics.deleted_cgroup_ttl_s
+            ));
+        }
         if let Some(root) = &cgroup_root
             && !root.is_absolute()
         {
@@ -172,7 +204,8 @@ impl Config {
                 metrics_listen,
                 shutdown_drain: Duration::from_millis(raw.shutdown_drain_ms),
                 cgroup_root,
-                limit_writes: raw.probes.limit_writes,
+                probes: raw.probes,
+                deleted_cgroup_ttl: Duration::from_secs(raw.metrics.deleted_cgroup_ttl_s),
                 events_socket,
                 kubelet_log_dir: PathBuf::from(raw.kubelet_log_dir),
             }),
@@ -194,7 +227,8 @@ mod tests {
         assert_eq!(c.mode, Mode::Observe);
         assert_eq!(c.metrics_listen.to_string(), "127.0.0.1:9717");
         assert!(c.cgroup_root.is_none());
-        assert_eq!(c.limit_writes, LimitWriteMode::Auto);
+        assert_eq!(c.probes, ProbesConfig::default());
+        assert_eq!(c.deleted_cgroup_ttl, Duration::from_secs(3600));
     }
 
     #[test]
@@ -203,7 +237,13 @@ mod tests {
             "mode = \"observe\"\nshutdown_drain_ms = 100\n[metrics]\nlisten = \"127.0.0.1:1\"\n";
         let c = Config::parse(&format!("{base}[probes]\nlimit_writes = \"kprobe\"\n"), "t")
             .expect("valid");
-        assert_eq!(c.limit_writes, LimitWriteMode::Kprobe);
+        assert_eq!(c.probes.limit_writes, LimitWriteMode::Kprobe);
+        let c = Config::parse(
+            &format!("{base}[probes]\noom_limits = \"memory-events\"\n"),
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(c.probes.oom_limits, OomLimitMode::MemoryEvents);
         let err = Config::parse(&format!("{base}[probes]\nlimit_writes = \"uprobe\"\n"), "t")
             .expect_err("no such mode");
         assert!(err.to_string().contains("uprobe"), "{err}");
@@ -224,15 +264,17 @@ mod tests {
             cgroup_root = "relative/path"
             [metrics]
             listen = "nowhere"
+            deleted_cgroup_ttl_s = 0
         "#;
         let err = Config::parse(text, "t").expect_err("invalid config");
         let ConfigError::Invalid { problems, .. } = &err else {
             panic!("expected Invalid, got {err}");
         };
-        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(problems[0].contains("metrics.listen"));
         assert!(problems[1].contains("shutdown_drain_ms"));
-        assert!(problems[2].contains("cgroup_root"));
+        assert!(problems[2].contains("deleted_cgroup_ttl_s"));
+        assert!(problems[3].contains("cgroup_root"));
     }
 
     #[test]

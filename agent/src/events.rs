@@ -2,8 +2,8 @@
 //! unknown record is an error, never a panic.
 
 use agent_common::{
-    COMM_LEN, CgroupEvent, EventHeader, EventKind, LimitFile, LimitWriteEvent, OomKillEvent,
-    VICTIM_FROM_TASK,
+    COMM_LEN, CgroupEvent, EventHeader, EventKind, LimitFile, LimitWriteEvent, OOM_CONTROL,
+    OomKillEvent, RSS_ANON, RSS_FILE, RSS_SHMEM, RSS_SWAP, VICTIM_FROM_TASK, VICTIM_MEMORY,
 };
 
 /// The task that was running when a probe fired.
@@ -37,6 +37,10 @@ pub struct OomKill {
     pub victim_pid: u32,
     /// Known when the kernel probe read the victim's task; else userspace must find them.
     pub victim: Option<VictimTask>,
+    /// The victim's memory when it was killed, when its task could be read.
+    pub memory: Option<VictimMemory>,
+    /// The limit hit, when the `out_of_memory` call was seen; else userspace derives it.
+    pub control: Option<OomControl>,
 }
 
 /// What the kernel probe read from the victim's task.
@@ -45,6 +49,66 @@ pub struct VictimTask {
     pub tgid: u32,
     pub comm: String,
     pub cgroup_id: u64,
+}
+
+/// The victim's memory, in pages, and its `oom_score_adj`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VictimMemory {
+    pub anon_rss_pages: u64,
+    pub file_rss_pages: u64,
+    pub shmem_rss_pages: u64,
+    pub swap_pages: u64,
+    pub total_vm_pages: u64,
+    pub oom_score_adj: i32,
+}
+
+/// What the kernel's `struct oom_control` said about the limit that was hit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OomControl {
+    /// The memory cgroup whose limit was hit; `None` for a global OOM.
+    pub limit_cgroup_id: Option<u64>,
+    pub usage_pages: u64,
+    pub max_pages: u64,
+    pub total_pages: u64,
+    /// When the `out_of_memory` call began: the same for all victims of one limit hit.
+    pub incident_ns: u64,
+    pub constraint: Constraint,
+}
+
+/// `enum oom_constraint`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Constraint {
+    None,
+    Cpuset,
+    MemoryPolicy,
+    Memcg,
+    /// A number this agent does not know (a newer kernel): kept, not dropped.
+    Other(u32),
+}
+
+impl Constraint {
+    #[must_use]
+    pub fn from_kernel(n: u32) -> Self {
+        match n {
+            0 => Self::None,
+            1 => Self::Cpuset,
+            2 => Self::MemoryPolicy,
+            3 => Self::Memcg,
+            n => Self::Other(n),
+        }
+    }
+
+    /// The name the kernel prints in its `oom-kill:constraint=` line.
+    #[must_use]
+    pub fn kernel_name(self) -> String {
+        match self {
+            Self::None => "CONSTRAINT_NONE".to_owned(),
+            Self::Cpuset => "CONSTRAINT_CPUSET".to_owned(),
+            Self::MemoryPolicy => "CONSTRAINT_MEMORY_POLICY".to_owned(),
+            Self::Memcg => "CONSTRAINT_MEMCG".to_owned(),
+            Self::Other(n) => format!("CONSTRAINT_{n}"),
+        }
+    }
 }
 
 /// A cgroup was created or removed.
@@ -106,6 +170,22 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                     tgid: e.victim_tgid,
                     comm: comm(&e.victim_comm),
                     cgroup_id: e.victim_cgroup_id,
+                }),
+                memory: (e.victim_flags & VICTIM_MEMORY != 0).then_some(VictimMemory {
+                    anon_rss_pages: e.victim_rss_pages[RSS_ANON],
+                    file_rss_pages: e.victim_rss_pages[RSS_FILE],
+                    shmem_rss_pages: e.victim_rss_pages[RSS_SHMEM],
+                    swap_pages: e.victim_rss_pages[RSS_SWAP],
+                    total_vm_pages: e.victim_total_vm_pages,
+                    oom_score_adj: e.victim_oom_score_adj,
+                }),
+                control: (e.oom_flags & OOM_CONTROL != 0).then(|| OomControl {
+                    limit_cgroup_id: (e.limit_cgroup_id != 0).then_some(e.limit_cgroup_id),
+                    usage_pages: e.limit_usage_pages,
+                    max_pages: e.limit_max_pages,
+                    total_pages: e.total_pages,
+                    incident_ns: e.incident_ns,
+                    constraint: Constraint::from_kernel(e.constraint),
                 }),
             }))
         }
@@ -247,9 +327,18 @@ mod tests {
             victim_cgroup_id: 42,
             victim_pid: 300,
             victim_tgid: 300,
-            victim_flags: VICTIM_FROM_TASK,
-            reserved: 0,
+            victim_flags: VICTIM_FROM_TASK | VICTIM_MEMORY,
+            victim_oom_score_adj: -998,
             victim_comm: *b"tail\0\0\0\0\0\0\0\0\0\0\0\0",
+            victim_rss_pages: [1, 2, 3, 4],
+            victim_total_vm_pages: 10,
+            limit_cgroup_id: 7,
+            limit_usage_pages: 100,
+            limit_max_pages: 101,
+            total_pages: 102,
+            incident_ns: 55,
+            constraint: 3,
+            oom_flags: OOM_CONTROL,
         };
         let Event::OomKill(k) = decode(&bytes_of(&raw)).expect("decodes") else {
             panic!("wrong kind");
@@ -259,11 +348,36 @@ mod tests {
             (v.comm.as_str(), v.cgroup_id, k.victim_pid),
             ("tail", 42, 300)
         );
-        raw.victim_flags = 0;
+        let m = k.memory.expect("memory");
+        assert_eq!(
+            (
+                m.file_rss_pages,
+                m.anon_rss_pages,
+                m.swap_pages,
+                m.shmem_rss_pages
+            ),
+            (1, 2, 3, 4)
+        );
+        assert_eq!(m.oom_score_adj, -998);
+        let c = k.control.expect("control");
+        assert_eq!(c.limit_cgroup_id, Some(7));
+        assert_eq!(c.constraint, Constraint::Memcg);
+        assert_eq!(c.incident_ns, 55);
+        // A global OOM: no memcg; a constraint number this agent does not know is kept.
+        raw.limit_cgroup_id = 0;
+        raw.constraint = 9;
         let Event::OomKill(k) = decode(&bytes_of(&raw)).expect("decodes") else {
             panic!("wrong kind");
         };
-        assert_eq!(k.victim, None);
+        let c = k.control.expect("control");
+        assert_eq!(c.limit_cgroup_id, None);
+        assert_eq!(c.constraint.kernel_name(), "CONSTRAINT_9");
+        raw.victim_flags = 0;
+        raw.oom_flags = 0;
+        let Event::OomKill(k) = decode(&bytes_of(&raw)).expect("decodes") else {
+            panic!("wrong kind");
+        };
+        assert_eq!((k.victim, k.memory, k.control), (None, None, None));
     }
 
     #[test]

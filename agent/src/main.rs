@@ -14,6 +14,7 @@ mod kubelet;
 mod limits;
 mod metrics;
 mod offsets;
+mod oom;
 mod outputs;
 mod pipeline;
 mod probes;
@@ -135,7 +136,7 @@ fn main() -> ExitCode {
             json,
         )),
         Cmd::Check { config } => match load_config(config.as_deref()) {
-            Ok(c) => exit(check::check(c.limit_writes)),
+            Ok(c) => exit(check::check(&c.probes)),
             Err(code) => code,
         },
         Cmd::BenchWrite {

@@ -36,8 +36,10 @@ impl Who {
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// Processes killed by the OOM killer, by the victim's cgroup.
+    /// Processes killed by the OOM killer, by the victim's cgroup and the scope of the limit.
     pub oom_kills: IntCounterVec,
+    /// Limit hits (one however many processes were killed), by the limiting cgroup and scope.
+    pub oom_incidents: IntCounterVec,
     /// Writes to cgroup limit files.
     pub limit_writes: IntCounterVec,
     /// 1 for each capability, labelled with the mode it runs in.
@@ -60,9 +62,17 @@ impl Metrics {
         let oom_kills = IntCounterVec::new(
             Opts::new(
                 "nodewarden_oom_kills_total",
-                "Processes killed by the kernel's OOM killer, by the victim's cgroup.",
+                "Processes killed by the kernel's OOM killer, by the victim's cgroup and where the limit was hit (scope: container, pod, node).",
             ),
-            &["cgroup", "namespace", "pod", "container"],
+            &OOM_LABELS,
+        )
+        .expect("static metric definition");
+        let oom_incidents = IntCounterVec::new(
+            Opts::new(
+                "nodewarden_oom_incidents_total",
+                "OOM limit hits, counted once however many processes were killed, by the cgroup whose limit was hit (/ for the node) and scope.",
+            ),
+            &OOM_LABELS,
         )
         .expect("static metric definition");
         let limit_writes = IntCounterVec::new(
@@ -70,7 +80,7 @@ impl Metrics {
                 "nodewarden_cgroup_limit_writes_total",
                 "Writes to cgroup limit files, by target cgroup, limit file, writer comm and result.",
             ),
-            &["cgroup", "namespace", "pod", "container", "limit", "writer", "result"],
+            &LIMIT_WRITE_LABELS,
         )
         .expect("static metric definition");
         let probe_info = IntGaugeVec::new(
@@ -112,6 +122,7 @@ impl Metrics {
         .expect("static metric definition");
         for c in [
             Box::new(oom_kills.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(oom_incidents.clone()),
             Box::new(limit_writes.clone()),
             Box::new(probe_info.clone()),
             Box::new(limit_bytes.clone()),
@@ -124,6 +135,7 @@ impl Metrics {
         Self {
             registry,
             oom_kills,
+            oom_incidents,
             limit_writes,
             probe_info,
             limit_bytes,
@@ -150,32 +162,19 @@ impl Metrics {
         }
     }
 
-    /// Drops the limit gauges of a removed cgroup, whatever names they carry (its counters stay).
+    /// Drops the limit gauges of a removed cgroup, whatever names they carry: a removed cgroup
+    /// has no limits. Its counters stay (see [`Self::forget_cgroup_counters`]).
     pub fn forget_cgroup(&self, cgroup: &str) {
-        for gauge in [&self.limit_bytes, &self.pids_limit, &self.cpu_limit_cores] {
-            for family in gauge.collect() {
-                for m in family.get_metric() {
-                    let label = |n: &str| {
-                        m.get_label()
-                            .iter()
-                            .find(|l| l.name() == n)
-                            .map(|l| l.value().to_owned())
-                    };
-                    if label("cgroup").as_deref() != Some(cgroup) {
-                        continue;
-                    }
-                    // Label pairs come sorted by name; removal wants definition order.
-                    let mut names = vec!["cgroup", "namespace", "pod", "container"];
-                    if label("limit").is_some() {
-                        names.push("limit");
-                    }
-                    let values: Vec<String> =
-                        names.iter().map(|n| label(n).unwrap_or_default()).collect();
-                    let values: Vec<&str> = values.iter().map(String::as_str).collect();
-                    let _ = gauge.remove_label_values(&values);
-                }
-            }
-        }
+        remove_series(&self.limit_bytes, &LIMIT_LABELS, cgroup);
+        remove_series(&self.pids_limit, &WHO_LABELS, cgroup);
+        remove_series(&self.cpu_limit_cores, &WHO_LABELS, cgroup);
+    }
+
+    /// Drops the counters of a cgroup removed long enough ago (`metrics.deleted_cgroup_ttl_s`).
+    pub fn forget_cgroup_counters(&self, cgroup: &str) {
+        remove_series(&self.oom_kills, &OOM_LABELS, cgroup);
+        remove_series(&self.oom_incidents, &OOM_LABELS, cgroup);
+        remove_series(&self.limit_writes, &LIMIT_WRITE_LABELS, cgroup);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -185,6 +184,41 @@ impl Metrics {
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# encoding failed: {e}\n"));
         tidy(&text)
+    }
+}
+
+/// A cgroup's identity labels, first in every per-cgroup metric.
+const WHO_LABELS: [&str; 4] = ["cgroup", "namespace", "pod", "container"];
+const LIMIT_LABELS: [&str; 5] = ["cgroup", "namespace", "pod", "container", "limit"];
+const OOM_LABELS: [&str; 5] = ["cgroup", "namespace", "pod", "container", "scope"];
+const LIMIT_WRITE_LABELS: [&str; 7] = [
+    "cgroup",
+    "namespace",
+    "pod",
+    "container",
+    "limit",
+    "writer",
+    "result",
+];
+
+/// Removes every series of `vec` whose `cgroup` label is `cgroup`; `names` are its labels in
+/// definition order.
+fn remove_series<T: MetricVecBuilder>(vec: &MetricVec<T>, names: &[&str], cgroup: &str) {
+    for family in vec.collect() {
+        for m in family.get_metric() {
+            // Label pairs come sorted by name; removal wants definition order.
+            let label = |n: &str| {
+                m.get_label()
+                    .iter()
+                    .find(|l| l.name() == n)
+                    .map_or("", |l| l.value())
+            };
+            if label("cgroup") != cgroup {
+                continue;
+            }
+            let values: Vec<&str> = names.iter().map(|n| label(n)).collect();
+            let _ = vec.remove_label_values(&values);
+        }
     }
 }
 
@@ -258,7 +292,12 @@ mod tests {
     #[test]
     fn renders_counters_with_labels() {
         let m = Metrics::new();
-        m.oom_kills.with_label_values(&["/a", "", "", ""]).inc();
+        m.oom_kills
+            .with_label_values(&["/a", "", "", "", "container"])
+            .inc();
+        m.oom_incidents
+            .with_label_values(&["/b", "", "", "", "pod"])
+            .inc();
         m.limit_writes
             .with_label_values(&["/a", "", "", "", "memory.max", "sh", "ok"])
             .inc_by(2);
@@ -295,13 +334,30 @@ mod tests {
         );
         assert_eq!(drop_empty_labels(r#"x{b=""}"#), "x");
         assert!(
-            text.contains("nodewarden_oom_kills_total{cgroup=\"/a\"} 1"),
+            text.contains("nodewarden_oom_kills_total{cgroup=\"/a\",scope=\"container\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nodewarden_oom_incidents_total{cgroup=\"/b\",scope=\"pod\"} 1"),
             "{text}"
         );
         assert!(
             text.contains(
                 "nodewarden_cgroup_limit_writes_total{cgroup=\"/a\",limit=\"memory.max\",result=\"ok\",writer=\"sh\"} 2"
             ),
+            "{text}"
+        );
+        // Counters go only when asked (a removed cgroup's, after the configured time).
+        assert!(m.render().contains("nodewarden_oom_kills_total{"));
+        m.forget_cgroup_counters("/a");
+        let text = m.render();
+        assert!(!text.contains("nodewarden_oom_kills_total{"), "{text}");
+        assert!(
+            !text.contains("nodewarden_cgroup_limit_writes_total{"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nodewarden_oom_incidents_total{cgroup=\"/b\""),
             "{text}"
         );
     }

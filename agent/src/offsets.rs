@@ -38,6 +38,10 @@ pub fn resolve(path: &Path) -> Result<Resolved, OffsetsError> {
         source,
     })?;
     let mut missing = Vec::new();
+    let (mm_rss_counters, mm_rss_stride) = rss_counters(&btf).unwrap_or_else(|| {
+        missing.push("mm_struct.rss_stat".to_owned());
+        (OFFSET_UNKNOWN, OFFSET_UNKNOWN)
+    });
     let mut find = |strukt: &'static str, names: &'static [&'static str]| {
         let field = Field { strukt, names };
         field_offset(&btf, &field).unwrap_or_else(|| {
@@ -45,7 +49,24 @@ pub fn resolve(path: &Path) -> Result<Resolved, OffsetsError> {
             OFFSET_UNKNOWN
         })
     };
+    let css = find("mem_cgroup", &["css"]);
+    let css_cgroup = find("cgroup_subsys_state", &["cgroup"]);
+    let memory = find("mem_cgroup", &["memory"]);
+    let usage = find("page_counter", &["usage"]);
+    let max = find("page_counter", &["max"]);
     let offsets = KernelOffsets {
+        mm_rss_counters,
+        mm_rss_stride,
+        mem_cgroup_css_cgroup: nested(css, css_cgroup),
+        mem_cgroup_usage: nested(memory, usage),
+        mem_cgroup_max: nested(memory, max),
+        task_mm: find("task_struct", &["mm"]),
+        task_signal: find("task_struct", &["signal"]),
+        signal_oom_score_adj: find("signal_struct", &["oom_score_adj"]),
+        mm_total_vm: find("mm_struct", &["total_vm"]),
+        oom_control_memcg: find("oom_control", &["memcg"]),
+        oom_control_constraint: find("oom_control", &["constraint"]),
+        oom_control_totalpages: find("oom_control", &["totalpages"]),
         task_pid: find("task_struct", &["pid"]),
         task_tgid: find("task_struct", &["tgid"]),
         task_comm: find("task_struct", &["comm"]),
@@ -71,6 +92,50 @@ pub fn resolve(path: &Path) -> Result<Resolved, OffsetsError> {
     Ok(Resolved { offsets, missing })
 }
 
+/// The offset of a field of an embedded struct: `outer` plus `inner`, unless either is unknown.
+fn nested(outer: u32, inner: u32) -> u32 {
+    if outer == OFFSET_UNKNOWN || inner == OFFSET_UNKNOWN {
+        OFFSET_UNKNOWN
+    } else {
+        outer + inner
+    }
+}
+
+/// Where `mm_struct`'s RSS counters are: the first counter's value and the distance between
+/// counters. Before 6.2 `rss_stat` is a `struct mm_rss_stat { atomic_long_t count[4]; }`; since
+/// then an array of `struct percpu_counter`, whose `count` is the (approximate) total, the same
+/// figure the kernel's own OOM report prints.
+fn rss_counters(btf: &Btf) -> Option<(u32, u32)> {
+    let mm = struct_named(btf, "mm_struct")?;
+    let (bits, member) = member_with_offset(btf, &mm, "rss_stat", 0)?;
+    let base = bits / 8;
+    match btf.resolve_chained_type(&member).ok()? {
+        Type::Struct(stat) => {
+            let count = member_bit_offset(btf, &stat, "count", 0)? / 8;
+            Some((base + count, 8))
+        }
+        Type::Array(array) => {
+            let Type::Struct(counter) = btf.resolve_chained_type(&array).ok()? else {
+                return None;
+            };
+            let count = member_bit_offset(btf, &counter, "count", 0)? / 8;
+            Some((base + count, u32::try_from(counter.size()).ok()?))
+        }
+        _ => None,
+    }
+}
+
+/// The struct called `name` that has members (not a forward declaration).
+fn struct_named(btf: &Btf, name: &str) -> Option<btf_rs::Struct> {
+    btf.resolve_types_by_name(name)
+        .ok()?
+        .into_iter()
+        .find_map(|t| match t {
+            Type::Struct(s) if !s.members.is_empty() => Some(s),
+            _ => None,
+        })
+}
+
 /// The byte offset of the first of `field.names` found in `field.strukt` (looking into anonymous
 /// structs and unions), or `None`.
 fn field_offset(btf: &Btf, field: &Field) -> Option<u32> {
@@ -89,15 +154,25 @@ fn field_offset(btf: &Btf, field: &Field) -> Option<u32> {
 
 /// Searches `s` for a member called `name`, descending into anonymous members.
 fn member_bit_offset(btf: &Btf, s: &btf_rs::Struct, name: &str, base: u32) -> Option<u32> {
+    member_with_offset(btf, s, name, base).map(|(bits, _)| bits)
+}
+
+/// The member called `name` in `s` (descending into anonymous members) and its bit offset.
+fn member_with_offset(
+    btf: &Btf,
+    s: &btf_rs::Struct,
+    name: &str,
+    base: u32,
+) -> Option<(u32, btf_rs::Member)> {
     for m in &s.members {
         let m_name = btf.resolve_name(m).unwrap_or_default();
         if m_name == name {
-            return Some(base + m.bit_offset());
+            return Some((base + m.bit_offset(), m.clone()));
         }
         if m_name.is_empty()
             && m.get_type_id().is_some()
             && let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(m)
-            && let Some(found) = member_bit_offset(btf, &inner, name, base + m.bit_offset())
+            && let Some(found) = member_with_offset(btf, &inner, name, base + m.bit_offset())
         {
             return Some(found);
         }

@@ -7,8 +7,8 @@ use opentelemetry::KeyValue;
 use crate::{
     feed::Feed,
     metrics::{Metrics, labelled},
-    record::{K8s, Process, Record},
-    telemetry::Traces,
+    record::{K8s, OomIncident, OomKill, OomLimit, Process, Record},
+    telemetry::{IncidentTrace, Traces},
 };
 
 #[derive(Debug)]
@@ -60,36 +60,142 @@ impl Outputs<'_> {
                 a.extend(k8s_attributes(r.k8s.as_ref()));
                 self.traces.event_span("cgroup.limit_write", at, a);
             }
-            Record::OomKill(r) => {
-                let who = K8s::who(&r.cgroup, r.k8s.as_ref());
-                if let Some(c) = labelled(&self.metrics.oom_kills, &who.labels()) {
-                    c.inc();
-                }
-                tracing::warn!(
-                    victim_pid = r.victim.pid,
-                    victim_comm = %r.victim.comm,
-                    victim_cgroup = %r.cgroup,
-                    victim_cgroup_from = %r.victim.cgroup_source,
-                    trigger = %r.trigger.comm,
-                    trigger_pid = r.trigger.pid,
-                    trigger_cgroup = %r.trigger.cgroup,
-                    "OOM kill"
-                );
-                let mut a = vec![
-                    KeyValue::new("cgroup.path", r.cgroup.clone()),
-                    KeyValue::new("oom.victim.pid", i64::from(r.victim.pid)),
-                    KeyValue::new("oom.victim.command", r.victim.comm.clone()),
-                    KeyValue::new("oom.victim.cgroup_source", r.victim.cgroup_source.clone()),
-                ];
-                a.extend(process_attributes("oom.trigger", &r.trigger));
-                a.extend(k8s_attributes(r.k8s.as_ref()));
-                self.traces.event_span("oom.kill", at, a);
-            }
+            Record::OomKill(r) => self.kill_outputs(r, None),
+            Record::OomIncident(r) => Self::incident_end_outputs(r, None),
             Record::CgroupCreated(r) | Record::CgroupRemoved(r) => {
                 tracing::debug!(cgroup = %r.cgroup, kind = record.kind(), "cgroup change");
             }
         }
     }
+}
+
+impl Outputs<'_> {
+    /// A new incident (limit hit): counted once, here, and its trace started.
+    pub fn oom_incident_opened(&self, r: &OomIncident) -> IncidentTrace {
+        let who = K8s::who(&r.limit.cgroup, r.limit.k8s.as_ref());
+        let [cgroup, namespace, pod, container] = who.labels();
+        if let Some(c) = labelled(
+            &self.metrics.oom_incidents,
+            &[cgroup, namespace, pod, container, &r.limit.scope],
+        ) {
+            c.inc();
+        }
+        let at = SystemTime::UNIX_EPOCH + Duration::from_nanos(r.time_unix_nano);
+        let mut a = limit_attributes(&r.limit);
+        a.push(KeyValue::new("oom.incident.id", r.id.clone()));
+        a.extend(process_attributes("oom.trigger", &r.trigger));
+        self.traces.start_trace("oom.incident", &r.id, at, a)
+    }
+
+    /// One process killed: fed, counted, logged, and a span in its incident's trace.
+    pub fn oom_kill(&self, r: &OomKill, trace: Option<&IncidentTrace>) {
+        self.feed.publish(&Record::OomKill(Box::new(r.clone())));
+        self.kill_outputs(r, trace);
+    }
+
+    /// An incident whose kills stopped: fed and logged with its victims, its trace ended.
+    pub fn oom_incident_closed(&self, r: &OomIncident, trace: Option<IncidentTrace>) {
+        self.feed.publish(&Record::OomIncident(Box::new(r.clone())));
+        Self::incident_end_outputs(r, trace);
+    }
+
+    /// A kill's count, log line and span (a span of its own without an incident trace).
+    fn kill_outputs(&self, r: &OomKill, trace: Option<&IncidentTrace>) {
+        let who = K8s::who(&r.cgroup, r.k8s.as_ref());
+        let [cgroup, namespace, pod, container] = who.labels();
+        if let Some(c) = labelled(
+            &self.metrics.oom_kills,
+            &[cgroup, namespace, pod, container, &r.limit.scope],
+        ) {
+            c.inc();
+        }
+        let memory = r.victim.memory;
+        tracing::warn!(
+            victim_pid = r.victim.pid,
+            victim_comm = %r.victim.comm,
+            victim_cgroup = %r.cgroup,
+            victim_cgroup_from = %r.victim.cgroup_source,
+            victim_anon_rss_bytes = memory.map(|m| m.anon_rss_bytes),
+            victim_oom_score_adj = memory.map(|m| m.oom_score_adj),
+            trigger = %r.trigger.comm,
+            trigger_pid = r.trigger.pid,
+            trigger_cgroup = %r.trigger.cgroup,
+            limit_cgroup = %r.limit.cgroup,
+            scope = %r.limit.scope,
+            constraint = %r.limit.constraint,
+            limit_found_by = %r.limit.found_by,
+            incident = %r.incident,
+            "OOM kill"
+        );
+        let mut a = vec![
+            KeyValue::new("cgroup.path", r.cgroup.clone()),
+            KeyValue::new("oom.incident.id", r.incident.clone()),
+            KeyValue::new("oom.victim.pid", i64::from(r.victim.pid)),
+            KeyValue::new("oom.victim.command", r.victim.comm.clone()),
+            KeyValue::new("oom.victim.cgroup_source", r.victim.cgroup_source.clone()),
+        ];
+        if let Some(m) = memory {
+            for (key, bytes) in [
+                ("oom.victim.anon_rss_bytes", m.anon_rss_bytes),
+                ("oom.victim.file_rss_bytes", m.file_rss_bytes),
+                ("oom.victim.shmem_rss_bytes", m.shmem_rss_bytes),
+                ("oom.victim.swap_bytes", m.swap_bytes),
+                ("oom.victim.total_vm_bytes", m.total_vm_bytes),
+            ] {
+                a.push(KeyValue::new(key, i64::try_from(bytes).unwrap_or(i64::MAX)));
+            }
+            a.push(KeyValue::new(
+                "oom.victim.oom_score_adj",
+                i64::from(m.oom_score_adj),
+            ));
+        }
+        a.extend(limit_attributes(&r.limit));
+        a.extend(process_attributes("oom.trigger", &r.trigger));
+        a.extend(k8s_attributes(r.k8s.as_ref()));
+        let at = SystemTime::UNIX_EPOCH + Duration::from_nanos(r.time_unix_nano);
+        match trace {
+            Some(t) => self.traces.child_span(t, "oom.kill", at, a),
+            None => self.traces.event_span("oom.kill", at, a),
+        }
+    }
+
+    /// An ended incident's log line; its trace ends.
+    fn incident_end_outputs(r: &OomIncident, trace: Option<IncidentTrace>) {
+        tracing::warn!(
+            incident = %r.id,
+            limit_cgroup = %r.limit.cgroup,
+            scope = %r.limit.scope,
+            constraint = %r.limit.constraint,
+            victims = r.victims.len(),
+            "OOM incident"
+        );
+        let end = SystemTime::UNIX_EPOCH + Duration::from_nanos(r.end_unix_nano);
+        let victims = i64::try_from(r.victims.len()).unwrap_or(i64::MAX);
+        Traces::end_trace(
+            trace,
+            end,
+            vec![KeyValue::new("oom.incident.victims", victims)],
+        );
+    }
+}
+
+/// Span attributes for the limit an OOM kill hit.
+fn limit_attributes(l: &OomLimit) -> Vec<KeyValue> {
+    let mut a = vec![
+        KeyValue::new("oom.limit.cgroup", l.cgroup.clone()),
+        KeyValue::new("oom.limit.scope", l.scope.clone()),
+        KeyValue::new("oom.limit.constraint", l.constraint.clone()),
+        KeyValue::new("oom.limit.found_by", l.found_by.clone()),
+    ];
+    for (key, bytes) in [
+        ("oom.limit.usage_bytes", l.usage_bytes),
+        ("oom.limit.limit_bytes", l.limit_bytes),
+    ] {
+        if let Some(b) = bytes {
+            a.push(KeyValue::new(key, i64::try_from(b).unwrap_or(i64::MAX)));
+        }
+    }
+    a
 }
 
 fn unknown() -> String {

@@ -1,20 +1,23 @@
 //! From decoded events to outputs: enrich with cgroup paths, then count and trace.
 
 use std::{
+    collections::HashMap,
     path::Path,
     time::{Duration, SystemTime},
 };
 
 use crate::{
     cgroups::{self, CgroupResolver},
-    events::{self, CgroupChange, Event, LimitWrite, OomKill},
+    events::{self, CgroupChange, Constraint, Event, LimitWrite, OomKill},
     inotify::Observed,
     kubelet::KubeletNames,
     limits,
     metrics::Metrics,
+    oom,
     outputs::Outputs,
     record::{self, K8s, Process, Record},
     state::LimitState,
+    telemetry::IncidentTrace,
 };
 
 /// Label value for a cgroup whose path could not be found.
@@ -62,8 +65,8 @@ impl Clock {
     }
 }
 
-/// Enriches decoded events into records (cgroup paths, Kubernetes identity, previous values)
-/// and hands them to the outputs. Owns the cgroup map and the limit state.
+/// Enriches decoded events into records (cgroup paths, Kubernetes identity, previous values,
+/// OOM incidents) and hands them to the outputs. Owns the cgroup map and the limit state.
 #[derive(Debug)]
 pub struct Pipeline<'a> {
     /// How limit writes are seen (`fexit`, `kprobe`, `syscalls`, `inotify`).
@@ -74,6 +77,13 @@ pub struct Pipeline<'a> {
     metrics: Metrics,
     outputs: Outputs<'a>,
     clock: Clock,
+    /// Baselines for OOM limits derived in userspace.
+    memory_events: oom::MemoryEvents,
+    incidents: oom::Incidents<OpenIncident>,
+    /// Removed cgroups' paths and when (monotonic ns): their series go after `deleted_ttl`.
+    removed: HashMap<String, u64>,
+    deleted_ttl: Duration,
+    page_size: u64,
 }
 
 impl<'a> Pipeline<'a> {
@@ -83,6 +93,7 @@ impl<'a> Pipeline<'a> {
         mut kubelet: KubeletNames,
         outputs: Outputs<'a>,
         limit_mode: &'static str,
+        deleted_ttl: Duration,
     ) -> Self {
         let metrics = outputs.metrics.clone();
         let mut limits = LimitState::new();
@@ -95,6 +106,10 @@ impl<'a> Pipeline<'a> {
                 }
             }
         }
+        let memory_events =
+            oom::MemoryEvents::new(resolver.root(), resolver.entries().map(|(_, p)| p));
+        // SAFETY: sysconf has no preconditions.
+        let page_size = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         Self {
             limit_mode,
             resolver,
@@ -103,6 +118,11 @@ impl<'a> Pipeline<'a> {
             metrics,
             outputs,
             clock: Clock::now(),
+            memory_events,
+            incidents: oom::Incidents::default(),
+            removed: HashMap::new(),
+            deleted_ttl,
+            page_size,
         }
     }
 
@@ -110,7 +130,10 @@ impl<'a> Pipeline<'a> {
     pub fn handle(&mut self, raw: &[u8]) {
         let record = match events::decode(raw) {
             Ok(Event::LimitWrite(w)) => self.limit_write(&w),
-            Ok(Event::OomKill(k)) => self.oom_kill(&k),
+            Ok(Event::OomKill(k)) => {
+                self.oom_kill(&k);
+                return;
+            }
             Ok(Event::Cgroup(c)) => self.cgroup_change(c),
             Err(e) => {
                 self.metrics.decode_errors.inc();
@@ -140,7 +163,7 @@ impl<'a> Pipeline<'a> {
         let (old, now) = self.limits.record(o.id, o.limit, value);
         self.metrics
             .set_limit(&K8s::who(&o.path, k8s.as_ref()), o.limit, now);
-        let record = Record::LimitWrite(record::LimitWrite {
+        let record = Record::LimitWrite(Box::new(record::LimitWrite {
             time_unix_nano: self.clock.unix_nano(monotonic_now()),
             cgroup: o.path.clone(),
             k8s,
@@ -151,7 +174,7 @@ impl<'a> Pipeline<'a> {
             result: "ok".to_owned(),
             writer: None,
             seen_by: seen_by.to_owned(),
-        });
+        }));
         self.outputs.emit(&record);
     }
 
@@ -201,11 +224,16 @@ impl<'a> Pipeline<'a> {
             for (limit, value) in self.limits.seed_defaults(c.id) {
                 self.metrics.set_limit(&who, limit, value);
             }
+            self.memory_events.created(&c.path);
+            // A new cgroup at the path of a removed one continues its series.
+            self.removed.remove(&c.path);
             self.resolver.created(c.id, c.path);
             Record::CgroupCreated(change)
         } else {
             self.limits.forget(c.id);
             self.metrics.forget_cgroup(&c.path);
+            self.memory_events.removed(&c.path);
+            self.removed.insert(c.path.clone(), monotonic_now());
             self.resolver.removed(c.id);
             Record::CgroupRemoved(change)
         }
@@ -241,7 +269,7 @@ impl<'a> Pipeline<'a> {
             }
             _ => (self.limits.get(w.target_cgroup_id, w.limit), None),
         };
-        Record::LimitWrite(record::LimitWrite {
+        Record::LimitWrite(Box::new(record::LimitWrite {
             time_unix_nano: self.clock.unix_nano(w.timestamp_ns),
             k8s,
             cgroup,
@@ -252,10 +280,10 @@ impl<'a> Pipeline<'a> {
             result,
             writer: Some(self.process(&w.writer)),
             seen_by: self.limit_mode.to_owned(),
-        })
+        }))
     }
 
-    fn oom_kill(&mut self, k: &OomKill) -> Record {
+    fn oom_kill(&mut self, k: &OomKill) {
         // The victim's cgroup comes from its task in the kernel; failing that, from /proc while
         // the victim is still there (it can be gone already: then the cgroup is unknown).
         let (cgroup, comm, tgid, source) = match &k.victim {
@@ -274,19 +302,174 @@ impl<'a> Pipeline<'a> {
                 "procfs",
             ),
         };
-        Record::OomKill(record::OomKill {
-            time_unix_nano: self.clock.unix_nano(k.timestamp_ns),
+        let page = self.page_size;
+        let victim = record::Victim {
+            pid: k.victim_pid,
+            tgid,
+            comm,
+            cgroup_source: source.to_owned(),
+            memory: k.memory.map(|m| record::VictimMemory {
+                anon_rss_bytes: m.anon_rss_pages * page,
+                file_rss_bytes: m.file_rss_pages * page,
+                shmem_rss_bytes: m.shmem_rss_pages * page,
+                swap_bytes: m.swap_pages * page,
+                total_vm_bytes: m.total_vm_pages * page,
+                oom_score_adj: m.oom_score_adj,
+            }),
+        };
+        let trigger = self.process(&k.trigger);
+        let key = key_of(k);
+        let seen = record::IncidentVictim {
+            pid: victim.pid,
+            comm: victim.comm.clone(),
+            cgroup: cgroup.clone(),
+        };
+        let at = self.clock.unix_nano(k.timestamp_ns);
+        let (incident, limit) = if let Some(open) = self.incidents.find(&key, k.timestamp_ns) {
+            open.last_ns = k.timestamp_ns;
+            open.data.record.end_unix_nano = at;
+            open.data.record.victims.push(seen);
+            (open.id.clone(), open.data.record.limit.clone())
+        } else {
+            let limit = self.oom_limit(k, &cgroup);
+            let record = record::OomIncident {
+                time_unix_nano: at,
+                end_unix_nano: at,
+                id: String::new(),
+                limit: limit.clone(),
+                trigger: trigger.clone(),
+                victims: vec![seen],
+            };
+            let open = self.incidents.open(
+                key.clone(),
+                k.timestamp_ns,
+                OpenIncident {
+                    record,
+                    trace: None,
+                },
+            );
+            open.data.record.id.clone_from(&open.id);
+            open.data.trace = Some(self.outputs.oom_incident_opened(&open.data.record));
+            (open.id.clone(), limit)
+        };
+        if k.control.is_some() {
+            // The kernel said which limit it was: the counts move on without a derivation.
+            let _ = self.memory_events.limit_of(&cgroup);
+        }
+        let record = record::OomKill {
+            time_unix_nano: at,
             k8s: K8s::from_path(&cgroup, &mut self.kubelet),
             cgroup,
-            victim: record::Victim {
-                pid: k.victim_pid,
-                tgid,
-                comm,
-                cgroup_source: source.to_owned(),
-            },
-            trigger: self.process(&k.trigger),
-        })
+            victim,
+            trigger,
+            incident,
+            limit,
+        };
+        let trace = self
+            .incidents
+            .find(&key, k.timestamp_ns)
+            .and_then(|o| o.data.trace.as_ref());
+        self.outputs.oom_kill(&record, trace);
     }
+
+    /// The limit a kill hit: as the kernel's `out_of_memory` call said, or derived from the
+    /// cgroups' `memory.events.local` counts when the call was not seen.
+    fn oom_limit(&mut self, k: &OomKill, victim_cgroup: &str) -> record::OomLimit {
+        let page = self.page_size;
+        let (cgroup, constraint, found_by, usage, limit) = if let Some(c) = &k.control {
+            let cgroup = c.limit_cgroup_id.map(|id| self.cgroup_label(id));
+            let (usage, limit) = match cgroup {
+                Some(_) => (Some(c.usage_pages * page), Some(c.max_pages * page)),
+                None => (oom::node_memory().0, Some(c.total_pages * page)),
+            };
+            (cgroup, c.constraint.kernel_name(), "kernel", usage, limit)
+        } else {
+            let cgroup = self.memory_events.limit_of(victim_cgroup);
+            let (usage, limit) = match &cgroup {
+                Some(p) => oom::usage_and_limit(self.resolver.root(), p),
+                None => oom::node_memory(),
+            };
+            // Derived, the kernel's cpuset and mempolicy constraints cannot be told apart
+            // from a global OOM.
+            let constraint = if cgroup.is_some() {
+                Constraint::Memcg
+            } else {
+                Constraint::None
+            };
+            (
+                cgroup,
+                constraint.kernel_name(),
+                "memory.events",
+                usage,
+                limit,
+            )
+        };
+        let scope = oom::scope(cgroup.as_deref(), victim_cgroup);
+        let cgroup = cgroup.unwrap_or_else(|| "/".to_owned());
+        record::OomLimit {
+            k8s: K8s::from_path(&cgroup, &mut self.kubelet),
+            cgroup,
+            scope: scope.to_owned(),
+            constraint,
+            found_by: found_by.to_owned(),
+            usage_bytes: usage,
+            limit_bytes: limit,
+        }
+    }
+
+    /// Time-driven work: incidents whose kills stopped are reported, and the series of cgroups
+    /// removed longer ago than the configured time are dropped. Call it every few hundred ms.
+    pub fn tick(&mut self) {
+        let now = monotonic_now();
+        for done in self.incidents.close_quiet(now) {
+            // A limit hit can count more OOMs than kills (a charge failing again while the
+            // victim exits): take them in now, so the next derivation does not see them.
+            for v in &done.data.record.victims {
+                let _ = self.memory_events.limit_of(&v.cgroup);
+            }
+            self.outputs
+                .oom_incident_closed(&done.data.record, done.data.trace);
+        }
+        let ttl = u64::try_from(self.deleted_ttl.as_nanos()).unwrap_or(u64::MAX);
+        let expired: Vec<String> = self
+            .removed
+            .iter()
+            .filter(|(_, at)| now.saturating_sub(**at) >= ttl)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in expired {
+            self.removed.remove(&path);
+            self.metrics.forget_cgroup_counters(&path);
+        }
+    }
+
+    /// At shutdown: reports the incidents still open.
+    pub fn finish(&mut self) {
+        for done in self.incidents.close_all() {
+            self.outputs
+                .oom_incident_closed(&done.data.record, done.data.trace);
+        }
+    }
+}
+
+/// The incident key of a kill (see [`oom::Key`]).
+fn key_of(k: &OomKill) -> oom::Key {
+    match &k.control {
+        Some(c) => oom::Key::Kernel {
+            trigger_tid: k.trigger.pid,
+            entered_ns: c.incident_ns,
+        },
+        None => oom::Key::Derived {
+            trigger_tid: k.trigger.pid,
+        },
+    }
+}
+
+/// What the pipeline keeps of an incident while it takes victims.
+#[derive(Debug)]
+pub struct OpenIncident {
+    record: record::OomIncident,
+    trace: Option<IncidentTrace>,
 }
 
 /// The symbolic name of an errno ("EINVAL"), or its number when it has none here.

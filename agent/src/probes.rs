@@ -7,10 +7,10 @@ use std::fmt;
 use agent_common::{KernelOffsets, LimitFile, maps, programs};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    programs::{FExit, KProbe, RawTracePoint, TracePoint},
+    programs::{FEntry, FExit, KProbe, RawTracePoint, TracePoint},
 };
 
-use crate::config::LimitWriteMode;
+use crate::config::{LimitWriteMode, OomLimitMode, ProbesConfig};
 
 /// The eBPF object built by build.rs from agent-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
@@ -77,10 +77,11 @@ pub struct Probes {
 }
 
 /// Loads the object with `offsets` set, then loads and attaches every capability it can.
-pub fn load(offsets: &KernelOffsets, limit_writes: LimitWriteMode) -> Result<Probes, ProbeError> {
+pub fn load(offsets: &KernelOffsets, choices: &ProbesConfig) -> Result<Probes, ProbeError> {
     let mut ebpf = load_object(offsets)?;
     let status = vec![
-        attach_limit_writes(&mut ebpf, offsets, limit_writes),
+        attach_limit_writes(&mut ebpf, offsets, choices.limit_writes),
+        attach_oom_limits(&mut ebpf, offsets, choices.oom_limits),
         single("oom_victims", "raw_tp", "signal_generate", || {
             let p: &mut RawTracePoint = program(&mut ebpf, programs::SIGNAL_GENERATE)?;
             p.load().map_err(chain)?;
@@ -204,6 +205,72 @@ fn attach_limit_writes(
     status
 }
 
+/// The limit an OOM kill hit: fentry on `out_of_memory`, else a kprobe there; without either,
+/// userspace derives it from the cgroups' `memory.events.local` (mode `memory.events`).
+fn attach_oom_limits(
+    ebpf: &mut Ebpf,
+    offsets: &KernelOffsets,
+    choice: OomLimitMode,
+) -> ProbeStatus {
+    let mut status = ProbeStatus {
+        capability: "oom_limits",
+        mode: UNAVAILABLE,
+        hooks: Vec::new(),
+        errors: Vec::new(),
+        fallbacks: Vec::new(),
+    };
+    let modes: &[OomLimitMode] = match choice {
+        OomLimitMode::Auto => &[OomLimitMode::Fentry, OomLimitMode::Kprobe],
+        OomLimitMode::Fentry => &[OomLimitMode::Fentry],
+        OomLimitMode::Kprobe => &[OomLimitMode::Kprobe],
+        OomLimitMode::MemoryEvents => &[],
+    };
+    let mut tried = Vec::new();
+    if !offsets.has_oom_control() && !modes.is_empty() {
+        tried.push("kernel BTF lacks the oom_control fields".to_owned());
+    } else {
+        for &mode in modes {
+            let (name, r) = match mode {
+                OomLimitMode::Kprobe => (
+                    "kprobe",
+                    program::<KProbe>(ebpf, programs::OOM_ENTER_KPROBE).and_then(|p| {
+                        p.load().map_err(chain)?;
+                        p.attach(programs::OUT_OF_MEMORY, 0)
+                            .map(drop)
+                            .map_err(chain)
+                    }),
+                ),
+                _ => (
+                    "fentry",
+                    program::<FEntry>(ebpf, programs::OOM_ENTER_FENTRY).and_then(|p| {
+                        let btf = Btf::from_sys_fs().map_err(chain)?;
+                        p.load(programs::OUT_OF_MEMORY, &btf).map_err(chain)?;
+                        p.attach().map(drop).map_err(chain)
+                    }),
+                ),
+            };
+            match r {
+                Ok(()) => {
+                    status.mode = name;
+                    status.hooks = vec![programs::OUT_OF_MEMORY.to_owned()];
+                    status.fallbacks = tried;
+                    return status;
+                }
+                Err(e) => tried.push(format!("{name}: {e}")),
+            }
+        }
+    }
+    // No probe: derived in userspace, which always works, and is said to be derived.
+    status.mode = MEMORY_EVENTS;
+    status.hooks =
+        vec!["memory.events.local of the victim's cgroup and its ancestors (derived)".to_owned()];
+    status.fallbacks = tried;
+    status
+}
+
+/// The mode of `oom_limits` when no probe sees the `out_of_memory` call.
+pub const MEMORY_EVENTS: &str = "memory.events";
+
 /// Limit writes seen without BPF (the agent runs the watcher); `fallbacks` say why.
 #[must_use]
 pub fn inotify_status(fallbacks: Vec<String>) -> ProbeStatus {
@@ -237,6 +304,7 @@ pub fn without_bpf(why: &str, limit_writes: LimitWriteMode) -> Vec<ProbeStatus> 
     };
     vec![
         limits,
+        unavailable("oom_limits"),
         unavailable("oom_victims"),
         unavailable("oom_kills"),
         unavailable("cgroup_changes"),

@@ -105,6 +105,43 @@ pub struct Victim {
     pub comm: String,
     /// How the victim's cgroup was found: `kernel` (its task) or `procfs`.
     pub cgroup_source: String,
+    /// Its memory when it was killed (the figures of the kernel's own OOM report), when its
+    /// task could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<VictimMemory>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VictimMemory {
+    pub anon_rss_bytes: u64,
+    pub file_rss_bytes: u64,
+    pub shmem_rss_bytes: u64,
+    pub swap_bytes: u64,
+    pub total_vm_bytes: u64,
+    pub oom_score_adj: i32,
+}
+
+/// The limit an OOM kill hit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OomLimit {
+    /// The memory cgroup whose limit was hit; `/` for the node (a global OOM).
+    pub cgroup: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s: Option<K8s>,
+    /// `container`, `pod` or `node` (see `oom::scope`).
+    pub scope: String,
+    /// The kernel's name for it: `CONSTRAINT_MEMCG`, `CONSTRAINT_NONE` (global)...
+    pub constraint: String,
+    /// How the limit was found: `kernel` (the `out_of_memory` call was seen) or
+    /// `memory.events` (derived from the cgroups' counters after the kill).
+    pub found_by: String,
+    /// Memory in use, in bytes: at the moment of the kill when `found_by` is `kernel`,
+    /// else read after the kill.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_bytes: Option<u64>,
+    /// The limit in bytes (`memory.max`; for the node, RAM and swap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +154,30 @@ pub struct OomKill {
     pub victim: Victim,
     /// The task whose allocation triggered the kill.
     pub trigger: Process,
+    /// The incident (limit hit) this kill belongs to; also its trace id.
+    pub incident: String,
+    pub limit: OomLimit,
+}
+
+/// One limit hit and every process killed for it, reported once the kills stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OomIncident {
+    /// The first kill.
+    pub time_unix_nano: u64,
+    /// The last kill.
+    pub end_unix_nano: u64,
+    /// Also the incident's trace id.
+    pub id: String,
+    pub limit: OomLimit,
+    pub trigger: Process,
+    pub victims: Vec<IncidentVictim>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncidentVictim {
+    pub pid: u32,
+    pub comm: String,
+    pub cgroup: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,16 +190,19 @@ pub struct CgroupChange {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Record {
-    LimitWrite(LimitWrite),
-    OomKill(OomKill),
+    // Boxed: these are many times the size of a cgroup change.
+    LimitWrite(Box<LimitWrite>),
+    OomKill(Box<OomKill>),
+    OomIncident(Box<OomIncident>),
     CgroupCreated(CgroupChange),
     CgroupRemoved(CgroupChange),
 }
 
 /// Every `kind`, for `nodewarden events --kind`.
-pub const KINDS: [&str; 4] = [
+pub const KINDS: [&str; 5] = [
     "limit_write",
     "oom_kill",
+    "oom_incident",
     "cgroup_created",
     "cgroup_removed",
 ];
@@ -149,8 +213,9 @@ impl Record {
         match self {
             Self::LimitWrite(_) => KINDS[0],
             Self::OomKill(_) => KINDS[1],
-            Self::CgroupCreated(_) => KINDS[2],
-            Self::CgroupRemoved(_) => KINDS[3],
+            Self::OomIncident(_) => KINDS[2],
+            Self::CgroupCreated(_) => KINDS[3],
+            Self::CgroupRemoved(_) => KINDS[4],
         }
     }
 
@@ -160,6 +225,7 @@ impl Record {
         match self {
             Self::LimitWrite(r) => &r.cgroup,
             Self::OomKill(r) => &r.cgroup,
+            Self::OomIncident(r) => &r.limit.cgroup,
             Self::CgroupCreated(r) | Self::CgroupRemoved(r) => &r.cgroup,
         }
     }
@@ -169,6 +235,7 @@ impl Record {
         match self {
             Self::LimitWrite(r) => r.time_unix_nano,
             Self::OomKill(r) => r.time_unix_nano,
+            Self::OomIncident(r) => r.time_unix_nano,
             Self::CgroupCreated(r) | Self::CgroupRemoved(r) => r.time_unix_nano,
         }
     }
@@ -204,18 +271,47 @@ impl Record {
             Self::OomKill(r) => {
                 let _ = write!(
                     s,
-                    " victim {}[{}] (cgroup from {}), triggered by {}",
-                    r.victim.comm,
-                    r.victim.pid,
-                    r.victim.cgroup_source,
-                    process(&r.trigger)
+                    " victim {}[{}] (cgroup from {})",
+                    r.victim.comm, r.victim.pid, r.victim.cgroup_source,
                 );
+                if let Some(m) = &r.victim.memory {
+                    let _ = write!(
+                        s,
+                        " anon-rss {} file-rss {} shmem-rss {} oom_score_adj {}",
+                        mib(m.anon_rss_bytes),
+                        mib(m.file_rss_bytes),
+                        mib(m.shmem_rss_bytes),
+                        m.oom_score_adj
+                    );
+                }
+                let _ = write!(
+                    s,
+                    ", triggered by {}; {}, incident {}",
+                    process(&r.trigger),
+                    limit(&r.limit),
+                    r.incident
+                );
+            }
+            Self::OomIncident(r) => {
+                let _ = write!(
+                    s,
+                    " {}, incident {}, triggered by {}; {} killed:",
+                    limit(&r.limit),
+                    r.id,
+                    process(&r.trigger),
+                    r.victims.len()
+                );
+                for v in &r.victims {
+                    let _ = write!(s, " {}[{}] in {};", v.comm, v.pid, v.cgroup);
+                }
+                s.pop();
             }
             Self::CgroupCreated(_) | Self::CgroupRemoved(_) => {}
         }
         if let Some(k) = match self {
             Self::LimitWrite(r) => r.k8s.as_ref(),
             Self::OomKill(r) => r.k8s.as_ref(),
+            Self::OomIncident(r) => r.limit.k8s.as_ref(),
             _ => None,
         } {
             match (&k.namespace, &k.pod) {
@@ -236,6 +332,26 @@ impl Record {
         }
         s
     }
+}
+
+/// `limit of /a hit (scope container, CONSTRAINT_MEMCG, 64.0 MiB of 64.0 MiB, found by kernel)`.
+fn limit(l: &OomLimit) -> String {
+    let figure = |b: Option<u64>| b.map_or_else(|| "?".to_owned(), mib);
+    format!(
+        "limit of {} hit (scope {}, {}, {} of {}, found by {})",
+        l.cgroup,
+        l.scope,
+        l.constraint,
+        figure(l.usage_bytes),
+        figure(l.limit_bytes),
+        l.found_by
+    )
+}
+
+/// Bytes as MiB with one decimal.
+#[expect(clippy::cast_precision_loss, reason = "a figure for people")]
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1_048_576.0)
 }
 
 fn process(p: &Process) -> String {
@@ -284,8 +400,57 @@ mod tests {
     }
 
     #[test]
+    fn an_incident_reads_as_one_line_with_its_victims() {
+        let trigger = Process {
+            pid: 9,
+            tid: 9,
+            comm: "tail".into(),
+            exe: None,
+            cgroup: "/p/c".into(),
+        };
+        let r = Record::OomIncident(Box::new(OomIncident {
+            time_unix_nano: 0,
+            end_unix_nano: 0,
+            id: "ab".repeat(16),
+            limit: OomLimit {
+                cgroup: "/p".into(),
+                k8s: None,
+                scope: "pod".into(),
+                constraint: "CONSTRAINT_MEMCG".into(),
+                found_by: "kernel".into(),
+                usage_bytes: Some(48 << 20),
+                limit_bytes: Some(48 << 20),
+            },
+            trigger,
+            victims: vec![
+                IncidentVictim {
+                    pid: 9,
+                    comm: "tail".into(),
+                    cgroup: "/p/c".into(),
+                },
+                IncidentVictim {
+                    pid: 8,
+                    comm: "sleep".into(),
+                    cgroup: "/p/c".into(),
+                },
+            ],
+        }));
+        assert_eq!(r.cgroup(), "/p");
+        assert_eq!(
+            r.human(),
+            format!(
+                "1970-01-01T00:00:00.000Z oom_incident   /p limit of /p hit (scope pod, CONSTRAINT_MEMCG, 48.0 MiB of 48.0 MiB, found by kernel), incident {}, triggered by tail[9] in /p/c; 2 killed: tail[9] in /p/c; sleep[8] in /p/c",
+                "ab".repeat(16)
+            )
+        );
+        let json = serde_json::to_string(&r).expect("serialize");
+        assert!(json.starts_with("{\"kind\":\"oom_incident\""), "{json}");
+        assert_eq!(serde_json::from_str::<Record>(&json).expect("parse"), r);
+    }
+
+    #[test]
     fn round_trips_as_json_with_a_kind_tag() {
-        let r = Record::LimitWrite(LimitWrite {
+        let r = Record::LimitWrite(Box::new(LimitWrite {
             time_unix_nano: 0,
             cgroup: "/a".into(),
             k8s: None,
@@ -302,7 +467,7 @@ mod tests {
                 cgroup: "/".into(),
             }),
             seen_by: "fexit".into(),
-        });
+        }));
         let json = serde_json::to_string(&r).expect("serialize");
         assert!(json.starts_with("{\"kind\":\"limit_write\""), "{json}");
         assert_eq!(serde_json::from_str::<Record>(&json).expect("parse"), r);

@@ -29,6 +29,9 @@ use crate::{
 /// How often the inotify mode rereads every limit file, to catch what inotify missed.
 const POLL_EVERY: Duration = Duration::from_secs(10);
 
+/// How often time-driven work runs: ended OOM incidents, expired series.
+const TICK_EVERY: Duration = Duration::from_millis(250);
+
 /// Runs until SIGTERM or SIGINT, then drains for at most `config.shutdown_drain`.
 pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
     // First, so that a signal during start-up also stops the agent cleanly.
@@ -66,7 +69,13 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
         feed: feed.clone(),
     };
     let kubelet = KubeletNames::new(config.kubelet_log_dir.clone());
-    let mut pipeline = Pipeline::new(CgroupResolver::new(root), kubelet, outputs, limit_mode);
+    let mut pipeline = Pipeline::new(
+        CgroupResolver::new(root),
+        kubelet,
+        outputs,
+        limit_mode,
+        config.deleted_cgroup_ttl,
+    );
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(http::serve(listener, metrics, stop_rx.clone()));
@@ -79,6 +88,7 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
     );
 
     let mut poll = tokio::time::interval(POLL_EVERY);
+    let mut tick = tokio::time::interval(TICK_EVERY);
     loop {
         tokio::select! {
             guard = readable(ring.as_mut()) => {
@@ -97,6 +107,7 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
                 guard.clear_ready();
             }
             _ = poll.tick(), if watcher.is_some() => pipeline.poll(),
+            _ = tick.tick() => pipeline.tick(),
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
         }
@@ -109,6 +120,7 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
             pipeline.handle(&record);
         }
     }
+    pipeline.finish();
     let _ = stop_tx.send(true);
     if let Some(f) = feed_server {
         let _ = tokio::time::timeout(config.shutdown_drain, f).await;
@@ -135,13 +147,13 @@ type Attached = (
 /// Loads and attaches the probes, reports how (log, metric), and opens their event ring.
 /// Without BPF at all the agent still runs: limit writes are then seen by inotify.
 fn attach(config: &Config, metrics: &Metrics) -> Result<Attached> {
-    let (mut ebpf, status) = match probes::load(&kernel_offsets(), config.limit_writes) {
+    let (mut ebpf, status) = match probes::load(&kernel_offsets(), &config.probes) {
         Ok(p) => (Some(p.ebpf), p.status),
         Err(e) => {
             tracing::error!("no eBPF probes: {e}");
             (
                 None,
-                probes::without_bpf(&e.to_string(), config.limit_writes),
+                probes::without_bpf(&e.to_string(), config.probes.limit_writes),
             )
         }
     };

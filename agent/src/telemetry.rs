@@ -6,8 +6,8 @@
 use std::time::{Duration, SystemTime};
 
 use opentelemetry::{
-    KeyValue,
-    trace::{Span as _, SpanKind, Tracer as _, TracerProvider as _},
+    Context, KeyValue,
+    trace::{Span as _, SpanKind, TraceContextExt as _, TraceId, Tracer as _, TracerProvider as _},
 };
 use opentelemetry_sdk::{
     Resource,
@@ -23,6 +23,13 @@ pub fn init_logs() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// The root span of an incident's trace while the incident is open (nothing without an
+/// exporter).
+#[derive(Debug)]
+pub struct IncidentTrace {
+    span: Option<opentelemetry_sdk::trace::Span>,
 }
 
 /// The trace pipeline, or nothing when no endpoint is configured.
@@ -80,6 +87,62 @@ impl Traces {
             .with_attributes(attributes)
             .start(tracer);
         span.end_with_timestamp(at);
+    }
+
+    /// Starts the root span of a trace whose id is `trace_id` (32 hex digits): an incident,
+    /// whose events become its children, and which ends when the incident does.
+    pub fn start_trace(
+        &self,
+        name: &'static str,
+        trace_id: &str,
+        at: SystemTime,
+        attributes: Vec<KeyValue>,
+    ) -> IncidentTrace {
+        let Some(tracer) = &self.tracer else {
+            return IncidentTrace { span: None };
+        };
+        let mut builder = tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Internal)
+            .with_start_time(at)
+            .with_attributes(attributes);
+        if let Ok(id) = TraceId::from_hex(trace_id) {
+            builder = builder.with_trace_id(id);
+        }
+        IncidentTrace {
+            span: Some(builder.start(tracer)),
+        }
+    }
+
+    /// An instantaneous span at `at`, a child of `trace`'s root span.
+    pub fn child_span(
+        &self,
+        trace: &IncidentTrace,
+        name: &'static str,
+        at: SystemTime,
+        attributes: Vec<KeyValue>,
+    ) {
+        let (Some(tracer), Some(root)) = (&self.tracer, &trace.span) else {
+            return;
+        };
+        let parent = Context::new().with_remote_span_context(root.span_context().clone());
+        let mut span = tracer.build_with_context(
+            tracer
+                .span_builder(name)
+                .with_kind(SpanKind::Internal)
+                .with_start_time(at)
+                .with_attributes(attributes),
+            &parent,
+        );
+        span.end_with_timestamp(at);
+    }
+
+    /// Ends `trace`'s root span at `at`, with attributes known only at the end.
+    pub fn end_trace(trace: Option<IncidentTrace>, at: SystemTime, attributes: Vec<KeyValue>) {
+        if let Some(mut span) = trace.and_then(|t| t.span) {
+            span.set_attributes(attributes);
+            span.end_with_timestamp(at);
+        }
     }
 
     /// Exports what is buffered and stops, waiting at most `timeout`. Blocking: call it outside

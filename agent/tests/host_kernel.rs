@@ -22,6 +22,12 @@ fn agent_starts_reports_probes_and_stops_on_sigterm() {
     assert_eq!(mode("oom_kills"), "tracepoint");
     assert_eq!(mode("oom_victims"), "raw_tp");
     assert_eq!(mode("cgroup_changes"), "raw_tp");
+    // This kernel allows neither fentry nor kprobes: the limit an OOM kill hit is derived.
+    let oom_limits = mode("oom_limits");
+    assert!(
+        ["fentry", "kprobe", "memory.events"].contains(&oom_limits.as_str()),
+        "{oom_limits}"
+    );
     let limit_writes = mode("limit_writes");
     assert!(
         ["fexit", "kprobe", "syscalls", "unavailable"].contains(&limit_writes.as_str()),
@@ -56,7 +62,13 @@ fn check_lists_every_probe_with_its_status() {
         "check failed: {text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for capability in ["limit_writes", "oom_kills", "oom_victims", "cgroup_changes"] {
+    for capability in [
+        "limit_writes",
+        "oom_limits",
+        "oom_kills",
+        "oom_victims",
+        "cgroup_changes",
+    ] {
         let line = text
             .lines()
             .find(|l| l.trim_start().starts_with(capability))

@@ -11,6 +11,9 @@ use std::{
 
 use common::{Agent, otlp};
 
+#[path = "vm_kernel/oom.rs"]
+mod oom;
+
 /// Set by `cargo xtask test` in the guest's environment.
 const IN_VM: &str = "NODEWARDEN_IN_VM";
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -200,7 +203,7 @@ fn limit_write_and_oom_kill_are_counted_and_traced() {
     );
     #[expect(clippy::cast_precision_loss, reason = "a count of one")]
     agent.wait_for_sample(
-        &format!("nodewarden_oom_kills_total{{cgroup=\"{cgroup}\"}}"),
+        &format!("nodewarden_oom_kills_total{{cgroup=\"{cgroup}\",scope=\"container\"}}"),
         kernel_kills as f64,
         Duration::from_secs(10),
     );
@@ -266,12 +269,13 @@ fn limit_writes_in_each_probe_mode() {
     }
 }
 
-#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
-fn limit_writes_in_mode(mode: &str) {
+/// An agent exporting spans to a fresh OTLP receiver, with `metrics` and `probes` lines added
+/// to an observe-mode configuration.
+fn traced_agent(metrics: &str, probes: &str) -> (Agent, otlp::Receiver) {
     let receiver = otlp::Receiver::start();
     let endpoint = receiver.endpoint();
     let config = format!(
-        "mode = \"observe\"\nshutdown_drain_ms = 2000\n[metrics]\nlisten = \"127.0.0.1:9717\"\n[probes]\nlimit_writes = \"{mode}\"\n"
+        "mode = \"observe\"\nshutdown_drain_ms = 2000\n[metrics]\nlisten = \"127.0.0.1:9717\"\n{metrics}\n[probes]\n{probes}\n"
     );
     let agent = Agent::start_with(
         Some(&config),
@@ -280,6 +284,12 @@ fn limit_writes_in_mode(mode: &str) {
             ("OTEL_BSP_SCHEDULE_DELAY", "200"),
         ],
     );
+    (agent, receiver)
+}
+
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
+fn limit_writes_in_mode(mode: &str) {
+    let (agent, receiver) = traced_agent("", &format!("limit_writes = \"{mode}\""));
     let attached = agent.probe_mode("limit_writes");
     // The lab's arm64 6.1 kernel has no BPF trampolines: fexit must be reported unavailable there.
     if cfg!(target_arch = "aarch64") && mode == "fexit" && attached == "unavailable" {

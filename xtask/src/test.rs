@@ -217,6 +217,7 @@ fn arm64_tests() -> Result<()> {
         "limit_writes   kprobe      attached: memory_max_write",
         "oom_kills      tracepoint  attached: oom/mark_victim",
         "oom_victims    raw_tp      attached: signal_generate",
+        "oom_limits     kprobe      attached: out_of_memory",
         "cgroup_changes raw_tp      attached",
     ] {
         if !text.contains(expected) {

@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     sync::{Arc, Mutex},
@@ -13,11 +14,15 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message as _;
 
-/// A received span: its name and attributes as strings.
+/// A received span: its name, ids (hex; the parent's empty for a root) and attributes as
+/// strings.
 #[derive(Debug, Clone)]
 pub struct ReceivedSpan {
     pub name: String,
     pub service: String,
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent_span_id: String,
     pub attributes: BTreeMap<String, String>,
 }
 
@@ -156,12 +161,22 @@ fn flatten(req: &ExportTraceServiceRequest) -> Vec<ReceivedSpan> {
                 out.push(ReceivedSpan {
                     name: span.name.clone(),
                     service: service.clone(),
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent_span_id: hex(&span.parent_span_id),
                     attributes,
                 });
             }
         }
     }
     out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 fn value_string(v: Option<&Value>) -> String {
