@@ -31,6 +31,18 @@ pub mod maps {
     pub const OFFSETS: &str = "OFFSETS";
     /// `out_of_memory` calls in progress, keyed by `pid_tgid`: their `struct oom_control *`.
     pub const OOM_ENTRIES: &str = "OOM_ENTRIES";
+    /// Futex waits in progress, by `pid_tgid`.
+    pub const FUTEX_WAITS: &str = "FUTEX_WAITS";
+    /// Futex wait aggregates by process (tgid): the cap on tracked processes is its size.
+    pub const FUTEX_PROCESSES: &str = "FUTEX_PROCESSES";
+    /// Futex wait totals by (tgid, futex word).
+    pub const FUTEX_LOCKS: &str = "FUTEX_LOCKS";
+    /// User stacks of long futex waits.
+    pub const FUTEX_STACKS: &str = "FUTEX_STACKS";
+    /// Processes whose futex waits are measured, when not all are (tgid to 1).
+    pub const FUTEX_SELECTED: &str = "FUTEX_SELECTED";
+    /// Global [`super::FutexConfig`].
+    pub const FUTEX_CONFIG: &str = "FUTEX_CONFIG";
 }
 
 /// Names of the programs (their function names in the eBPF object).
@@ -75,6 +87,20 @@ pub mod programs {
     pub const OOM_ENTER_KPROBE: &str = "oom_enter_kprobe";
     /// The kernel function both OOM entry programs attach to.
     pub const OUT_OF_MEMORY: &str = "out_of_memory";
+    /// Tracepoint `syscalls/sys_enter_futex`: wait operations start.
+    pub const FUTEX_ENTER: &str = "futex_enter";
+    /// Tracepoints `syscalls/sys_enter_futex_waitv` (5.16+) and `sys_enter_futex_wait` (6.7+).
+    pub const FUTEX_WAITV_ENTER: &str = "futex_waitv_enter";
+    /// The exits of all three futex syscalls.
+    pub const FUTEX_EXIT: &str = "futex_exit";
+    /// Uprobes on `runtime.fatal` / `runtime.throw`, register ABI (Go 1.17+ amd64, 1.18+ arm64).
+    pub const GO_FATAL_REGS: &str = "go_fatal_regs";
+    pub const GO_THROW_REGS: &str = "go_throw_regs";
+    /// The same for the stack ABI of older Go.
+    pub const GO_FATAL_STACK: &str = "go_fatal_stack";
+    pub const GO_THROW_STACK: &str = "go_throw_stack";
+    /// Raw tracepoint `sched_process_exec`: new programs to look at for Go.
+    pub const PROCESS_EXEC: &str = "process_exec";
 }
 
 /// Event kinds, with stable numbers: they are the first field of every event.
@@ -89,6 +115,10 @@ pub enum EventKind {
     CgroupMkdir = 3,
     /// A cgroup was removed ([`CgroupEvent`]).
     CgroupRmdir = 4,
+    /// A Go program entered its fatal error path ([`GoFatalEvent`]).
+    GoFatal = 5,
+    /// A process called exec ([`EventHeader`] alone): userspace looks at the new program.
+    Exec = 6,
 }
 
 impl EventKind {
@@ -100,6 +130,8 @@ impl EventKind {
             2 => Some(Self::OomKill),
             3 => Some(Self::CgroupMkdir),
             4 => Some(Self::CgroupRmdir),
+            5 => Some(Self::GoFatal),
+            6 => Some(Self::Exec),
             _ => None,
         }
     }
@@ -357,6 +389,121 @@ pub struct OomEntry {
 }
 const _: () = assert!(size_of::<OomEntry>() == 16);
 
+/// Bytes of a Go fatal error's message captured ("concurrent map writes" is 21).
+pub const GO_MESSAGE_LEN: usize = 128;
+
+/// A Go program called `runtime.fatal` or `runtime.throw`: it is about to die.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GoFatalEvent {
+    /// Kind [`EventKind::GoFatal`]; the task is the goroutine's thread.
+    pub header: EventHeader,
+    /// [`GO_FATAL`] or [`GO_THROW`]: which function was entered.
+    pub function: u32,
+    /// Bytes of `message` that hold the message (it is a Go string: not NUL-terminated).
+    pub len: u32,
+    pub message: [u8; GO_MESSAGE_LEN],
+}
+const _: () = assert!(size_of::<GoFatalEvent>() == 48 + 8 + GO_MESSAGE_LEN);
+
+/// `runtime.fatal` (Go 1.19+: map races, deadlocks, "unlock of unlocked mutex").
+pub const GO_FATAL: u32 = 1;
+/// `runtime.throw` (the runtime's other fatal errors; map races before 1.19).
+pub const GO_THROW: u32 = 2;
+
+/// Buckets of the futex wait histograms: bucket i counts waits of [2^i, 2^(i+1)) ns.
+pub const FUTEX_BUCKETS: usize = 64;
+
+/// Indexes of [`FutexProcess::outcomes`]: how waits ended.
+pub const OUTCOME_WOKEN: usize = 0;
+pub const OUTCOME_TIMEOUT: usize = 1;
+/// `EAGAIN`: the word had changed, the thread never slept.
+pub const OUTCOME_EAGAIN: usize = 2;
+pub const OUTCOME_INTERRUPTED: usize = 3;
+pub const OUTCOME_ERROR: usize = 4;
+pub const OUTCOMES: usize = 5;
+
+/// A process's futex waits so far (updated by atomic adds from every CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FutexProcess {
+    /// Woken waits by log2 of the time waited in ns.
+    pub buckets: [u64; FUTEX_BUCKETS],
+    /// Waits by `OUTCOME_*`.
+    pub outcomes: [u64; OUTCOMES],
+    /// Total ns of the woken waits.
+    pub woken_ns: u64,
+    /// Cgroup v2 id of the thread that waited first.
+    pub cgroup_id: u64,
+    /// Its comm.
+    pub comm: [u8; COMM_LEN],
+}
+const _: () = assert!(size_of::<FutexProcess>() == 8 * (FUTEX_BUCKETS + OUTCOMES + 2) + COMM_LEN);
+
+/// A futex word of a process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FutexLockKey {
+    pub tgid: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// The futex word's user address (a `pthread_mutex_t`, a Go runtime note...).
+    pub uaddr: u64,
+}
+const _: () = assert!(size_of::<FutexLockKey>() == 16);
+
+/// Woken waits on one futex word.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FutexLock {
+    pub waits: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+    /// `FUTEX_STACKS` id of the user stack of the longest wait at or above the threshold;
+    /// negative when none.
+    pub stack_id: i64,
+}
+const _: () = assert!(size_of::<FutexLock>() == 32);
+
+/// A wait in progress, in slot `tid % FUTEX_WAIT_SLOTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FutexWait {
+    /// `pid_tgid` of the waiting thread (0: the slot is free).
+    pub pid_tgid: u64,
+    pub start_ns: u64,
+    pub uaddr: u64,
+}
+const _: () = assert!(size_of::<FutexWait>() == 24);
+
+/// Slots of the waits in progress: an array indexed by thread id, because an array lookup is
+/// inlined by the verifier where a hash map costs helper calls on every futex call. Two
+/// threads share a slot only when their ids are equal modulo this and both wait at once: the
+/// second's wait replaces the first's, whose exit then finds another thread's slot and is not
+/// counted.
+pub const FUTEX_WAIT_SLOTS: u32 = 1 << 16;
+
+/// How the futex programs run, set by the loader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FutexConfig {
+    /// Nonzero: every process; zero: those in `FUTEX_SELECTED`.
+    pub select_all: u32,
+    /// The agent's own process, never measured (its threads idle in futex waits by design).
+    pub agent_tgid: u32,
+    /// Waits at least this long record their user stack.
+    pub stack_threshold_ns: u64,
+}
+const _: () = assert!(size_of::<FutexConfig>() == 16);
+
+impl FutexConfig {
+    pub const DEFAULT: Self = Self {
+        select_all: 1,
+        agent_tgid: 0,
+        stack_threshold_ns: 1_000_000,
+    };
+}
+
 /// Byte offsets of the kernel struct fields the programs read, taken from the running kernel's BTF.
 ///
 /// Rust eBPF has no CO-RE relocations, so the loader fills this in before loading. A field the
@@ -531,4 +678,10 @@ mod pod {
     unsafe impl aya::Pod for super::PendingWrite {}
     unsafe impl aya::Pod for super::OomKillEvent {}
     unsafe impl aya::Pod for super::OomEntry {}
+    unsafe impl aya::Pod for super::GoFatalEvent {}
+    unsafe impl aya::Pod for super::FutexProcess {}
+    unsafe impl aya::Pod for super::FutexLockKey {}
+    unsafe impl aya::Pod for super::FutexLock {}
+    unsafe impl aya::Pod for super::FutexWait {}
+    unsafe impl aya::Pod for super::FutexConfig {}
 }

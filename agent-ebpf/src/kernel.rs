@@ -5,6 +5,7 @@ use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     bpf_probe_read_kernel,
 };
+use aya_ebpf::{EbpfContext as _, programs::TracePointContext};
 
 /// Reads a `T` at `base + offset`; fails for an unknown offset or a null base.
 ///
@@ -50,5 +51,20 @@ pub fn current_header(kind: u32) -> EventHeader {
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+    }
+}
+
+/// An 8-byte field of a syscall tracepoint's record, loaded directly: a helper call per field
+/// would cost every traced syscall more than the rest of its program.
+#[inline]
+pub fn record_field(ctx: &TracePointContext, offset: usize) -> u64 {
+    // SAFETY: `offset` is a field inside the syscall record the kernel passes as ctx, 8-byte
+    // aligned like the record itself (which the verifier checks).
+    #[expect(
+        clippy::cast_ptr_alignment,
+        reason = "the record's u64 fields are 8-byte aligned"
+    )]
+    unsafe {
+        ctx.as_ptr().cast::<u8>().add(offset).cast::<u64>().read()
     }
 }

@@ -9,6 +9,8 @@
 
 mod bench;
 mod cgroups;
+mod futex;
+mod golang;
 mod kernel;
 mod limits;
 mod maps;

@@ -2,11 +2,14 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use agent_common::{KernelOffsets, KilledTask, LimitWriteArgs, OomEntry, PendingWrite};
+use agent_common::{
+    FUTEX_WAIT_SLOTS, FutexConfig, FutexLock, FutexLockKey, FutexProcess, FutexWait, KernelOffsets,
+    KilledTask, LimitWriteArgs, OomEntry, PendingWrite,
+};
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{LruHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, RingBuf, StackTrace},
 };
 
 /// All events to userspace. 256 KiB holds thousands of events: bursts of OOM kills fit.
@@ -35,6 +38,36 @@ pub static PENDING_WRITES: LruHashMap<u64, PendingWrite> = LruHashMap::with_max_
 #[map(name = "OOM_ENTRIES")]
 pub static OOM_ENTRIES: LruHashMap<u64, OomEntry> = LruHashMap::with_max_entries(256, 0);
 
+/// Futex waits in flight, by thread id modulo its size (see `FUTEX_WAIT_SLOTS`).
+#[map(name = "FUTEX_WAITS")]
+pub static FUTEX_WAITS: Array<FutexWait> = Array::with_max_entries(FUTEX_WAIT_SLOTS, 0);
+
+/// Futex aggregates by tgid. Its size is the cap on tracked processes (the loader sets it from
+/// the configuration); userspace removes the processes that exited.
+#[map(name = "FUTEX_PROCESSES")]
+pub static FUTEX_PROCESSES: HashMap<u32, FutexProcess> = HashMap::with_max_entries(1024, 0);
+
+/// A zeroed aggregate, never written: a new process's entry is copied from it (the struct is
+/// larger than the BPF stack, and zeroing it in place would be a loop the verifier walks).
+#[map(name = "FUTEX_ZERO")]
+pub static FUTEX_ZERO: Array<FutexProcess> = Array::with_max_entries(1, 0);
+
+/// Futex word totals by (tgid, address); sized by the loader too.
+#[map(name = "FUTEX_LOCKS")]
+pub static FUTEX_LOCKS: HashMap<FutexLockKey, FutexLock> = HashMap::with_max_entries(16_384, 0);
+
+/// User stacks of long waits.
+#[map(name = "FUTEX_STACKS")]
+pub static FUTEX_STACKS: StackTrace = StackTrace::with_max_entries(4096, 0);
+
+/// Selected processes, when the configuration does not select them all.
+#[map(name = "FUTEX_SELECTED")]
+pub static FUTEX_SELECTED: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+/// How the futex programs run.
+#[unsafe(no_mangle)]
+pub static FUTEX_CONFIG: Global<FutexConfig> = Global::new(FutexConfig::DEFAULT);
+
 /// Kernel struct offsets, set by the loader from the running kernel's BTF.
 #[unsafe(no_mangle)]
 pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::UNKNOWN);
@@ -47,13 +80,22 @@ pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::UNKNOWN);
 static mut PENDING_COUNT: u64 = 0;
 
 /// Adds `n` (wrapping: `u64::MAX` takes one away) to [`PENDING_COUNT`], atomically: enters and
-/// exits run on every CPU at once. The BPF target has no `AtomicU64::fetch_add`, so this is the
-/// intrinsic it would call (one `lock xadd`).
+/// exits run on every CPU at once.
 #[inline]
 pub fn pending_add(n: u64) {
     // SAFETY: an aligned u64 in .bss, changed only atomically.
+    unsafe { atomic_add(&raw mut PENDING_COUNT, n) };
+}
+
+/// `*p += n` atomically (one `lock xadd`). The BPF target has no `AtomicU64::fetch_add`, so
+/// this calls the intrinsic those methods call.
+///
+/// # Safety
+/// `p` must be an aligned `u64` in a map value or global.
+#[inline]
+pub unsafe fn atomic_add(p: *mut u64, n: u64) {
     unsafe {
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut PENDING_COUNT, n);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, n);
     }
 }
 

@@ -4,7 +4,6 @@
 
 use agent_common::{FILE_NAME_LEN, KernelOffsets, OFFSET_UNKNOWN, PendingWrite, VALUE_LEN};
 use aya_ebpf::{
-    EbpfContext as _,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_task_btf,
         bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_buf,
@@ -14,7 +13,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    kernel::read_field,
+    kernel::{read_field, record_field},
     limits::emit_for_node,
     maps::{OFFSETS, PENDING_WRITES, any_pending, pending_add},
 };
@@ -137,21 +136,6 @@ fn enter<const BTF: bool>(ctx: &TracePointContext, iov: bool) -> Result<(), i32>
     PENDING_WRITES.insert(bpf_get_current_pid_tgid(), pending, 0)?;
     pending_add(1);
     Ok(())
-}
-
-/// An 8-byte field of the tracepoint record, loaded directly: a helper call per field would
-/// cost ordinary writes more than the rest of the filter.
-#[inline]
-fn record_field(ctx: &TracePointContext, offset: usize) -> u64 {
-    // SAFETY: `offset` is a field inside the syscall record the kernel passes as ctx, 8-byte
-    // aligned like the record itself (which the verifier checks).
-    #[expect(
-        clippy::cast_ptr_alignment,
-        reason = "the record's u64 fields are 8-byte aligned"
-    )]
-    unsafe {
-        ctx.as_ptr().cast::<u8>().add(offset).cast::<u64>().read()
-    }
 }
 
 /// The fd's cgroup2 node (`None`: not open, or not on cgroup2) through `bpf_probe_read_kernel`:

@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result};
 use aya::programs::TracePoint;
 
 use crate::{
-    config::{LimitWriteMode, ProbesConfig},
+    config::{ContentionConfig, LimitWriteMode, ProbesConfig},
     offsets, probes,
 };
 
@@ -52,7 +52,7 @@ pub fn bench_write(attached: Attached, iterations: u64, open_files: u32) -> Resu
                 limit_writes: LimitWriteMode::Syscalls,
                 ..ProbesConfig::default()
             };
-            let p = probes::load(&offsets, &choices)?;
+            let p = probes::load(&offsets, &choices, &ContentionConfig::default())?;
             let s = p
                 .status
                 .iter()
@@ -62,7 +62,7 @@ pub fn bench_write(attached: Attached, iterations: u64, open_files: u32) -> Resu
             Some(p)
         }
         Attached::Empty => {
-            let mut ebpf = probes::load_object(&offsets)?;
+            let mut ebpf = probes::load_object(&offsets, &ContentionConfig::default())?;
             for (name, tracepoint) in programs::BENCH_EMPTY {
                 let p: &mut TracePoint = ebpf
                     .program_mut(name)

@@ -4,10 +4,14 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::{cgroups, config::ProbesConfig, offsets, probes};
+use crate::{
+    cgroups,
+    config::{ContentionConfig, ProbesConfig},
+    offsets, probes,
+};
 
 /// Prints the report; fails only when the eBPF object cannot be loaded at all.
-pub fn check(choices: &ProbesConfig) -> Result<()> {
+pub fn check(choices: &ProbesConfig, contention: &ContentionConfig) -> Result<()> {
     let uname = uname();
     println!("kernel: {uname}");
 
@@ -41,7 +45,7 @@ pub fn check(choices: &ProbesConfig) -> Result<()> {
         None => println!("cgroup v2: not mounted"),
     }
 
-    let probes = probes::load(&kernel_offsets, choices)?;
+    let probes = probes::load(&kernel_offsets, choices, contention)?;
     println!("probes:");
     for s in &probes.status {
         println!("  {s}");

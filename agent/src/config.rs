@@ -74,6 +74,69 @@ pub struct ProbesConfig {
     pub oom_limits: OomLimitMode,
 }
 
+/// Lock contention: which processes' futex waits are measured, and how much is kept.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ContentionConfig {
+    /// Measure futex waits at all.
+    #[serde(default = "yes")]
+    pub futex_waits: bool,
+    /// Which processes: empty for all, else any of `comm:NAME`, `exe:PATH`, `cgroup:GLOB`.
+    #[serde(default)]
+    pub select: Vec<String>,
+    /// At most this many processes are tracked at once (the kernel map's size).
+    #[serde(default = "default_max_processes")]
+    pub max_processes: u32,
+    /// A wait at least this long (microseconds) records its user stack.
+    #[serde(default = "default_stack_threshold_us")]
+    pub stack_threshold_us: u64,
+}
+
+impl Default for ContentionConfig {
+    fn default() -> Self {
+        Self {
+            futex_waits: true,
+            select: Vec::new(),
+            max_processes: default_max_processes(),
+            stack_threshold_us: default_stack_threshold_us(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_max_processes() -> u32 {
+    1024
+}
+
+fn default_stack_threshold_us() -> u64 {
+    1000
+}
+
+/// One process selector of `contention.select`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selector {
+    Comm(String),
+    Exe(PathBuf),
+    /// A glob on the cgroup path (`*`, `?`).
+    Cgroup(String),
+}
+
+impl Selector {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            Some(("comm", c)) if !c.is_empty() && c.len() < 16 => Ok(Self::Comm(c.to_owned())),
+            Some(("exe", p)) if p.starts_with('/') => Ok(Self::Exe(PathBuf::from(p))),
+            Some(("cgroup", g)) if g.starts_with('/') => Ok(Self::Cgroup(g.to_owned())),
+            _ => Err(format!(
+                "contention.select {s:?}: expected comm:NAME (under 16 bytes), exe:/PATH or cgroup:/GLOB"
+            )),
+        }
+    }
+}
+
 /// Where metrics are served.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,6 +166,8 @@ struct RawConfig {
     cgroup_root: String,
     #[serde(default)]
     probes: ProbesConfig,
+    #[serde(default)]
+    contention: ContentionConfig,
     /// Unix socket of the live event feed (`nodewarden events`); empty disables it.
     #[serde(default = "default_events_socket")]
     events_socket: String,
@@ -130,6 +195,9 @@ pub struct Config {
     pub shutdown_drain: Duration,
     pub cgroup_root: Option<PathBuf>,
     pub probes: ProbesConfig,
+    pub contention: ContentionConfig,
+    /// Parsed `contention.select`; empty for every process.
+    pub selectors: Vec<Selector>,
     /// How long a removed cgroup's series stay.
     pub deleted_cgroup_ttl: Duration,
     pub events_socket: Option<PathBuf>,
@@ -190,6 +258,18 @@ impl Config {
                 raw.metrics.deleted_cgroup_ttl_s
             ));
         }
+        let selectors: Vec<Selector> = raw
+            .contention
+            .select
+            .iter()
+            .filter_map(|s| Selector::parse(s).map_err(|e| problems.push(e)).ok())
+            .collect();
+        if raw.contention.max_processes == 0 || raw.contention.max_processes > 65_536 {
+            problems.push(format!(
+                "contention.max_processes = {}: must be between 1 and 65536",
+                raw.contention.max_processes
+            ));
+        }
         if let Some(root) = &cgroup_root
             && !root.is_absolute()
         {
@@ -205,6 +285,8 @@ impl Config {
                 shutdown_drain: Duration::from_millis(raw.shutdown_drain_ms),
                 cgroup_root,
                 probes: raw.probes,
+                contention: raw.contention,
+                selectors,
                 deleted_cgroup_ttl: Duration::from_secs(raw.metrics.deleted_cgroup_ttl_s),
                 events_socket,
                 kubelet_log_dir: PathBuf::from(raw.kubelet_log_dir),
@@ -228,6 +310,7 @@ mod tests {
         assert_eq!(c.metrics_listen.to_string(), "127.0.0.1:9717");
         assert!(c.cgroup_root.is_none());
         assert_eq!(c.probes, ProbesConfig::default());
+        assert_eq!(c.contention, ContentionConfig::default());
         assert_eq!(c.deleted_cgroup_ttl, Duration::from_secs(3600));
     }
 
@@ -247,6 +330,37 @@ mod tests {
         let err = Config::parse(&format!("{base}[probes]\nlimit_writes = \"uprobe\"\n"), "t")
             .expect_err("no such mode");
         assert!(err.to_string().contains("uprobe"), "{err}");
+    }
+
+    #[test]
+    fn contention_selectors() {
+        let base =
+            "mode = \"observe\"\nshutdown_drain_ms = 100\n[metrics]\nlisten = \"127.0.0.1:1\"\n";
+        let c = Config::parse(
+            &format!("{base}[contention]\nselect = [\"comm:nw-mutex\", \"exe:/usr/bin/x\", \"cgroup:/kubepods*\"]\n"),
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.selectors,
+            [
+                Selector::Comm("nw-mutex".into()),
+                Selector::Exe("/usr/bin/x".into()),
+                Selector::Cgroup("/kubepods*".into())
+            ]
+        );
+        assert!(c.contention.futex_waits);
+        let err = Config::parse(
+            &format!(
+                "{base}[contention]\nselect = [\"pid:1\", \"exe:relative\"]\nmax_processes = 0\n"
+            ),
+            "t",
+        )
+        .expect_err("invalid");
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(problems.len(), 3, "{problems:?}");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! unknown record is an error, never a panic.
 
 use agent_common::{
-    COMM_LEN, CgroupEvent, EventHeader, EventKind, LimitFile, LimitWriteEvent, OOM_CONTROL,
-    OomKillEvent, RSS_ANON, RSS_FILE, RSS_SHMEM, RSS_SWAP, VICTIM_FROM_TASK, VICTIM_MEMORY,
+    COMM_LEN, CgroupEvent, EventHeader, EventKind, GO_FATAL, GoFatalEvent, LimitFile,
+    LimitWriteEvent, OOM_CONTROL, OomKillEvent, RSS_ANON, RSS_FILE, RSS_SHMEM, RSS_SWAP,
+    VICTIM_FROM_TASK, VICTIM_MEMORY,
 };
 
 /// The task that was running when a probe fired.
@@ -126,6 +127,21 @@ pub enum Event {
     LimitWrite(LimitWrite),
     OomKill(OomKill),
     Cgroup(CgroupChange),
+    GoFatal(GoFatal),
+    /// A process called exec (its new program may be Go).
+    Exec(Task),
+}
+
+/// A Go program entered its fatal error path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoFatal {
+    pub timestamp_ns: u64,
+    /// The thread that called it.
+    pub task: Task,
+    /// `runtime.fatal` or `runtime.throw`.
+    pub function: &'static str,
+    /// The message ("concurrent map writes"), lossily decoded.
+    pub message: String,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -204,6 +220,21 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 created: kind == EventKind::CgroupMkdir,
             }))
         }
+        Some(EventKind::GoFatal) => {
+            let e: GoFatalEvent = read(bytes)?;
+            let len = usize::try_from(e.len).map_or(0, |l| l.min(e.message.len()));
+            Ok(Event::GoFatal(GoFatal {
+                timestamp_ns: header.timestamp_ns,
+                task: task(&header),
+                function: if e.function == GO_FATAL {
+                    "runtime.fatal"
+                } else {
+                    "runtime.throw"
+                },
+                message: String::from_utf8_lossy(&e.message[..len]).into_owned(),
+            }))
+        }
+        Some(EventKind::Exec) => Ok(Event::Exec(task(&header))),
         None => Err(DecodeError::UnknownKind(header.kind)),
     }
 }
@@ -231,7 +262,7 @@ fn task(h: &EventHeader) -> Task {
 }
 
 /// A NUL-padded kernel `comm` as a string.
-fn comm(raw: &[u8; COMM_LEN]) -> String {
+pub fn comm(raw: &[u8; COMM_LEN]) -> String {
     c_str(raw)
 }
 

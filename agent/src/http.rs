@@ -51,10 +51,20 @@ fn respond<B>(req: &Request<B>, metrics: &Metrics) -> Response<Full<Bytes>> {
             "text/plain; version=0.0.4; charset=utf-8",
             metrics.render(),
         ),
+        (&Method::GET, "/contention") => (
+            StatusCode::OK,
+            "application/json",
+            metrics
+                .contention
+                .lock()
+                .ok()
+                .and_then(|p| serde_json::to_string(&p.snapshot).ok())
+                .unwrap_or_else(|| "{}".to_owned()),
+        ),
         (&Method::GET, "/") => (
             StatusCode::OK,
             "text/plain; charset=utf-8",
-            "nodewarden: metrics at /metrics\n".to_owned(),
+            "nodewarden: metrics at /metrics, lock contention at /contention\n".to_owned(),
         ),
         _ => (
             StatusCode::NOT_FOUND,

@@ -4,9 +4,11 @@ mod bench;
 mod cgroups;
 mod check;
 mod config;
+mod contention;
 mod events;
 mod events_cli;
 mod feed;
+mod golang;
 mod http;
 mod inotify;
 mod k8s;
@@ -22,6 +24,7 @@ mod record;
 mod run;
 mod state;
 mod telemetry;
+mod top;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -65,12 +68,25 @@ enum Cmd {
         /// Only cgroups whose path matches this glob (`*`, `?`), e.g. '/kubepods*'.
         #[arg(long)]
         cgroup: Option<String>,
-        /// Only these kinds (repeatable): `limit_write`, `oom_kill`, `cgroup_created`, `cgroup_removed`.
+        /// Only these kinds (repeatable): `limit_write`, `oom_kill`, `oom_incident`, `go_fatal`,
+        /// `cgroup_created`, `cgroup_removed`.
         #[arg(long)]
         kind: Vec<String>,
         /// The agent's event socket.
         #[arg(long, default_value = config::DEFAULT_EVENTS_SOCKET)]
         socket: PathBuf,
+    },
+    /// Show the most contended processes and their hottest futex words with stacks, refreshed.
+    Top {
+        /// The running agent's metrics address.
+        #[arg(long, default_value = "127.0.0.1:9717")]
+        agent: std::net::SocketAddr,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2)]
+        interval: u64,
+        /// Print once and exit.
+        #[arg(long)]
+        once: bool,
     },
     /// Report which probes this kernel allows, in which mode, and why not.
     Check {
@@ -135,8 +151,17 @@ fn main() -> ExitCode {
             },
             json,
         )),
+        Cmd::Top {
+            agent,
+            interval,
+            once,
+        } => exit(top::run(
+            agent,
+            std::time::Duration::from_secs(interval.max(1)),
+            once,
+        )),
         Cmd::Check { config } => match load_config(config.as_deref()) {
-            Ok(c) => exit(check::check(&c.probes)),
+            Ok(c) => exit(check::check(&c.probes, &c.contention)),
             Err(code) => code,
         },
         Cmd::BenchWrite {

@@ -5,7 +5,9 @@ use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registr
 
 use prometheus::core::{Collector as _, MetricVec, MetricVecBuilder};
 
-use crate::limits::LimitValue;
+use std::sync::{Arc, Mutex};
+
+use crate::{contention::Published, limits::LimitValue};
 
 /// The series of `vec` with these label values; a wrong count of values (a bug) is logged
 /// instead of panicking as `with_label_values` would.
@@ -40,6 +42,8 @@ pub struct Metrics {
     pub oom_kills: IntCounterVec,
     /// Limit hits (one however many processes were killed), by the limiting cgroup and scope.
     pub oom_incidents: IntCounterVec,
+    /// Go programs that hit a fatal error, by reason.
+    pub go_fatal_errors: IntCounterVec,
     /// Writes to cgroup limit files.
     pub limit_writes: IntCounterVec,
     /// 1 for each capability, labelled with the mode it runs in.
@@ -52,6 +56,9 @@ pub struct Metrics {
     pub cpu_limit_cores: GaugeVec,
     /// Ring buffer records that could not be decoded.
     pub decode_errors: IntCounter,
+    /// Futex contention, rendered by its reader (its histograms come aggregated from the
+    /// kernel, which the client library's types cannot take).
+    pub contention: Arc<Mutex<Published>>,
 }
 
 impl Metrics {
@@ -73,6 +80,14 @@ impl Metrics {
                 "OOM limit hits, counted once however many processes were killed, by the cgroup whose limit was hit (/ for the node) and scope.",
             ),
             &OOM_LABELS,
+        )
+        .expect("static metric definition");
+        let go_fatal_errors = IntCounterVec::new(
+            Opts::new(
+                "nodewarden_go_fatal_errors_total",
+                "Go processes that hit a fatal error (concurrent map writes...), by reason and cgroup.",
+            ),
+            &GO_FATAL_LABELS,
         )
         .expect("static metric definition");
         let limit_writes = IntCounterVec::new(
@@ -123,6 +138,7 @@ impl Metrics {
         for c in [
             Box::new(oom_kills.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(oom_incidents.clone()),
+            Box::new(go_fatal_errors.clone()),
             Box::new(limit_writes.clone()),
             Box::new(probe_info.clone()),
             Box::new(limit_bytes.clone()),
@@ -136,12 +152,14 @@ impl Metrics {
             registry,
             oom_kills,
             oom_incidents,
+            go_fatal_errors,
             limit_writes,
             probe_info,
             limit_bytes,
             pids_limit,
             cpu_limit_cores,
             decode_errors,
+            contention: Arc::default(),
         }
     }
 
@@ -174,6 +192,7 @@ impl Metrics {
     pub fn forget_cgroup_counters(&self, cgroup: &str) {
         remove_series(&self.oom_kills, &OOM_LABELS, cgroup);
         remove_series(&self.oom_incidents, &OOM_LABELS, cgroup);
+        remove_series(&self.go_fatal_errors, &GO_FATAL_LABELS, cgroup);
         remove_series(&self.limit_writes, &LIMIT_WRITE_LABELS, cgroup);
     }
 
@@ -183,7 +202,11 @@ impl Metrics {
         let text = TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# encoding failed: {e}\n"));
-        tidy(&text)
+        let mut text = tidy(&text);
+        if let Ok(c) = self.contention.lock() {
+            text.push_str(&c.text);
+        }
+        text
     }
 }
 
@@ -191,6 +214,7 @@ impl Metrics {
 const WHO_LABELS: [&str; 4] = ["cgroup", "namespace", "pod", "container"];
 const LIMIT_LABELS: [&str; 5] = ["cgroup", "namespace", "pod", "container", "limit"];
 const OOM_LABELS: [&str; 5] = ["cgroup", "namespace", "pod", "container", "scope"];
+const GO_FATAL_LABELS: [&str; 5] = ["cgroup", "namespace", "pod", "container", "reason"];
 const LIMIT_WRITE_LABELS: [&str; 7] = [
     "cgroup",
     "namespace",

@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime};
 use opentelemetry::KeyValue;
 
 use crate::{
+    contention::Episode,
     feed::Feed,
     metrics::{Metrics, labelled},
     record::{K8s, OomIncident, OomKill, OomLimit, Process, Record},
@@ -62,6 +63,32 @@ impl Outputs<'_> {
             }
             Record::OomKill(r) => self.kill_outputs(r, None),
             Record::OomIncident(r) => Self::incident_end_outputs(r, None),
+            Record::GoFatal(r) => {
+                let who = K8s::who(&r.cgroup, r.k8s.as_ref());
+                let [cgroup, namespace, pod, container] = who.labels();
+                if let Some(c) = labelled(
+                    &self.metrics.go_fatal_errors,
+                    &[cgroup, namespace, pod, container, &r.reason],
+                ) {
+                    c.inc();
+                }
+                tracing::warn!(
+                    pid = r.process.pid,
+                    comm = %r.process.comm,
+                    cgroup = %r.cgroup,
+                    reason = %r.reason,
+                    function = %r.function,
+                    "Go fatal error"
+                );
+                let mut a = vec![
+                    KeyValue::new("cgroup.path", r.cgroup.clone()),
+                    KeyValue::new("go.fatal.reason", r.reason.clone()),
+                    KeyValue::new("go.fatal.function", r.function.clone()),
+                ];
+                a.extend(process_attributes("process", &r.process));
+                a.extend(k8s_attributes(r.k8s.as_ref()));
+                self.traces.event_span("go.fatal_error", at, a);
+            }
             Record::CgroupCreated(r) | Record::CgroupRemoved(r) => {
                 tracing::debug!(cgroup = %r.cgroup, kind = record.kind(), "cgroup change");
             }
@@ -176,6 +203,27 @@ impl Outputs<'_> {
             end,
             vec![KeyValue::new("oom.incident.victims", victims)],
         );
+    }
+}
+
+impl Outputs<'_> {
+    /// A futex word with a new long wait: a span with its symbolized stack.
+    pub fn contention_episode(&self, e: &Episode) {
+        let l = &e.lock;
+        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let a = vec![
+            KeyValue::new("process.pid", i64::from(l.pid)),
+            KeyValue::new("process.command", l.comm.clone()),
+            KeyValue::new("cgroup.path", l.cgroup.clone()),
+            KeyValue::new("futex.address", format!("{:#x}", l.uaddr)),
+            KeyValue::new("futex.waits", int(e.new_waits)),
+            KeyValue::new("futex.wait_ns", int(e.new_wait_ns)),
+            KeyValue::new("futex.max_wait_ns", int(l.max_ns)),
+            KeyValue::new("code.stacktrace", l.stack.join("\n")),
+        ];
+        tracing::debug!(pid = l.pid, comm = %l.comm, max_wait_ns = l.max_ns, "futex contention");
+        self.traces
+            .event_span("futex.contention", SystemTime::now(), a);
     }
 }
 

@@ -84,6 +84,10 @@ pub struct Pipeline<'a> {
     removed: HashMap<String, u64>,
     deleted_ttl: Duration,
     page_size: u64,
+    /// Processes that exec'd since the last [`Self::take_execs`].
+    execs: Vec<u32>,
+    /// Go processes already reported dying, and when (one crash, one event).
+    go_crashed: HashMap<u32, u64>,
 }
 
 impl<'a> Pipeline<'a> {
@@ -123,6 +127,8 @@ impl<'a> Pipeline<'a> {
             removed: HashMap::new(),
             deleted_ttl,
             page_size,
+            execs: Vec::new(),
+            go_crashed: HashMap::new(),
         }
     }
 
@@ -135,6 +141,14 @@ impl<'a> Pipeline<'a> {
                 return;
             }
             Ok(Event::Cgroup(c)) => self.cgroup_change(c),
+            Ok(Event::GoFatal(g)) => {
+                let Some(r) = self.go_fatal(&g) else { return };
+                r
+            }
+            Ok(Event::Exec(t)) => {
+                self.execs.push(t.tgid);
+                return;
+            }
             Err(e) => {
                 self.metrics.decode_errors.inc();
                 tracing::warn!("dropped a kernel event: {e}");
@@ -206,6 +220,45 @@ impl<'a> Pipeline<'a> {
                 }
             }
         }
+    }
+
+    /// A futex word with a new long wait (see `contention`).
+    pub fn contention_episode(&self, e: &crate::contention::Episode) {
+        self.outputs.contention_episode(e);
+    }
+
+    /// The processes that exec'd since the last call.
+    pub fn take_execs(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.execs)
+    }
+
+    /// A Go fatal error; `None` for the same process's second one (several goroutines can hit
+    /// the same race; the process dies once).
+    fn go_fatal(&mut self, g: &events::GoFatal) -> Option<Record> {
+        let now = g.timestamp_ns;
+        self.go_crashed
+            .retain(|_, at| now.saturating_sub(*at) < GO_CRASH_MEMORY_NS);
+        if self.go_crashed.insert(g.task.tgid, now).is_some() {
+            return None;
+        }
+        let process = self.process(&g.task);
+        let cgroup = process.cgroup.clone();
+        // The reason is a label: cut, so a long message cannot make a long series.
+        let reason: String = g.message.chars().take(80).collect();
+        Some(Record::GoFatal(Box::new(record::GoFatal {
+            time_unix_nano: self.clock.unix_nano(g.timestamp_ns),
+            k8s: K8s::from_path(&cgroup, &mut self.kubelet),
+            cgroup,
+            process,
+            reason,
+            function: g.function.to_owned(),
+        })))
+    }
+
+    /// A cgroup's identity labels, by id.
+    pub fn who_of(&mut self, id: u64) -> crate::metrics::Who {
+        let path = self.cgroup_label(id);
+        K8s::who(&path, K8s::from_path(&path, &mut self.kubelet).as_ref())
     }
 
     fn cgroup_label(&mut self, id: u64) -> String {
@@ -451,6 +504,10 @@ impl<'a> Pipeline<'a> {
         }
     }
 }
+
+/// How long a crashed Go process is remembered (its other goroutines' fatal errors are the
+/// same crash).
+const GO_CRASH_MEMORY_NS: u64 = 10_000_000_000;
 
 /// The incident key of a kill (see [`oom::Key`]).
 fn key_of(k: &OomKill) -> oom::Key {

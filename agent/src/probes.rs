@@ -4,13 +4,13 @@
 
 use std::fmt;
 
-use agent_common::{KernelOffsets, LimitFile, maps, programs};
+use agent_common::{FutexConfig, KernelOffsets, LimitFile, maps, programs};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     programs::{FEntry, FExit, KProbe, RawTracePoint, TracePoint},
 };
 
-use crate::config::{LimitWriteMode, OomLimitMode, ProbesConfig};
+use crate::config::{ContentionConfig, LimitWriteMode, OomLimitMode, ProbesConfig};
 
 /// The eBPF object built by build.rs from agent-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
@@ -77,9 +77,20 @@ pub struct Probes {
 }
 
 /// Loads the object with `offsets` set, then loads and attaches every capability it can.
-pub fn load(offsets: &KernelOffsets, choices: &ProbesConfig) -> Result<Probes, ProbeError> {
-    let mut ebpf = load_object(offsets)?;
+pub fn load(
+    offsets: &KernelOffsets,
+    choices: &ProbesConfig,
+    contention: &ContentionConfig,
+) -> Result<Probes, ProbeError> {
+    let mut ebpf = load_object(offsets, contention)?;
     let status = vec![
+        attach_futex(&mut ebpf, contention),
+        single(
+            "go_fatal_errors",
+            "uprobe",
+            "runtime.fatal and runtime.throw of each Go executable; raw_tp sched_process_exec",
+            || crate::golang::GoWatcher::load(&mut ebpf),
+        ),
         attach_limit_writes(&mut ebpf, offsets, choices.limit_writes),
         attach_oom_limits(&mut ebpf, offsets, choices.oom_limits),
         single("oom_victims", "raw_tp", "signal_generate", || {
@@ -114,13 +125,85 @@ pub fn load(offsets: &KernelOffsets, choices: &ProbesConfig) -> Result<Probes, P
     Ok(Probes { ebpf, status })
 }
 
-/// Loads the object (maps, program definitions) with `offsets` set; attaches nothing.
-pub fn load_object(offsets: &KernelOffsets) -> Result<Ebpf, ProbeError> {
+/// Loads the object (maps, program definitions) with `offsets` and the contention settings
+/// set; attaches nothing.
+pub fn load_object(
+    offsets: &KernelOffsets,
+    contention: &ContentionConfig,
+) -> Result<Ebpf, ProbeError> {
     raise_memlock_limit();
     ensure_tracefs();
+    let futex = FutexConfig {
+        select_all: u32::from(contention.select.is_empty()),
+        agent_tgid: std::process::id(),
+        stack_threshold_ns: contention.stack_threshold_us.saturating_mul(1000),
+    };
     Ok(EbpfLoader::new()
         .override_global(maps::OFFSETS, offsets, true)
+        .override_global(maps::FUTEX_CONFIG, &futex, true)
+        .map_max_entries(maps::FUTEX_PROCESSES, contention.max_processes)
+        .map_max_entries(maps::FUTEX_SELECTED, contention.max_processes)
+        // A few contended words per process.
+        .map_max_entries(
+            maps::FUTEX_LOCKS,
+            contention.max_processes.saturating_mul(16),
+        )
         .load(EBPF_OBJECT)?)
+}
+
+/// Futex waits: the entries and exits of futex(2), and of `futex_waitv(2)` and `futex_wait(2)`
+/// where the kernel has them (5.16, 6.7).
+fn attach_futex(ebpf: &mut Ebpf, contention: &ContentionConfig) -> ProbeStatus {
+    let mut status = ProbeStatus {
+        capability: "futex_waits",
+        mode: UNAVAILABLE,
+        hooks: Vec::new(),
+        errors: Vec::new(),
+        fallbacks: Vec::new(),
+    };
+    if !contention.futex_waits {
+        status
+            .errors
+            .push("off in the configuration (contention.futex_waits)".to_owned());
+        return status;
+    }
+    let required = [
+        (programs::FUTEX_ENTER, "sys_enter_futex"),
+        (programs::FUTEX_EXIT, "sys_exit_futex"),
+    ];
+    let optional = [
+        (programs::FUTEX_WAITV_ENTER, "sys_enter_futex_waitv"),
+        (programs::FUTEX_EXIT, "sys_exit_futex_waitv"),
+        (programs::FUTEX_WAITV_ENTER, "sys_enter_futex_wait"),
+        (programs::FUTEX_EXIT, "sys_exit_futex_wait"),
+    ];
+    for (name, _) in [required[0], required[1], optional[0]] {
+        if let Err(e) = program::<TracePoint>(ebpf, name).and_then(|p| p.load().map_err(chain)) {
+            status.errors.push(format!("{name}: {e}"));
+            return status;
+        }
+    }
+    for (i, (name, tracepoint)) in required.iter().chain(&optional).enumerate() {
+        let r = program::<TracePoint>(ebpf, name)
+            .and_then(|p| p.attach("syscalls", tracepoint).map(drop).map_err(chain));
+        match r {
+            Ok(()) => status.hooks.push(format!("syscalls/{tracepoint}")),
+            // An older kernel without the newer syscalls: not an error.
+            Err(_) if i >= required.len() => {}
+            Err(e) => {
+                status.errors.push(format!("syscalls/{tracepoint}: {e}"));
+                for (name, _) in required.iter().chain(&optional) {
+                    if let Ok(p) = program::<TracePoint>(ebpf, name) {
+                        let _ = p.unload();
+                    }
+                }
+                status.hooks.clear();
+                return status;
+            }
+        }
+    }
+    status.mode = "tracepoint";
+    status
 }
 
 /// A capability with one way to attach.
@@ -304,6 +387,8 @@ pub fn without_bpf(why: &str, limit_writes: LimitWriteMode) -> Vec<ProbeStatus> 
     };
     vec![
         limits,
+        unavailable("futex_waits"),
+        unavailable("go_fatal_errors"),
         unavailable("oom_limits"),
         unavailable("oom_victims"),
         unavailable("oom_kills"),

@@ -186,6 +186,21 @@ pub struct CgroupChange {
     pub cgroup: String,
 }
 
+/// A Go program's fatal error: it is about to exit with "fatal error: <reason>".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GoFatal {
+    pub time_unix_nano: u64,
+    /// The process's cgroup.
+    pub cgroup: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s: Option<K8s>,
+    pub process: Process,
+    /// The runtime's message: `concurrent map writes`...
+    pub reason: String,
+    /// `runtime.fatal` or `runtime.throw`.
+    pub function: String,
+}
+
 /// One event, tagged by `kind`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -194,17 +209,19 @@ pub enum Record {
     LimitWrite(Box<LimitWrite>),
     OomKill(Box<OomKill>),
     OomIncident(Box<OomIncident>),
+    GoFatal(Box<GoFatal>),
     CgroupCreated(CgroupChange),
     CgroupRemoved(CgroupChange),
 }
 
 /// Every `kind`, for `nodewarden events --kind`.
-pub const KINDS: [&str; 5] = [
+pub const KINDS: [&str; 6] = [
     "limit_write",
     "oom_kill",
     "oom_incident",
     "cgroup_created",
     "cgroup_removed",
+    "go_fatal",
 ];
 
 impl Record {
@@ -216,6 +233,7 @@ impl Record {
             Self::OomIncident(_) => KINDS[2],
             Self::CgroupCreated(_) => KINDS[3],
             Self::CgroupRemoved(_) => KINDS[4],
+            Self::GoFatal(_) => KINDS[5],
         }
     }
 
@@ -226,6 +244,7 @@ impl Record {
             Self::LimitWrite(r) => &r.cgroup,
             Self::OomKill(r) => &r.cgroup,
             Self::OomIncident(r) => &r.limit.cgroup,
+            Self::GoFatal(r) => &r.cgroup,
             Self::CgroupCreated(r) | Self::CgroupRemoved(r) => &r.cgroup,
         }
     }
@@ -236,6 +255,7 @@ impl Record {
             Self::LimitWrite(r) => r.time_unix_nano,
             Self::OomKill(r) => r.time_unix_nano,
             Self::OomIncident(r) => r.time_unix_nano,
+            Self::GoFatal(r) => r.time_unix_nano,
             Self::CgroupCreated(r) | Self::CgroupRemoved(r) => r.time_unix_nano,
         }
     }
@@ -306,12 +326,22 @@ impl Record {
                 }
                 s.pop();
             }
+            Self::GoFatal(r) => {
+                let _ = write!(
+                    s,
+                    " fatal error: {} ({}) in {}",
+                    r.reason,
+                    r.function,
+                    process(&r.process)
+                );
+            }
             Self::CgroupCreated(_) | Self::CgroupRemoved(_) => {}
         }
         if let Some(k) = match self {
             Self::LimitWrite(r) => r.k8s.as_ref(),
             Self::OomKill(r) => r.k8s.as_ref(),
             Self::OomIncident(r) => r.limit.k8s.as_ref(),
+            Self::GoFatal(r) => r.k8s.as_ref(),
             _ => None,
         } {
             match (&k.namespace, &k.pod) {

@@ -14,7 +14,9 @@ use tokio::{
 use crate::{
     cgroups::{self, CgroupResolver},
     config::Config,
+    contention::FutexReader,
     feed::{self, Feed},
+    golang::GoWatcher,
     http,
     inotify::Watcher,
     kubelet::KubeletNames,
@@ -32,6 +34,9 @@ const POLL_EVERY: Duration = Duration::from_secs(10);
 /// How often time-driven work runs: ended OOM incidents, expired series.
 const TICK_EVERY: Duration = Duration::from_millis(250);
 
+/// How often the kernel's contention aggregates are read (and processes selected).
+const CONTENTION_EVERY: Duration = Duration::from_secs(2);
+
 /// Runs until SIGTERM or SIGINT, then drains for at most `config.shutdown_drain`.
 pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
     // First, so that a signal during start-up also stops the agent cleanly.
@@ -47,35 +52,16 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
     };
 
     // Kept to the end: dropping the object detaches the programs.
-    let (_ebpf, mut ring, limit_mode) = attach(config, &metrics)?;
-
-    let root = config
-        .cgroup_root
-        .clone()
-        .or_else(cgroups::find_cgroup2_mount);
-    if let Some(r) = &root {
-        tracing::info!("cgroup v2 hierarchy at {}", r.display());
-    } else {
-        tracing::warn!("no cgroup v2 mount found: cgroup paths will be unknown");
-    }
-    let mut watcher = match (&root, limit_mode == probes::INOTIFY) {
-        (Some(root), true) => Some(start_watcher(root)?),
-        _ => None,
-    };
-    let feed = Feed::new();
-    let outputs = Outputs {
-        metrics: metrics.clone(),
-        traces,
-        feed: feed.clone(),
-    };
-    let kubelet = KubeletNames::new(config.kubelet_log_dir.clone());
-    let mut pipeline = Pipeline::new(
-        CgroupResolver::new(root),
-        kubelet,
-        outputs,
+    let Attached {
+        mut ebpf,
+        mut ring,
         limit_mode,
-        config.deleted_cgroup_ttl,
-    );
+        mut futex,
+        mut go,
+    } = attach(config, &metrics)?;
+
+    let feed = Feed::new();
+    let (mut pipeline, mut watcher) = pipeline(config, &metrics, traces, &feed, limit_mode)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(http::serve(listener, metrics, stop_rx.clone()));
@@ -89,6 +75,7 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
 
     let mut poll = tokio::time::interval(POLL_EVERY);
     let mut tick = tokio::time::interval(TICK_EVERY);
+    let mut contention_tick = tokio::time::interval(CONTENTION_EVERY);
     loop {
         tokio::select! {
             guard = readable(ring.as_mut()) => {
@@ -98,6 +85,11 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
                     pipeline.handle(&record);
                 }
                 guard.clear_ready();
+                if let (Some(go), Some(ebpf)) = (go.as_mut(), ebpf.as_mut()) {
+                    for pid in pipeline.take_execs() {
+                        go.consider(ebpf, pid);
+                    }
+                }
             }
             guard = readable(watcher.as_mut()) => {
                 let mut guard = guard.context("polling inotify")?;
@@ -108,6 +100,13 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
             }
             _ = poll.tick(), if watcher.is_some() => pipeline.poll(),
             _ = tick.tick() => pipeline.tick(),
+            _ = contention_tick.tick(), if futex.is_some() => {
+                if let Some(f) = futex.as_mut() {
+                    for e in f.refresh(|id| pipeline.who_of(id)) {
+                        pipeline.contention_episode(&e);
+                    }
+                }
+            }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
         }
@@ -137,39 +136,100 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
     Ok(())
 }
 
-/// The loaded object, its event ring, and how limit writes are seen.
-type Attached = (
-    Option<aya::Ebpf>,
-    Option<AsyncFd<RingBuf<aya::maps::MapData>>>,
-    &'static str,
-);
+/// The pipeline over the cgroup v2 hierarchy, and the inotify watcher when limit writes are
+/// seen without BPF.
+fn pipeline<'a>(
+    config: &Config,
+    metrics: &Metrics,
+    traces: &'a Traces,
+    feed: &Feed,
+    limit_mode: &'static str,
+) -> Result<(Pipeline<'a>, Option<AsyncFd<Watcher>>)> {
+    let root = config
+        .cgroup_root
+        .clone()
+        .or_else(cgroups::find_cgroup2_mount);
+    if let Some(r) = &root {
+        tracing::info!("cgroup v2 hierarchy at {}", r.display());
+    } else {
+        tracing::warn!("no cgroup v2 mount found: cgroup paths will be unknown");
+    }
+    let watcher = match (&root, limit_mode == probes::INOTIFY) {
+        (Some(root), true) => Some(start_watcher(root)?),
+        _ => None,
+    };
+    let outputs = Outputs {
+        metrics: metrics.clone(),
+        traces,
+        feed: feed.clone(),
+    };
+    let kubelet = KubeletNames::new(config.kubelet_log_dir.clone());
+    let pipeline = Pipeline::new(
+        CgroupResolver::new(root),
+        kubelet,
+        outputs,
+        limit_mode,
+        config.deleted_cgroup_ttl,
+    );
+    Ok((pipeline, watcher))
+}
+
+/// The loaded object, its event ring, how limit writes are seen, and the readers of the
+/// contention maps and of Go executables, where those probes attached.
+struct Attached {
+    ebpf: Option<aya::Ebpf>,
+    ring: Option<AsyncFd<RingBuf<aya::maps::MapData>>>,
+    limit_mode: &'static str,
+    futex: Option<FutexReader>,
+    go: Option<GoWatcher>,
+}
 
 /// Loads and attaches the probes, reports how (log, metric), and opens their event ring.
 /// Without BPF at all the agent still runs: limit writes are then seen by inotify.
 fn attach(config: &Config, metrics: &Metrics) -> Result<Attached> {
-    let (mut ebpf, status) = match probes::load(&kernel_offsets(), &config.probes) {
-        Ok(p) => (Some(p.ebpf), p.status),
-        Err(e) => {
-            tracing::error!("no eBPF probes: {e}");
-            (
-                None,
-                probes::without_bpf(&e.to_string(), config.probes.limit_writes),
-            )
-        }
-    };
+    let (mut ebpf, status) =
+        match probes::load(&kernel_offsets(), &config.probes, &config.contention) {
+            Ok(p) => (Some(p.ebpf), p.status),
+            Err(e) => {
+                tracing::error!("no eBPF probes: {e}");
+                (
+                    None,
+                    probes::without_bpf(&e.to_string(), config.probes.limit_writes),
+                )
+            }
+        };
     report(&status, metrics);
     let limit_mode = status
         .iter()
         .find(|s| s.capability == "limit_writes")
         .map_or(probes::UNAVAILABLE, |s| s.mode);
-    let ring = match ebpf.as_mut() {
-        Some(ebpf) => {
-            spawn_ebpf_logs(ebpf);
-            Some(event_ring(ebpf)?)
-        }
-        None => None,
+    let attached = |capability: &str| {
+        status
+            .iter()
+            .any(|s| s.capability == capability && s.attached())
     };
-    Ok((ebpf, ring, limit_mode))
+    let (mut futex, mut go, mut ring) = (None, None, None);
+    if let Some(ebpf) = ebpf.as_mut() {
+        spawn_ebpf_logs(ebpf);
+        ring = Some(event_ring(ebpf)?);
+        if attached("futex_waits") {
+            futex = Some(FutexReader::new(
+                ebpf,
+                config.selectors.clone(),
+                metrics.contention.clone(),
+            )?);
+        }
+        if attached("go_fatal_errors") {
+            go = Some(GoWatcher::start(ebpf));
+        }
+    }
+    Ok(Attached {
+        ebpf,
+        ring,
+        limit_mode,
+        futex,
+        go,
+    })
 }
 
 /// Readiness of an optional fd; never ready when there is none.

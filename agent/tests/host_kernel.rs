@@ -203,3 +203,29 @@ fn syscalls_mode_ignores_ordinary_writes() {
     let (status, log) = agent.stop();
     assert!(status.success(), "agent exit status {status}; log:\n{log}");
 }
+
+/// A contended pthread mutex: the agent's futex wait histogram agrees with bpftrace's.
+#[test]
+#[ignore = "needs root, bpftrace and a C compiler: run by `cargo xtask test`"]
+fn futex_waits_agree_with_bpftrace() {
+    assert!(is_root(), "{NEEDS_ROOT}");
+    let agent = Agent::start(&[]);
+    assert_eq!(agent.probe_mode("futex_waits"), "tracepoint");
+    common::contention::futex_waits_agree_with_bpftrace(&agent);
+    common::contention::futex_waits_match_the_programs_own_timing(&agent);
+    common::contention::top_shows_the_contended_program(&agent);
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit {status}; log:\n{log}");
+}
+
+/// A Go program's "concurrent map writes" crash is reported with its reason and process.
+#[test]
+#[ignore = "needs root and the Go test program: run by `cargo xtask test`"]
+fn go_map_crash_is_reported() {
+    assert!(is_root(), "{NEEDS_ROOT}");
+    let agent = Agent::start(&[]);
+    assert_eq!(agent.probe_mode("go_fatal_errors"), "uprobe");
+    common::contention::go_crash_is_reported(&agent);
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit {status}; log:\n{log}");
+}

@@ -661,3 +661,31 @@ fn limit_writes_without_bpf() {
     assert_eq!(max.attributes["cgroup.limit.new"], "67108864");
     assert!(!max.attributes.contains_key("process.command"), "{max:?}");
 }
+
+/// Futex waits: against a program's own timing (every architecture), and a contended pthread
+/// mutex against bpftrace (where the guest has it).
+#[test]
+#[ignore = "runs in the VM via `cargo xtask test`"]
+fn futex_waits_are_measured() {
+    require_vm();
+    let agent = Agent::start(&[]);
+    assert_eq!(agent.probe_mode("futex_waits"), "tracepoint");
+    common::contention::futex_waits_match_the_programs_own_timing(&agent);
+    if !common::skip_without("bpftrace") {
+        common::contention::futex_waits_agree_with_bpftrace(&agent);
+    }
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit {status}; log:\n{log}");
+}
+
+/// A Go program's "concurrent map writes" crash is reported with its reason and process.
+#[test]
+#[ignore = "runs in the VM via `cargo xtask test`"]
+fn go_map_crash_is_reported() {
+    require_vm();
+    let agent = Agent::start(&[]);
+    assert_eq!(agent.probe_mode("go_fatal_errors"), "uprobe");
+    common::contention::go_crash_is_reported(&agent);
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit {status}; log:\n{log}");
+}

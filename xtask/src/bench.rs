@@ -6,7 +6,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{build, setup, vm};
+use crate::{bench_contention, build, setup, vm};
 
 /// Rounds of the three configurations, interleaved so drift hits them alike.
 const ROUNDS: usize = 7;
@@ -60,7 +60,8 @@ pub fn main() -> Result<i32> {
         },
     )?;
     let [none, empty, syscalls, none_many, syscalls_many] = samples.map(|mut s| median(&mut s));
-    let md = report(none, empty, syscalls, none_many, syscalls_many)?;
+    let mut md = report(none, empty, syscalls, none_many, syscalls_many)?;
+    md.push_str(&bench_contention::run(&bin)?);
     let path = vm::workspace_root().join("docs/benchmarks.md");
     std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
     print!("{md}");

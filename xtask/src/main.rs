@@ -1,8 +1,10 @@
 //! `cargo xtask`: everything that needs root, the special eBPF toolchain or a VM.
 
 mod bench;
+mod bench_contention;
 mod build;
 mod lint;
+mod programs;
 mod run;
 mod setup;
 mod test;
@@ -43,6 +45,9 @@ enum Cmd {
     Lint,
     /// Measure probe overhead against baselines in the same run; writes docs/benchmarks.md.
     Bench,
+    /// Build the C and Go programs the tests run, for x86_64 and aarch64 (`cargo xtask test`
+    /// does this first).
+    TestPrograms,
     /// Boot a stock kernel under QEMU and run a command in it.
     Vm(vm::Args),
     /// Build a release binary for a target (host, or aarch64-unknown-linux-gnu).
@@ -76,6 +81,7 @@ fn try_main() -> Result<i32> {
         Cmd::Test(args) => test::main(&args),
         Cmd::Lint => lint::main().map(|()| 0),
         Cmd::Bench => bench::main(),
+        Cmd::TestPrograms => programs::build().map(|()| 0),
         Cmd::Vm(args) => vm::main(&args),
         Cmd::Dist { target } => {
             let target = match target {

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{build, lint, setup, vm};
+use crate::{build, lint, programs, setup, vm};
 
 /// The x86_64 kernels `cargo xtask test` boots by default. bullseye-5.10 is left out: twice in
 /// six full runs its guest froze (even the in-guest timeout never fired) in the test that
@@ -59,10 +59,15 @@ pub fn main(args: &Args) -> Result<i32> {
     }
     // The default members: every crate but the eBPF one, which only builds for bpfel.
     suite("unit tests".into(), &mut || cargo_test(&[], &[]));
+    suite(
+        "test programs (C and Go, x86_64 and aarch64)".into(),
+        &mut programs::build,
+    );
     suite("host kernel tests".into(), &mut || {
         require_root()?;
-        // A real Prometheus server scrapes the agent in one of them.
-        setup::apt_install(&["prometheus"])?;
+        // A real Prometheus server scrapes the agent in one of them; bpftrace measures futex
+        // waits independently in another.
+        setup::apt_install(&["prometheus", "bpftrace"])?;
         cargo_test(&["-p", "agent", "--test", "host_kernel"], &["--ignored"])
     });
     if !args.no_vm {

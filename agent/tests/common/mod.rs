@@ -1,6 +1,7 @@
 //! Helpers shared by the kernel tests: run the agent binary, scrape it, receive its spans.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod contention;
 pub mod otlp;
 
 use std::{
@@ -208,6 +209,27 @@ pub fn sample(body: &str, series: &str) -> Option<f64> {
 /// directly: libtest hides `eprintln!` output of passing tests, and a skip must be visible.
 pub fn skip_notice(what: &str, why: &str) {
     let _ = writeln!(std::io::stderr(), "SKIP: {what}: {why}");
+}
+
+/// Whether `tool` is missing from PATH, said visibly. Only the lab's arm64 guest may lack one
+/// (it boots a minimal arm64 userland); elsewhere CI installs them, so a missing one fails.
+pub fn skip_without(tool: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
+    if found {
+        return false;
+    }
+    // Only the arm64 guest may lack a tool; elsewhere its absence is a failure.
+    let arm64_guest = std::env::consts::ARCH == "aarch64";
+    assert!(
+        arm64_guest,
+        "{tool} is not installed (`cargo xtask test` installs it)"
+    );
+    skip_notice(
+        &format!("needs {tool}"),
+        "not in the arm64 guest's userland",
+    );
+    true
 }
 
 /// Whether the test runs as root (kernel tests need it).

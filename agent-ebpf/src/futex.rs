@@ -1,0 +1,239 @@
+//! Futex waits, aggregated in the kernel: for each process a log2 histogram of the time its
+//! threads waited to be woken, counts by outcome, and per futex word totals, maxima and the user
+//! stack of a long wait. Only these aggregates cross to userspace.
+
+use agent_common::{
+    FUTEX_BUCKETS, FUTEX_WAIT_SLOTS, FutexLock, FutexLockKey, FutexProcess, FutexWait,
+    OUTCOME_EAGAIN, OUTCOME_ERROR, OUTCOME_INTERRUPTED, OUTCOME_TIMEOUT, OUTCOME_WOKEN,
+};
+use aya_ebpf::{
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+    },
+    macros::tracepoint,
+    programs::{TracePointContext, tracing::StackIdContext as _},
+};
+
+use crate::kernel::record_field;
+use crate::maps::{
+    FUTEX_CONFIG, FUTEX_LOCKS, FUTEX_PROCESSES, FUTEX_SELECTED, FUTEX_STACKS, FUTEX_WAITS,
+    FUTEX_ZERO, atomic_add,
+};
+
+/// `op & FUTEX_CMD_MASK` (without `FUTEX_PRIVATE_FLAG` and `FUTEX_CLOCK_REALTIME`).
+const FUTEX_CMD_MASK: u64 = !(128 | 256);
+const FUTEX_WAIT: u64 = 0;
+const FUTEX_LOCK_PI: u64 = 6;
+const FUTEX_WAIT_BITSET: u64 = 9;
+const FUTEX_WAIT_REQUEUE_PI: u64 = 11;
+const FUTEX_LOCK_PI2: u64 = 13;
+
+/// Errnos the outcome counts tell apart.
+const ETIMEDOUT: i64 = 110;
+const EAGAIN: i64 = 11;
+const EINTR: i64 = 4;
+
+/// Offsets in the `syscalls/sys_enter_futex` record (every argument takes 8 bytes).
+const UADDR: usize = 16;
+const OP: usize = 24;
+/// `ret` in every `syscalls/sys_exit_*` record.
+const RET: usize = 16;
+
+/// `futex(2)`: a wait operation starts.
+#[tracepoint(category = "syscalls", name = "sys_enter_futex")]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the program macro fixes the signature"
+)]
+pub fn futex_enter(ctx: TracePointContext) -> u32 {
+    let op = record_field(&ctx, OP) & FUTEX_CMD_MASK;
+    if matches!(
+        op,
+        FUTEX_WAIT | FUTEX_WAIT_BITSET | FUTEX_LOCK_PI | FUTEX_LOCK_PI2 | FUTEX_WAIT_REQUEUE_PI
+    ) {
+        start(record_field(&ctx, UADDR));
+    }
+    0
+}
+
+/// `futex_waitv(2)` (5.16+) and `futex_wait(2)` (6.7+): waits by definition. The first
+/// argument (the waiters array, or the word) names the wait.
+#[tracepoint(category = "syscalls", name = "sys_enter_futex_waitv")]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the program macro fixes the signature"
+)]
+pub fn futex_waitv_enter(ctx: TracePointContext) -> u32 {
+    start(record_field(&ctx, UADDR));
+    0
+}
+
+/// The exit of any of the futex syscalls: the wait's time and outcome.
+#[tracepoint(category = "syscalls", name = "sys_exit_futex")]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the program macro fixes the signature"
+)]
+pub fn futex_exit(ctx: TracePointContext) -> u32 {
+    let _ = finish(&ctx);
+    0
+}
+
+/// Remembers the start of a wait of a selected process.
+fn start(uaddr: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !selected(pid_tgid) {
+        return;
+    }
+    let Some(slot) = FUTEX_WAITS.get_ptr_mut(slot_of(pid_tgid)) else {
+        return;
+    };
+    // SAFETY: the slot is this thread's (by its id); plain stores of a value type.
+    unsafe {
+        slot.write(FutexWait {
+            pid_tgid,
+            start_ns: bpf_ktime_get_ns(),
+            uaddr,
+        });
+    }
+}
+
+/// The thread's slot in `FUTEX_WAITS`.
+#[inline]
+fn slot_of(pid_tgid: u64) -> u32 {
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the lower half is the thread id"
+    )]
+    let tid = pid_tgid as u32;
+    tid & (FUTEX_WAIT_SLOTS - 1)
+}
+
+/// Whether the process is watched: every process, or those userspace selected.
+#[inline]
+fn selected(pid_tgid: u64) -> bool {
+    let config = FUTEX_CONFIG.load();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == config.agent_tgid {
+        return false;
+    }
+    if config.select_all != 0 {
+        return true;
+    }
+    // SAFETY: only presence is checked.
+    unsafe { FUTEX_SELECTED.get(tgid) }.is_some()
+}
+
+fn finish(ctx: &TracePointContext) -> Result<(), i32> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let slot = FUTEX_WAITS.get_ptr_mut(slot_of(pid_tgid)).ok_or(-1)?;
+    // SAFETY: the thread's slot: copied out, then freed.
+    let wait = unsafe {
+        if (*slot).pid_tgid != pid_tgid {
+            // Not waiting (a wake, or a wait of an unselected process), or lost to a collision.
+            return Ok(());
+        }
+        let wait = slot.read();
+        (*slot).pid_tgid = 0;
+        wait
+    };
+    #[expect(
+        clippy::cast_possible_wrap,
+        reason = "ret is a signed long in the record"
+    )]
+    let ret = record_field(ctx, RET) as i64;
+    let outcome = match ret {
+        r if r >= 0 => OUTCOME_WOKEN,
+        r if r == -ETIMEDOUT => OUTCOME_TIMEOUT,
+        r if r == -EAGAIN => OUTCOME_EAGAIN,
+        r if r == -EINTR => OUTCOME_INTERRUPTED,
+        _ => OUTCOME_ERROR,
+    };
+    // Only a woken wait's time is kept: the clock is read for those alone.
+    let waited = if outcome == OUTCOME_WOKEN {
+        // SAFETY: no preconditions.
+        unsafe { bpf_ktime_get_ns() }.saturating_sub(wait.start_ns)
+    } else {
+        0
+    };
+    let tgid = (pid_tgid >> 32) as u32;
+    let process = process_entry(tgid)?;
+    // SAFETY: `process` points into the map's value; every update is one atomic add.
+    unsafe {
+        atomic_add(&raw mut (*process).outcomes[outcome], 1);
+        if outcome == OUTCOME_WOKEN {
+            atomic_add(&raw mut (*process).buckets[bucket(waited)], 1);
+            atomic_add(&raw mut (*process).woken_ns, waited);
+        }
+    }
+    if outcome != OUTCOME_WOKEN {
+        return Ok(());
+    }
+    let key = FutexLockKey {
+        tgid,
+        reserved: 0,
+        uaddr: wait.uaddr,
+    };
+    let lock = if let Some(l) = FUTEX_LOCKS.get_ptr_mut(key) {
+        l
+    } else {
+        let fresh = FutexLock {
+            waits: 0,
+            total_ns: 0,
+            max_ns: 0,
+            stack_id: -1,
+        };
+        // Full (the cap): this word goes uncounted, the process's figures still count.
+        FUTEX_LOCKS.insert(key, fresh, 0)?;
+        FUTEX_LOCKS.get_ptr_mut(key).ok_or(-1)?
+    };
+    // SAFETY: `lock` points into the map's value; counts are atomic adds, the maximum and the
+    // stack a plain store (a lost race keeps another long wait's figures).
+    unsafe {
+        atomic_add(&raw mut (*lock).waits, 1);
+        atomic_add(&raw mut (*lock).total_ns, waited);
+        if waited > (*lock).max_ns {
+            (*lock).max_ns = waited;
+            if waited >= FUTEX_CONFIG.load().stack_threshold_ns {
+                // SAFETY: a tracepoint context, the stack map and a documented flag.
+                let id = ctx.get_stackid(&FUTEX_STACKS, u64::from(BPF_F_USER_STACK));
+                (*lock).stack_id = id.unwrap_or(-1);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The process's aggregate, created on its first wait (with its comm and cgroup).
+fn process_entry(tgid: u32) -> Result<*mut FutexProcess, i32> {
+    if let Some(p) = FUTEX_PROCESSES.get_ptr_mut(tgid) {
+        return Ok(p);
+    }
+    let zero = FUTEX_ZERO.get(0).ok_or(-1)?;
+    // NOEXIST: another thread of the process may have made it meanwhile. Full (the cap on
+    // tracked processes): this process is not tracked.
+    let made = FUTEX_PROCESSES
+        .insert(tgid, zero, u64::from(BPF_NOEXIST))
+        .is_ok();
+    let p = FUTEX_PROCESSES.get_ptr_mut(tgid).ok_or(-1)?;
+    if made {
+        let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        // SAFETY: the entry just made; its identity is written once.
+        unsafe {
+            (*p).cgroup_id = bpf_get_current_cgroup_id();
+            (*p).comm = comm;
+        }
+    }
+    Ok(p)
+}
+
+/// The log2 bucket of `ns`: bucket i holds [2^i, 2^(i+1)) ns (0 also holds 0).
+#[inline]
+fn bucket(ns: u64) -> usize {
+    let log2 = 63 - (ns | 1).leading_zeros() as usize;
+    // The mask shows the verifier the index is inside the 64 buckets; the volatile read keeps
+    // LLVM from folding it into the arithmetic above, where the verifier loses the bound.
+    // SAFETY: reads a local.
+    unsafe { core::ptr::read_volatile(&raw const log2) & (FUTEX_BUCKETS - 1) }
+}

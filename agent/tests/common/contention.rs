@@ -1,0 +1,386 @@
+//! Contention scenarios shared by the host and VM tests: real C and Go programs, measured by
+//! the agent and, independently, by bpftrace on the same tracepoints.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use super::{Agent, KillOnDrop};
+
+/// A test program (`agent/tests/programs`), built for this architecture by
+/// `cargo xtask test-programs` (which `cargo xtask test` runs first); its name is its comm.
+pub fn program(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/test-programs")
+        .join(std::env::consts::ARCH)
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo xtask test-programs`",
+        path.display()
+    );
+    path
+}
+
+/// bpftrace's log2 histogram of the woken futex waits of processes called `comm`, with the
+/// count and the total, measured on the same tracepoints and wait operations as the agent.
+fn bpftrace_script(comm: &str) -> String {
+    format!(
+        r#"tracepoint:syscalls:sys_enter_futex /comm == "{comm}" && ((args->op & 127) == 0 || (args->op & 127) == 9 || (args->op & 127) == 6 || (args->op & 127) == 13 || (args->op & 127) == 11)/ {{ @start[tid] = nsecs; }}
+tracepoint:syscalls:sys_exit_futex /@start[tid]/ {{ if (args->ret >= 0) {{ $d = nsecs - @start[tid]; @h = hist($d); @n = count(); @s = sum($d); }} delete(@start[tid]); }}
+END {{ clear(@start); }}"#
+    )
+}
+
+/// bpftrace's answer: bucket lower bound (ns) to count, the count and the sum (ns).
+#[derive(Debug)]
+struct Independent {
+    buckets: BTreeMap<u64, u64>,
+    count: u64,
+    sum_ns: u64,
+}
+
+/// Parses bpftrace's printed maps (`@h:` histogram lines `[4K, 8K)  7 |@@ |`, `@n: 7`, `@s: 9`).
+fn parse_bpftrace(out: &str) -> Independent {
+    let size = |s: &str| -> u64 {
+        let s = s.trim();
+        let (n, mult) = match s.chars().last() {
+            Some('K') => (&s[..s.len() - 1], 1 << 10),
+            Some('M') => (&s[..s.len() - 1], 1 << 20),
+            Some('G') => (&s[..s.len() - 1], 1 << 30),
+            _ => (s, 1),
+        };
+        n.parse::<u64>().unwrap_or_else(|e| panic!("{s:?}: {e}")) * mult
+    };
+    let mut buckets = BTreeMap::new();
+    for line in out.lines().filter(|l| l.starts_with('[')) {
+        let (range, rest) = line.split_once(')').expect("bucket line");
+        let lo = range.trim_start_matches('[').split(',').next().expect("lo");
+        let count = rest.split_whitespace().next().expect("count");
+        buckets.insert(size(lo), count.parse().expect("count"));
+    }
+    let scalar = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in bpftrace output:\n{out}"))
+    };
+    Independent {
+        buckets,
+        count: scalar("@n:"),
+        sum_ns: scalar("@s:"),
+    }
+}
+
+/// The agent's cumulative `le` buckets for `comm`, as per-bucket counts by lower bound (ns).
+fn agent_buckets(body: &str, comm: &str) -> BTreeMap<u64, u64> {
+    let prefix = format!("nodewarden_futex_wait_seconds_bucket{{comm=\"{comm}\"");
+    let mut cumulative: Vec<(u64, u64)> = body
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && !l.contains("+Inf"))
+        .map(|l| {
+            let le = l.split("le=\"").nth(1).and_then(|r| r.split('"').next());
+            let le: f64 = le.expect("le").parse().expect("le number");
+            let n = l.rsplit_once(' ').expect("value").1.parse().expect("count");
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "powers of two in ns"
+            )]
+            ((le * 1e9).round() as u64, n)
+        })
+        .collect();
+    cumulative.sort_unstable();
+    let mut out = BTreeMap::new();
+    let mut below = 0;
+    for (le, n) in cumulative {
+        // The bucket [le/2, le); the first also holds everything shorter.
+        out.insert(le / 2, n - below);
+        below = n;
+    }
+    out
+}
+
+/// A contended pthread mutex (8 threads, 3 s): the agent's histogram of woken waits agrees
+/// within 10% with bpftrace's, measured at the same time on the same tracepoints.
+pub fn futex_waits_agree_with_bpftrace(agent: &Agent) {
+    let program = program("nw-mutex");
+    let comm = "nw-mutex";
+    let mut bpftrace = KillOnDrop(
+        Command::new("bpftrace")
+            .arg("-e")
+            .arg(bpftrace_script(comm))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("bpftrace (Debian package bpftrace)"),
+    );
+    let mut out = BufReader::new(bpftrace.0.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    out.read_line(&mut first).expect("bpftrace output");
+    assert!(first.starts_with("Attaching"), "bpftrace: {first}");
+    // Both attached: the agent before it started serving, bpftrace now.
+    let run = Command::new(&program)
+        .args(["-t", "8", "-d", "3"])
+        .output()
+        .expect("run nw-mutex");
+    assert!(run.status.success(), "{run:?}");
+    let pid = libc::pid_t::try_from(bpftrace.0.id()).expect("pid");
+    // SAFETY: kill(2) on our child: SIGINT makes bpftrace print its maps and exit.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut out, &mut text).expect("bpftrace maps");
+    let independent = parse_bpftrace(&text);
+    assert!(
+        independent.count > 100,
+        "too few woken waits to compare: {independent:?}"
+    );
+
+    // The agent reads the kernel's aggregates every 2 s; wait for the exited program's count.
+    let count_series = format!("nodewarden_futex_wait_seconds_count{{comm=\"{comm}\"");
+    let start = Instant::now();
+    let body = loop {
+        let body = super::scrape(agent.metrics).unwrap_or_default();
+        let count = body
+            .lines()
+            .find(|l| l.starts_with(&count_series))
+            .and_then(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok());
+        if count.is_some_and(|c| c >= independent.count * 9 / 10) {
+            break body;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "agent count {count:?}, bpftrace {independent:?}\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let value = |prefix: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit_once(' ')?.1.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in\n{body}"))
+    };
+    let within = |what: &str, agent: f64, other: f64| {
+        assert!(
+            (agent - other).abs() <= other * 0.10,
+            "{what}: agent {agent}, bpftrace {other}"
+        );
+    };
+    #[expect(clippy::cast_precision_loss, reason = "counts and ns far below 2^52")]
+    {
+        within("count", value(&count_series), independent.count as f64);
+        within(
+            "sum (s)",
+            value(&format!(
+                "nodewarden_futex_wait_seconds_sum{{comm=\"{comm}\""
+            )),
+            independent.sum_ns as f64 / 1e9,
+        );
+        // Bucket by bucket, where bpftrace has at least 2% of the waits (the agent's first
+        // bucket also holds everything under 2 µs).
+        let ours = agent_buckets(&body, comm);
+        eprintln!(
+            "futex waits of {comm}: agent count {} sum {} s buckets {ours:?}; bpftrace {independent:?}",
+            value(&count_series),
+            value(&format!(
+                "nodewarden_futex_wait_seconds_sum{{comm=\"{comm}\""
+            ))
+        );
+        for (&lo, &n) in &independent.buckets {
+            if n * 50 < independent.count || lo < 1 << 11 {
+                continue;
+            }
+            let mine = ours.get(&lo).copied().unwrap_or(0);
+            assert!(
+                mine.abs_diff(n) <= n / 10 + 2,
+                "bucket [{lo} ns, {} ns): agent {mine}, bpftrace {n}\nagent: {ours:?}\nbpftrace: {independent:?}",
+                lo * 2
+            );
+        }
+    }
+}
+
+/// The agent's value of the first sample starting with `prefix`, polled until `ok` holds.
+fn wait_value(agent: &Agent, prefix: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let start = Instant::now();
+    loop {
+        let body = super::scrape(agent.metrics).unwrap_or_default();
+        let v = body
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit_once(' ')?.1.parse().ok());
+        if let Some(v) = v
+            && ok(v)
+        {
+            return v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{prefix}: {v:?}\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A program that times its own futex waits (200 rounds, each woken after ~1 ms): the agent
+/// counts the same woken waits and the same total time, within 10%. Needs no other tool, so it
+/// runs on every architecture.
+pub fn futex_waits_match_the_programs_own_timing(agent: &Agent) {
+    let out = Command::new(program("nw-pingpong"))
+        .args(["-n", "200"])
+        .output()
+        .expect("run nw-pingpong");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> u64 {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(name)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text:?}"))
+    };
+    let (woken, sum_ns) = (field("woken="), field("sum_ns="));
+    assert!(woken >= 190, "{text}");
+    // Its own 200 waits, plus the few of pthread_join and the C library's start-up.
+    #[expect(clippy::cast_precision_loss, reason = "small counts")]
+    let count = wait_value(
+        agent,
+        "nodewarden_futex_wait_seconds_count{comm=\"nw-pingpong\"",
+        |c| c >= woken as f64,
+    );
+    #[expect(clippy::cast_precision_loss, reason = "small counts")]
+    let extra = count - woken as f64;
+    assert!(
+        (0.0..=5.0).contains(&extra),
+        "agent {count}, program {woken}"
+    );
+    let sum = wait_value(
+        agent,
+        "nodewarden_futex_wait_seconds_sum{comm=\"nw-pingpong\"",
+        |_| true,
+    );
+    #[expect(clippy::cast_precision_loss, reason = "ns far below 2^52")]
+    let own = sum_ns as f64 / 1e9;
+    eprintln!("nw-pingpong: agent {count} waits, {sum} s; program {woken} waits, {own} s");
+    assert!(
+        (sum - own).abs() <= own * 0.10,
+        "sum: agent {sum} s, program {own} s"
+    );
+}
+
+/// `nodewarden top` lists a contended program while it runs, with the symbolized stack of its
+/// longest wait.
+pub fn top_shows_the_contended_program(agent: &Agent) {
+    let _running = KillOnDrop(
+        Command::new(program("nw-mutex"))
+            .args(["-t", "8", "-d", "6"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("run nw-mutex"),
+    );
+    let start = Instant::now();
+    loop {
+        let out = Command::new(super::NODEWARDEN)
+            .args(["top", "--once", "--agent", &agent.metrics.to_string()])
+            .output()
+            .expect("nodewarden top");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // A process row, then its word with a frame named by the symbolizer (the C library's
+        // lock wait), not an address.
+        let listed = text.lines().any(|l| l.contains(" nw-mutex "));
+        let named = text
+            .lines()
+            .any(|l| l.trim_start().starts_with("__lll_lock_wait+"));
+        if listed && named {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "top never showed nw-mutex with a named frame:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A Go program with unsynchronized map writes: the agent reports its fatal error, with the
+/// reason and the process.
+pub fn go_crash_is_reported(agent: &Agent) {
+    let mut child = KillOnDrop(
+        Command::new(program("nw-go-crash"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn nw-go-crash"),
+    );
+    let mut out = BufReader::new(child.0.stdout.take().expect("stdout"));
+    let mut ready = String::new();
+    out.read_line(&mut ready).expect("ready");
+    assert_eq!(ready.trim(), "ready");
+    // The agent saw the exec and attached its probes to the program's file.
+    let start = Instant::now();
+    while !agent
+        .log()
+        .lines()
+        .any(|l| l.contains("Go fatal error probes attached") && l.contains("nw-go-crash"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no probes attached to nw-go-crash; log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::io::Write::write_all(child.0.stdin.as_mut().expect("stdin"), b"go\n").expect("go");
+    let status = child.0.wait().expect("wait");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("fatal error: concurrent map writes"),
+        "{stderr}"
+    );
+    let pid = child.0.id();
+    let start = Instant::now();
+    while !agent.log().lines().any(|l| {
+        l.contains("Go fatal error")
+            && l.contains(&format!("pid={pid} "))
+            && l.contains("comm=nw-go-crash")
+            && l.contains("reason=concurrent map writes")
+    }) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no fatal error event for pid {pid}; log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let body = super::scrape(agent.metrics).unwrap_or_default();
+    let counted = body.lines().any(|l| {
+        l.starts_with("nodewarden_go_fatal_errors_total{")
+            && l.contains("reason=\"concurrent map writes\"")
+            && l.ends_with(" 1")
+    });
+    assert!(counted, "{body}");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_bpftrace_maps() {
+        let out = "@h: \n[2K, 4K)               3 |@@@@     |\n[4K, 8K)              10 |@@@@@@@@@|\n[1M, 2M)               1 |         |\n\n@n: 14\n\n@s: 1234567\n";
+        let p = super::parse_bpftrace(out);
+        assert_eq!(p.count, 14);
+        assert_eq!(p.sum_ns, 1_234_567);
+        assert_eq!(p.buckets[&2048], 3);
+        assert_eq!(p.buckets[&4096], 10);
+        assert_eq!(p.buckets[&(1 << 20)], 1);
+    }
+}

@@ -1,0 +1,3 @@
+module nodewarden/tests/go-crash
+
+go 1.19

@@ -1,0 +1,3 @@
+module nodewarden/tests/go-rwmutex
+
+go 1.19

@@ -1,0 +1,53 @@
+// rwmutex: shared map guarded by one sync.RWMutex; N goroutines, 25% writes.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+const keySpace = 1 << 16
+
+func main() {
+	n := flag.Int("goroutines", 64, "number of worker goroutines")
+	dur := flag.Duration("duration", 3*time.Second, "how long to run")
+	flag.Parse()
+
+	var mu sync.RWMutex
+	m := make(map[uint64]uint64, keySpace)
+	var stop atomic.Bool
+	var total atomic.Uint64
+	var wg sync.WaitGroup
+	for g := 0; g < *n; g++ {
+		wg.Add(1)
+		go func(seed uint64) {
+			defer wg.Done()
+			x := seed*0x9E3779B97F4A7C15 + 1
+			var ops uint64
+			for !stop.Load() {
+				x ^= x << 13
+				x ^= x >> 7
+				x ^= x << 17
+				k := x % keySpace
+				if x>>62 == 0 { // 25% writes
+					mu.Lock()
+					m[k] = x
+					mu.Unlock()
+				} else {
+					mu.RLock()
+					_ = m[k]
+					mu.RUnlock()
+				}
+				ops++
+			}
+			total.Add(ops)
+		}(uint64(g + 1))
+	}
+	time.Sleep(*dur)
+	stop.Store(true)
+	wg.Wait()
+	fmt.Printf("ops=%d\n", total.Load())
+}

@@ -1,0 +1,3 @@
+module nodewarden/tests/go-sharded
+
+go 1.19

@@ -1,0 +1,3 @@
+module nodewarden/tests/go-syncmap
+
+go 1.19
