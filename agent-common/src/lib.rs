@@ -43,6 +43,10 @@ pub mod maps {
     pub const FUTEX_SELECTED: &str = "FUTEX_SELECTED";
     /// Global [`super::FutexConfig`].
     pub const FUTEX_CONFIG: &str = "FUTEX_CONFIG";
+    /// CPU samples by (tgid, user stack id).
+    pub const CPU_SAMPLES: &str = "CPU_SAMPLES";
+    /// The sampled user stacks.
+    pub const SAMPLE_STACKS: &str = "SAMPLE_STACKS";
 }
 
 /// Names of the programs (their function names in the eBPF object).
@@ -101,6 +105,8 @@ pub mod programs {
     pub const GO_THROW_STACK: &str = "go_throw_stack";
     /// Raw tracepoint `sched_process_exec`: new programs to look at for Go.
     pub const PROCESS_EXEC: &str = "process_exec";
+    /// perf event (software CPU clock) on every CPU: user stack samples.
+    pub const CPU_SAMPLE: &str = "cpu_sample";
 }
 
 /// Event kinds, with stable numbers: they are the first field of every event.
@@ -483,6 +489,16 @@ const _: () = assert!(size_of::<FutexWait>() == 24);
 /// counted.
 pub const FUTEX_WAIT_SLOTS: u32 = 1 << 16;
 
+/// A process's samples with one user stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SampleKey {
+    pub tgid: u32,
+    /// `SAMPLE_STACKS` id.
+    pub stack_id: u32,
+}
+const _: () = assert!(size_of::<SampleKey>() == 8);
+
 /// How the futex programs run, set by the loader.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -679,6 +695,7 @@ mod pod {
     unsafe impl aya::Pod for super::OomKillEvent {}
     unsafe impl aya::Pod for super::OomEntry {}
     unsafe impl aya::Pod for super::GoFatalEvent {}
+    unsafe impl aya::Pod for super::SampleKey {}
     unsafe impl aya::Pod for super::FutexProcess {}
     unsafe impl aya::Pod for super::FutexLockKey {}
     unsafe impl aya::Pod for super::FutexLock {}

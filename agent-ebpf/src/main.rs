@@ -15,6 +15,7 @@ mod kernel;
 mod limits;
 mod maps;
 mod oom;
+mod sampling;
 mod syscalls;
 
 #[cfg(not(test))]

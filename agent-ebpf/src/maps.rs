@@ -4,7 +4,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use agent_common::{
     FUTEX_WAIT_SLOTS, FutexConfig, FutexLock, FutexLockKey, FutexProcess, FutexWait, KernelOffsets,
-    KilledTask, LimitWriteArgs, OomEntry, PendingWrite,
+    KilledTask, LimitWriteArgs, OomEntry, PendingWrite, SampleKey,
 };
 use aya_ebpf::{
     Global,
@@ -63,6 +63,14 @@ pub static FUTEX_STACKS: StackTrace = StackTrace::with_max_entries(4096, 0);
 /// Selected processes, when the configuration does not select them all.
 #[map(name = "FUTEX_SELECTED")]
 pub static FUTEX_SELECTED: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+/// CPU samples by (tgid, user stack): a few thousand stacks cover the busy processes.
+#[map(name = "CPU_SAMPLES")]
+pub static CPU_SAMPLES: HashMap<SampleKey, u64> = HashMap::with_max_entries(16_384, 0);
+
+/// User stacks of the CPU samples.
+#[map(name = "SAMPLE_STACKS")]
+pub static SAMPLE_STACKS: StackTrace = StackTrace::with_max_entries(16_384, 0);
 
 /// How the futex programs run.
 #[unsafe(no_mangle)]

@@ -90,6 +90,9 @@ pub struct ContentionConfig {
     /// A wait at least this long (microseconds) records its user stack.
     #[serde(default = "default_stack_threshold_us")]
     pub stack_threshold_us: u64,
+    /// CPU samples per second per CPU, for lock and map CPU shares (0: off).
+    #[serde(default = "default_sample_hz")]
+    pub sample_hz: u64,
 }
 
 impl Default for ContentionConfig {
@@ -99,6 +102,7 @@ impl Default for ContentionConfig {
             select: Vec::new(),
             max_processes: default_max_processes(),
             stack_threshold_us: default_stack_threshold_us(),
+            sample_hz: default_sample_hz(),
         }
     }
 }
@@ -113,6 +117,10 @@ fn default_max_processes() -> u32 {
 
 fn default_stack_threshold_us() -> u64 {
     1000
+}
+
+fn default_sample_hz() -> u64 {
+    49
 }
 
 /// One process selector of `contention.select`.
@@ -264,6 +272,12 @@ impl Config {
             .iter()
             .filter_map(|s| Selector::parse(s).map_err(|e| problems.push(e)).ok())
             .collect();
+        if raw.contention.sample_hz > 1000 {
+            problems.push(format!(
+                "contention.sample_hz = {}: at most 1000 (0 turns sampling off)",
+                raw.contention.sample_hz
+            ));
+        }
         if raw.contention.max_processes == 0 || raw.contention.max_processes > 65_536 {
             problems.push(format!(
                 "contention.max_processes = {}: must be between 1 and 65536",

@@ -100,12 +100,17 @@ pub struct Snapshot {
     /// Most wait time first.
     pub processes: Vec<ProcessWaits>,
     pub hot: Vec<HotLock>,
+    /// From the CPU samples: most lock share first.
+    #[serde(default)]
+    pub cpu: Vec<crate::sampling::ProcessCpu>,
 }
 
-/// What the reader publishes: the exposition text of its metrics, and the snapshot.
+/// What the readers publish: the exposition text of their metrics, and the snapshot.
 #[derive(Debug, Default)]
 pub struct Published {
     pub text: String,
+    /// The CPU share gauges' text.
+    pub cpu_text: String,
     pub snapshot: Snapshot,
 }
 
@@ -226,10 +231,9 @@ impl FutexReader {
         let text = render(&series);
         processes.truncate(HOT_LOCKS);
         if let Ok(mut p) = self.published.lock() {
-            *p = Published {
-                text,
-                snapshot: Snapshot { processes, hot },
-            };
+            p.text = text;
+            p.snapshot.processes = processes;
+            p.snapshot.hot = hot;
         }
         episodes
     }

@@ -22,6 +22,7 @@ mod pipeline;
 mod probes;
 mod record;
 mod run;
+mod sampling;
 mod state;
 mod telemetry;
 mod top;

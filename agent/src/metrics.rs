@@ -205,6 +205,7 @@ impl Metrics {
         let mut text = tidy(&text);
         if let Ok(c) = self.contention.lock() {
             text.push_str(&c.text);
+            text.push_str(&c.cpu_text);
         }
         text
     }

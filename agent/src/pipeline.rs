@@ -255,6 +255,12 @@ impl<'a> Pipeline<'a> {
         })))
     }
 
+    /// A process's cgroup identity labels (read from /proc).
+    pub fn who_of_pid(&mut self, pid: u32) -> crate::metrics::Who {
+        let path = cgroups::path_of_pid(pid).unwrap_or_else(|| UNKNOWN_CGROUP.to_owned());
+        K8s::who(&path, K8s::from_path(&path, &mut self.kubelet).as_ref())
+    }
+
     /// A cgroup's identity labels, by id.
     pub fn who_of(&mut self, id: u64) -> crate::metrics::Who {
         let path = self.cgroup_label(id);

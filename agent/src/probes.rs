@@ -7,7 +7,10 @@ use std::fmt;
 use agent_common::{FutexConfig, KernelOffsets, LimitFile, maps, programs};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    programs::{FEntry, FExit, KProbe, RawTracePoint, TracePoint},
+    programs::{
+        FEntry, FExit, KProbe, PerfEvent, RawTracePoint, TracePoint,
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+    },
 };
 
 use crate::config::{ContentionConfig, LimitWriteMode, OomLimitMode, ProbesConfig};
@@ -85,6 +88,7 @@ pub fn load(
     let mut ebpf = load_object(offsets, contention)?;
     let status = vec![
         attach_futex(&mut ebpf, contention),
+        attach_sampling(&mut ebpf, contention),
         single(
             "go_fatal_errors",
             "uprobe",
@@ -149,6 +153,38 @@ pub fn load_object(
             contention.max_processes.saturating_mul(16),
         )
         .load(EBPF_OBJECT)?)
+}
+
+/// CPU sampling: the perf event program on every online CPU's software clock.
+fn attach_sampling(ebpf: &mut Ebpf, contention: &ContentionConfig) -> ProbeStatus {
+    let hook = format!(
+        "software CPU clock at {} Hz on every CPU",
+        contention.sample_hz
+    );
+    if contention.sample_hz == 0 {
+        return ProbeStatus {
+            capability: "cpu_samples",
+            mode: UNAVAILABLE,
+            hooks: Vec::new(),
+            errors: vec!["off in the configuration (contention.sample_hz = 0)".to_owned()],
+            fallbacks: Vec::new(),
+        };
+    }
+    single("cpu_samples", "perf_event", &hook, || {
+        let cpus = aya::util::online_cpus().map_err(|(what, e)| format!("{what}: {e}"))?;
+        let p: &mut PerfEvent = program(ebpf, programs::CPU_SAMPLE)?;
+        p.load().map_err(chain)?;
+        for cpu in cpus {
+            p.attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::AllProcessesOneCpu { cpu },
+                SamplePolicy::Frequency(contention.sample_hz),
+                true,
+            )
+            .map_err(chain)?;
+        }
+        Ok(())
+    })
 }
 
 /// Futex waits: the entries and exits of futex(2), and of `futex_waitv(2)` and `futex_wait(2)`
@@ -389,6 +425,7 @@ pub fn without_bpf(why: &str, limit_writes: LimitWriteMode) -> Vec<ProbeStatus> 
         limits,
         unavailable("futex_waits"),
         unavailable("go_fatal_errors"),
+        unavailable("cpu_samples"),
         unavailable("oom_limits"),
         unavailable("oom_victims"),
         unavailable("oom_kills"),

@@ -25,6 +25,7 @@ use crate::{
     outputs::Outputs,
     pipeline::Pipeline,
     probes,
+    sampling::{self, Sampler},
     telemetry::Traces,
 };
 
@@ -58,8 +59,10 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
         limit_mode,
         mut futex,
         mut go,
+        mut sampler,
     } = attach(config, &metrics)?;
 
+    let metrics_contention = metrics.contention.clone();
     let feed = Feed::new();
     let (mut pipeline, mut watcher) = pipeline(config, &metrics, traces, &feed, limit_mode)?;
 
@@ -100,10 +103,17 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
             }
             _ = poll.tick(), if watcher.is_some() => pipeline.poll(),
             _ = tick.tick() => pipeline.tick(),
-            _ = contention_tick.tick(), if futex.is_some() => {
+            _ = contention_tick.tick(), if futex.is_some() || sampler.is_some() => {
                 if let Some(f) = futex.as_mut() {
                     for e in f.refresh(|id| pipeline.who_of(id)) {
                         pipeline.contention_episode(&e);
+                    }
+                }
+                if let Some(s) = sampler.as_mut() {
+                    let cpu = s.refresh(|pid| pipeline.who_of_pid(pid));
+                    if let Ok(mut p) = metrics_contention.lock() {
+                        p.cpu_text = sampling::render(&cpu);
+                        p.snapshot.cpu = cpu;
                     }
                 }
             }
@@ -182,6 +192,7 @@ struct Attached {
     limit_mode: &'static str,
     futex: Option<FutexReader>,
     go: Option<GoWatcher>,
+    sampler: Option<Sampler>,
 }
 
 /// Loads and attaches the probes, reports how (log, metric), and opens their event ring.
@@ -208,7 +219,7 @@ fn attach(config: &Config, metrics: &Metrics) -> Result<Attached> {
             .iter()
             .any(|s| s.capability == capability && s.attached())
     };
-    let (mut futex, mut go, mut ring) = (None, None, None);
+    let (mut futex, mut go, mut ring, mut sampler) = (None, None, None, None);
     if let Some(ebpf) = ebpf.as_mut() {
         spawn_ebpf_logs(ebpf);
         ring = Some(event_ring(ebpf)?);
@@ -222,6 +233,9 @@ fn attach(config: &Config, metrics: &Metrics) -> Result<Attached> {
         if attached("go_fatal_errors") {
             go = Some(GoWatcher::start(ebpf));
         }
+        if attached("cpu_samples") {
+            sampler = Some(Sampler::new(ebpf)?);
+        }
     }
     Ok(Attached {
         ebpf,
@@ -229,6 +243,7 @@ fn attach(config: &Config, metrics: &Metrics) -> Result<Attached> {
         limit_mode,
         futex,
         go,
+        sampler,
     })
 }
 

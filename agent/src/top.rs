@@ -72,6 +72,29 @@ fn render(s: &Snapshot, agent: SocketAddr) -> String {
             p.pid, p.comm, p.woken, p.wait_seconds, p.eagain, p.timeouts, p.cgroup
         );
     }
+    if !s.cpu.is_empty() {
+        let _ = writeln!(
+            v,
+            "\non-CPU samples: share in lock slow paths and in the Go map runtime"
+        );
+        let _ = writeln!(
+            v,
+            "{:>8} {:<16} {:>8} {:>7} {:>7}  LOCK CALL SITE",
+            "PID", "COMM", "SAMPLES", "LOCK %", "MAP %"
+        );
+        for p in s.cpu.iter().take(10) {
+            let _ = writeln!(
+                v,
+                "{:>8} {:<16} {:>8} {:>7.1} {:>7.1}  {}",
+                p.pid,
+                p.comm,
+                p.samples,
+                p.lock_share * 100.0,
+                p.map_share * 100.0,
+                p.lock_call_site.as_deref().unwrap_or("-")
+            );
+        }
+    }
     let _ = writeln!(v, "\nhottest futex words (stack of the longest wait):");
     for h in s.hot.iter().take(WORDS) {
         #[expect(clippy::cast_precision_loss, reason = "figures for people")]
@@ -115,6 +138,15 @@ mod tests {
                 max_ns: 2_000_000,
                 stack: vec!["__lll_lock_wait+0x1e".into(), "worker+0x42".into()],
             }],
+            cpu: vec![crate::sampling::ProcessCpu {
+                pid: 9,
+                comm: "nw-go-rwmutex".into(),
+                cgroup: "/a".into(),
+                samples: 100,
+                lock_share: 0.42,
+                map_share: 0.1,
+                lock_call_site: Some("main.main.func1".into()),
+            }],
         };
         let v = render(&s, "127.0.0.1:9717".parse().expect("addr"));
         assert!(v.contains("       7 nw-mutex"), "{v}");
@@ -123,5 +155,9 @@ mod tests {
             "{v}"
         );
         assert!(v.contains("      worker+0x42"), "{v}");
+        assert!(
+            v.contains("       9 nw-go-rwmutex         100    42.0    10.0  main.main.func1"),
+            "{v}"
+        );
     }
 }

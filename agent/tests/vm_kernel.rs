@@ -689,3 +689,15 @@ fn go_map_crash_is_reported() {
     let (status, log) = agent.stop();
     assert!(status.success(), "agent exit {status}; log:\n{log}");
 }
+
+/// Go lock and map CPU shares from low-rate sampling, with the lock's call site.
+#[test]
+#[ignore = "needs root and the Go test programs: run by `cargo xtask test`"]
+fn go_lock_and_map_cpu_shares() {
+    require_vm();
+    let agent = Agent::start(&[]);
+    assert_eq!(agent.probe_mode("cpu_samples"), "perf_event");
+    common::contention::go_lock_and_map_shares(&agent);
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit {status}; log:\n{log}");
+}

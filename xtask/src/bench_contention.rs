@@ -65,8 +65,9 @@ pub fn run(agent: &Path) -> Result<String> {
     )?;
     let mut md = String::from(
         "\n## Lock contention: what the agent costs contended programs\n\n\
-         The agent runs with its default configuration (futex waits of every process, Go fatal\n\
-         error probes); programs alternate without and with it. Medians of 5 rounds.\n\n\
+         The agent runs with its default configuration (futex waits of every process, CPU\n\
+         sampling at 49 Hz, Go fatal error probes); programs alternate without and with it.\n\
+         Medians of 5 rounds.\n\n\
          | program | without | with | ratio |\n|---|---|---|---|\n",
     );
     for (i, (what, _, _)) in CASES.iter().enumerate() {

@@ -32,6 +32,7 @@ fn bpftrace_script(comm: &str) -> String {
     format!(
         r#"tracepoint:syscalls:sys_enter_futex /comm == "{comm}" && ((args->op & 127) == 0 || (args->op & 127) == 9 || (args->op & 127) == 6 || (args->op & 127) == 13 || (args->op & 127) == 11)/ {{ @start[tid] = nsecs; }}
 tracepoint:syscalls:sys_exit_futex /@start[tid]/ {{ if (args->ret >= 0) {{ $d = nsecs - @start[tid]; @h = hist($d); @n = count(); @s = sum($d); }} delete(@start[tid]); }}
+BEGIN {{ printf("ready\n"); }}
 END {{ clear(@start); }}"#
     )
 }
@@ -119,9 +120,13 @@ pub fn futex_waits_agree_with_bpftrace(agent: &Agent) {
             .expect("bpftrace (Debian package bpftrace)"),
     );
     let mut out = BufReader::new(bpftrace.0.stdout.take().expect("stdout"));
-    let mut first = String::new();
-    out.read_line(&mut first).expect("bpftrace output");
-    assert!(first.starts_with("Attaching"), "bpftrace: {first}");
+    // "Attaching N probes..." comes before the probes are; BEGIN fires once they all are.
+    let mut line = String::new();
+    while line.trim() != "ready" {
+        line.clear();
+        let n = out.read_line(&mut line).expect("bpftrace output");
+        assert!(n > 0, "bpftrace ended before it was ready");
+    }
     // Both attached: the agent before it started serving, bpftrace now.
     let run = Command::new(&program)
         .args(["-t", "8", "-d", "3"])
@@ -306,6 +311,66 @@ pub fn top_shows_the_contended_program(agent: &Agent) {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// The share of a process's sampled CPU in lock slow paths and in the Go map runtime, with the
+/// call site that takes the lock, while `program` runs (from `GET /contention`).
+fn cpu_shares(agent: &Agent, program_name: &str, args: &[&str]) -> serde_json::Value {
+    let _running = KillOnDrop(
+        Command::new(program(program_name))
+            .args(args)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run {program_name}: {e}")),
+    );
+    let start = Instant::now();
+    loop {
+        let body = super::http_get(agent.metrics, "/contention").unwrap_or_default();
+        let snapshot: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let found = snapshot["cpu"].as_array().and_then(|cpu| {
+            cpu.iter()
+                .find(|p| p["comm"] == program_name && p["samples"].as_u64() >= Some(100))
+                .cloned()
+        });
+        if let Some(p) = found {
+            return p;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no 100 samples of {program_name}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Go programs sampled on the CPU (no uprobes): the map + `RWMutex` service spends CPU in lock
+/// slow paths, called from its worker (`main.main.func1`); the `sync.Map` one spends most of its
+/// CPU in the map runtime.
+pub fn go_lock_and_map_shares(agent: &Agent) {
+    let rwmutex = cpu_shares(
+        agent,
+        "nw-go-rwmutex",
+        &["-goroutines", "64", "-duration", "20s"],
+    );
+    let syncmap = cpu_shares(
+        agent,
+        "nw-go-syncmap",
+        &["-goroutines", "64", "-duration", "20s"],
+    );
+    eprintln!("CPU samples: {rwmutex}\n{syncmap}");
+    let share = |p: &serde_json::Value, k: &str| p[k].as_f64().unwrap_or(-1.0);
+    assert!(share(&rwmutex, "lock_share") > 0.02, "{rwmutex}");
+    assert!(
+        rwmutex["lock_call_site"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("main.main.func")),
+        "the hot call site is the worker: {rwmutex}"
+    );
+    assert!(share(&syncmap, "map_share") > 0.5, "{syncmap}");
+    assert!(
+        share(&syncmap, "lock_share") < share(&rwmutex, "lock_share"),
+        "sync.Map takes no lock for existing keys: {syncmap} vs {rwmutex}"
+    );
 }
 
 /// A Go program with unsynchronized map writes: the agent reports its fatal error, with the

@@ -1,0 +1,55 @@
+//! Low-rate CPU sampling (a software clock, a few dozen times a second per CPU): each sample
+//! counts the running process's user stack, so userspace can tell the share of a process's CPU
+//! spent in lock slow paths or in the Go map runtime, and where they are called from. Nothing
+//! is added to the programs' own code paths (no uprobes).
+
+use agent_common::SampleKey;
+use aya_ebpf::{
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::bpf_get_current_pid_tgid,
+    macros::perf_event,
+    programs::{PerfEventContext, tracing::StackIdContext as _},
+};
+
+use crate::maps::{CPU_SAMPLES, FUTEX_CONFIG, SAMPLE_STACKS, atomic_add};
+
+#[perf_event]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the program macro fixes the signature"
+)]
+pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
+    let _ = sample(&ctx);
+    0
+}
+
+fn sample(ctx: &PerfEventContext) -> Result<(), i32> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // The idle task, and the agent itself.
+    if tgid == 0 || tgid == FUTEX_CONFIG.load().agent_tgid {
+        return Ok(());
+    }
+    // A kernel thread has no user stack: the helper fails and the sample is not kept.
+    let stack = ctx.get_stackid(&SAMPLE_STACKS, u64::from(BPF_F_USER_STACK))?;
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a stack id is a map index (the helper's errors were returned above)"
+    )]
+    let key = SampleKey {
+        tgid,
+        stack_id: stack as u32,
+    };
+    if let Some(count) = CPU_SAMPLES.get_ptr_mut(key) {
+        // SAFETY: a map value; samples on other CPUs add at the same time.
+        unsafe { atomic_add(count, 1) };
+        return Ok(());
+    }
+    // Another CPU may have made it meanwhile; then add to it. Full: not counted.
+    if CPU_SAMPLES.insert(key, 1, u64::from(BPF_NOEXIST)).is_err() {
+        let count = CPU_SAMPLES.get_ptr_mut(key).ok_or(-1)?;
+        // SAFETY: as above.
+        unsafe { atomic_add(count, 1) };
+    }
+    Ok(())
+}

@@ -1,0 +1,294 @@
+//! What the CPU samples say about each process: the share of its sampled CPU time spent in lock
+//! slow paths (Go's `sync` and runtime locks, the C library's lock waits) and in the Go map
+//! runtime, and the call site that takes the lock most. Stacks are symbolized once each.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use agent_common::{SampleKey, maps};
+use aya::maps::{HashMap as BpfHashMap, MapData, StackTraceMap};
+
+use crate::metrics::Who;
+
+/// Functions whose presence in a stack means the sample is spent taking (or waiting on) a lock.
+const LOCK_FUNCTIONS: [&str; 16] = [
+    "sync.(*Mutex).lockSlow",
+    "sync.(*Mutex).Lock",
+    "sync.(*Mutex).unlockSlow",
+    "sync.(*RWMutex).Lock",
+    "sync.(*RWMutex).RLock",
+    "sync.(*RWMutex).rUnlockSlow",
+    "sync.runtime_SemacquireMutex",
+    "sync.runtime_SemacquireRWMutex",
+    "sync.runtime_SemacquireRWMutexR",
+    "sync.runtime_Semrelease",
+    "runtime.semacquire1",
+    "runtime.semrelease1",
+    "runtime.lock2",
+    "runtime.unlock2",
+    "__lll_lock_wait",
+    "pthread_mutex_lock",
+];
+
+/// Function name prefixes of the Go map runtime (and `sync.Map`).
+const MAP_PREFIXES: [&str; 7] = [
+    "runtime.mapaccess",
+    "runtime.mapassign",
+    "runtime.mapdelete",
+    "runtime.mapiter",
+    "runtime.mapclear",
+    "internal/runtime/maps.",
+    "sync.(*Map).",
+];
+
+/// What one stack says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Class {
+    lock: bool,
+    map: bool,
+    /// For a lock stack, the innermost frame of the program's own code (not the runtime's, not
+    /// `sync`'s): the call site that takes the lock.
+    call_site: Option<String>,
+}
+
+/// A process's CPU, by samples.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct ProcessCpu {
+    pub pid: u32,
+    pub comm: String,
+    pub cgroup: String,
+    pub samples: u64,
+    /// Share of the samples in lock slow paths.
+    pub lock_share: f64,
+    /// Share of the samples in the Go map runtime.
+    pub map_share: f64,
+    /// The call site with the most lock samples.
+    pub lock_call_site: Option<String>,
+}
+
+/// Reads the sample counts; owns the maps.
+pub struct Sampler {
+    samples: BpfHashMap<MapData, SampleKey, u64>,
+    stacks: StackTraceMap<MapData>,
+    symbolizer: blazesym::symbolize::Symbolizer,
+    classes: HashMap<(u32, u32), Class>,
+    labels: HashMap<u32, (String, String)>,
+}
+
+impl std::fmt::Debug for Sampler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sampler")
+            .field("stacks", &self.classes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sampler {
+    pub fn new(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow::anyhow!("map {name} missing from the eBPF object"))
+        };
+        Ok(Self {
+            samples: BpfHashMap::try_from(take(maps::CPU_SAMPLES)?)?,
+            stacks: StackTraceMap::try_from(take(maps::SAMPLE_STACKS)?)?,
+            symbolizer: blazesym::symbolize::Symbolizer::new(),
+            classes: HashMap::new(),
+            labels: HashMap::new(),
+        })
+    }
+
+    /// Reads the counts of live processes (removing those of exited ones) and returns each
+    /// process's figures, most lock samples first. `who` names a process's cgroup.
+    pub fn refresh(&mut self, mut who: impl FnMut(u32) -> Who) -> Vec<ProcessCpu> {
+        let entries: Vec<(SampleKey, u64)> = self.samples.iter().filter_map(Result::ok).collect();
+        let mut per: BTreeMap<u32, (u64, u64, u64, HashMap<String, u64>)> = BTreeMap::new();
+        let mut gone = HashSet::new();
+        for (key, n) in entries {
+            if !std::path::Path::new(&format!("/proc/{}", key.tgid)).exists() {
+                gone.insert(key.tgid);
+                let _ = self.samples.remove(&key);
+                continue;
+            }
+            let class = self.class(key.tgid, key.stack_id);
+            let e = per.entry(key.tgid).or_default();
+            e.0 += n;
+            if class.lock {
+                e.1 += n;
+                if let Some(site) = class.call_site {
+                    *e.3.entry(site).or_default() += n;
+                }
+            }
+            if class.map {
+                e.2 += n;
+            }
+        }
+        self.classes.retain(|(pid, _), _| !gone.contains(pid));
+        self.labels.retain(|pid, _| !gone.contains(pid));
+        let mut out: Vec<ProcessCpu> = per
+            .into_iter()
+            .map(|(pid, (samples, lock, map, sites))| {
+                let (comm, cgroup) = self
+                    .labels
+                    .entry(pid)
+                    .or_insert_with(|| {
+                        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                            .map(|c| c.trim_end().to_owned())
+                            .unwrap_or_default();
+                        (comm, who(pid).cgroup)
+                    })
+                    .clone();
+                #[expect(clippy::cast_precision_loss, reason = "sample counts")]
+                let share = |n: u64| n as f64 / samples as f64;
+                ProcessCpu {
+                    pid,
+                    comm,
+                    cgroup,
+                    samples,
+                    lock_share: share(lock),
+                    map_share: share(map),
+                    lock_call_site: sites.into_iter().max_by_key(|(_, n)| *n).map(|(s, _)| s),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| b.lock_share.total_cmp(&a.lock_share));
+        out
+    }
+
+    /// The class of stack `id` of `pid`, symbolized once.
+    fn class(&mut self, pid: u32, id: u32) -> Class {
+        if let Some(c) = self.classes.get(&(pid, id)) {
+            return c.clone();
+        }
+        let Ok(trace) = self.stacks.get(&id, 0) else {
+            return Class::default();
+        };
+        let addrs: Vec<u64> = trace.frames().iter().map(|f| f.ip).collect();
+        let src = blazesym::symbolize::source::Source::Process(
+            blazesym::symbolize::source::Process::new(blazesym::Pid::from(pid)),
+        );
+        let names: Vec<String> = self
+            .symbolizer
+            .symbolize(&src, blazesym::symbolize::Input::AbsAddr(&addrs))
+            .map_or_else(
+                |e| {
+                    tracing::debug!(pid, "symbolizing a sampled stack: {e}");
+                    Vec::new()
+                },
+                |syms| {
+                    syms.into_iter()
+                        .map(|s| match s {
+                            blazesym::symbolize::Symbolized::Sym(sym) => sym.name.into_owned(),
+                            blazesym::symbolize::Symbolized::Unknown(_) => String::new(),
+                        })
+                        .collect()
+                },
+            );
+        let c = classify(&names);
+        self.classes.insert((pid, id), c.clone());
+        c
+    }
+}
+
+/// The exposition text of the CPU share gauges, one series per process (labels as the futex
+/// histograms': comm and cgroup).
+#[must_use]
+pub fn render(cpu: &[ProcessCpu]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    for (name, help, share) in [
+        (
+            "nodewarden_lock_slowpath_cpu_share",
+            "Share of a process's sampled on-CPU time spent in lock slow paths (Go sync and runtime locks, C library lock waits).",
+            (|p: &ProcessCpu| p.lock_share) as fn(&ProcessCpu) -> f64,
+        ),
+        (
+            "nodewarden_go_map_cpu_share",
+            "Share of a process's sampled on-CPU time spent in the Go map runtime (and sync.Map).",
+            |p: &ProcessCpu| p.map_share,
+        ),
+    ] {
+        let _ = writeln!(s, "# HELP {name} {help}");
+        let _ = writeln!(s, "# TYPE {name} gauge");
+        for p in cpu {
+            let _ = writeln!(
+                s,
+                "{name}{{comm=\"{}\",cgroup=\"{}\",pid=\"{}\"}} {}",
+                escape(&p.comm),
+                escape(&p.cgroup),
+                p.pid,
+                share(p)
+            );
+        }
+    }
+    s
+}
+
+/// A label value escaped for the text exposition format.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// A stack's class from its function names, innermost first.
+fn classify(names: &[String]) -> Class {
+    let lock_at = names
+        .iter()
+        .rposition(|n| LOCK_FUNCTIONS.contains(&n.as_str()));
+    let map = names
+        .iter()
+        .any(|n| MAP_PREFIXES.iter().any(|p| n.starts_with(p)));
+    let call_site = lock_at.and_then(|i| {
+        names[i + 1..]
+            .iter()
+            .find(|n| !n.is_empty() && !is_runtime(n))
+            .cloned()
+    });
+    Class {
+        lock: lock_at.is_some(),
+        map,
+        call_site,
+    }
+}
+
+/// The Go runtime's, `sync`'s, and the C library's own functions.
+fn is_runtime(name: &str) -> bool {
+    [
+        "runtime.",
+        "sync.",
+        "internal/",
+        "__",
+        "pthread_",
+        "start_thread",
+        "clone",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn classifies_lock_and_map_stacks() {
+        let lock = classify(&names(&[
+            "runtime.futex",
+            "runtime.semacquire1",
+            "sync.runtime_SemacquireMutex",
+            "sync.(*RWMutex).Lock",
+            "main.main.func1",
+            "runtime.goexit",
+        ]));
+        assert!(lock.lock && !lock.map);
+        assert_eq!(lock.call_site.as_deref(), Some("main.main.func1"));
+        let map = classify(&names(&["runtime.mapaccess2_fast64", "main.main.func1"]));
+        assert!(map.map && !map.lock && map.call_site.is_none());
+        let neither = classify(&names(&["main.work", "runtime.goexit"]));
+        assert_eq!(neither, Class::default());
+    }
+}
