@@ -57,13 +57,14 @@ impl Counts {
     }
 
     fn add(&mut self, o: &Self) {
+        // Saturating: the figures come from kernel memory, never trusted to be sane.
         for (a, b) in self.buckets.iter_mut().zip(o.buckets) {
-            *a += b;
+            *a = a.saturating_add(b);
         }
         for (a, b) in self.outcomes.iter_mut().zip(o.outcomes) {
-            *a += b;
+            *a = a.saturating_add(b);
         }
-        self.woken_ns += o.woken_ns;
+        self.woken_ns = self.woken_ns.saturating_add(o.woken_ns);
     }
 }
 
@@ -151,13 +152,18 @@ impl std::fmt::Debug for FutexReader {
     }
 }
 
-impl FutexReader {
-    /// Takes the futex maps out of the loaded object.
-    pub fn new(
-        ebpf: &mut aya::Ebpf,
-        selectors: Vec<Selector>,
-        published: Arc<Mutex<Published>>,
-    ) -> anyhow::Result<Self> {
+/// The futex maps, taken out of the loaded object (they can move to the readers' thread; the
+/// symbolizer cannot, so the reader is made there).
+#[derive(Debug)]
+pub struct FutexMaps {
+    processes: BpfHashMap<MapData, u32, FutexProcess>,
+    locks: BpfHashMap<MapData, FutexLockKey, FutexLock>,
+    stacks: StackTraceMap<MapData>,
+    selected: BpfHashMap<MapData, u32, u8>,
+}
+
+impl FutexMaps {
+    pub fn take(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow::anyhow!("map {name} missing from the eBPF object"))
@@ -167,6 +173,17 @@ impl FutexReader {
             locks: BpfHashMap::try_from(take(maps::FUTEX_LOCKS)?)?,
             stacks: StackTraceMap::try_from(take(maps::FUTEX_STACKS)?)?,
             selected: BpfHashMap::try_from(take(maps::FUTEX_SELECTED)?)?,
+        })
+    }
+}
+
+impl FutexReader {
+    pub fn new(m: FutexMaps, selectors: Vec<Selector>, published: Arc<Mutex<Published>>) -> Self {
+        Self {
+            processes: m.processes,
+            locks: m.locks,
+            stacks: m.stacks,
+            selected: m.selected,
             selectors,
             retired: BTreeMap::new(),
             live: HashMap::new(),
@@ -174,13 +191,13 @@ impl FutexReader {
             symbolizer: blazesym::symbolize::Symbolizer::new(),
             frames: HashMap::new(),
             last: HashMap::new(),
-        })
+        }
     }
 
     /// Selects processes (when the configuration names them), reads the aggregates, retires
     /// exited processes, and publishes; returns the words with a new long wait. `who` names a
-    /// cgroup id.
-    pub fn refresh(&mut self, mut who: impl FnMut(u64) -> Who) -> Vec<Episode> {
+    /// process's cgroup.
+    pub fn refresh(&mut self, mut who: impl FnMut(u32) -> Who) -> Vec<Episode> {
         if !self.selectors.is_empty() {
             self.select();
         }
@@ -194,7 +211,7 @@ impl FutexReader {
                 .live
                 .entry(*tgid)
                 .or_insert_with(|| {
-                    let w = who(p.cgroup_id);
+                    let w = who(*tgid);
                     Labels {
                         comm: crate::events::comm(&p.comm),
                         who: [w.cgroup, w.namespace, w.pod, w.container],
@@ -254,8 +271,10 @@ impl FutexReader {
             }
             let before = self.last.get(&key).copied();
             last.insert(key, lock);
+            let Some(labels) = self.live.get(&key.tgid).cloned() else {
+                continue;
+            };
             let stack = self.stack(key.tgid, lock.stack_id);
-            let labels = &self.live[&key.tgid];
             let h = HotLock {
                 pid: key.tgid,
                 comm: labels.comm.clone(),
@@ -295,9 +314,11 @@ impl FutexReader {
             return Vec::new();
         };
         let addrs: Vec<u64> = trace.frames().iter().map(|f| f.ip).collect();
-        let src = blazesym::symbolize::source::Source::Process(
-            blazesym::symbolize::source::Process::new(blazesym::Pid::from(pid)),
-        );
+        let mut process = blazesym::symbolize::source::Process::new(blazesym::Pid::from(pid));
+        // Symbol tables name every function needed here; DWARF would cost seconds and memory
+        // for a large binary.
+        process.debug_syms = false;
+        let src = blazesym::symbolize::source::Source::Process(process);
         let names: Vec<String> = match self
             .symbolizer
             .symbolize(&src, blazesym::symbolize::Input::AbsAddr(&addrs))

@@ -19,6 +19,9 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 /// At most this many executables get uprobes (each costs the kernel an uprobe per function).
 const MAX_BINARIES: usize = 512;
 
+/// Larger executables are not read (the whole file is, to find its build info and symbols).
+const MAX_BINARY_BYTES: u64 = 1 << 30;
+
 /// The functions probed, with the programs for the register and the stack ABI.
 const FUNCTIONS: [(&str, &str, &str); 2] = [
     (
@@ -175,7 +178,10 @@ impl GoWatcher {
         let Ok(meta) = std::fs::metadata(&exe) else {
             return;
         };
-        if !self.seen.insert((meta.dev(), meta.ino())) || self.attached >= MAX_BINARIES {
+        if !self.seen.insert((meta.dev(), meta.ino()))
+            || self.attached >= MAX_BINARIES
+            || meta.len() > MAX_BINARY_BYTES
+        {
             return;
         }
         let Ok(data) = std::fs::read(&exe) else {

@@ -255,18 +255,6 @@ impl<'a> Pipeline<'a> {
         })))
     }
 
-    /// A process's cgroup identity labels (read from /proc).
-    pub fn who_of_pid(&mut self, pid: u32) -> crate::metrics::Who {
-        let path = cgroups::path_of_pid(pid).unwrap_or_else(|| UNKNOWN_CGROUP.to_owned());
-        K8s::who(&path, K8s::from_path(&path, &mut self.kubelet).as_ref())
-    }
-
-    /// A cgroup's identity labels, by id.
-    pub fn who_of(&mut self, id: u64) -> crate::metrics::Who {
-        let path = self.cgroup_label(id);
-        K8s::who(&path, K8s::from_path(&path, &mut self.kubelet).as_ref())
-    }
-
     fn cgroup_label(&mut self, id: u64) -> String {
         self.resolver
             .path(id)
@@ -368,11 +356,11 @@ impl<'a> Pipeline<'a> {
             comm,
             cgroup_source: source.to_owned(),
             memory: k.memory.map(|m| record::VictimMemory {
-                anon_rss_bytes: m.anon_rss_pages * page,
-                file_rss_bytes: m.file_rss_pages * page,
-                shmem_rss_bytes: m.shmem_rss_pages * page,
-                swap_bytes: m.swap_pages * page,
-                total_vm_bytes: m.total_vm_pages * page,
+                anon_rss_bytes: m.anon_rss_pages.saturating_mul(page),
+                file_rss_bytes: m.file_rss_pages.saturating_mul(page),
+                shmem_rss_bytes: m.shmem_rss_pages.saturating_mul(page),
+                swap_bytes: m.swap_pages.saturating_mul(page),
+                total_vm_bytes: m.total_vm_pages.saturating_mul(page),
                 oom_score_adj: m.oom_score_adj,
             }),
         };
@@ -438,8 +426,14 @@ impl<'a> Pipeline<'a> {
         let (cgroup, constraint, found_by, usage, limit) = if let Some(c) = &k.control {
             let cgroup = c.limit_cgroup_id.map(|id| self.cgroup_label(id));
             let (usage, limit) = match cgroup {
-                Some(_) => (Some(c.usage_pages * page), Some(c.max_pages * page)),
-                None => (oom::node_memory().0, Some(c.total_pages * page)),
+                Some(_) => (
+                    Some(c.usage_pages.saturating_mul(page)),
+                    Some(c.max_pages.saturating_mul(page)),
+                ),
+                None => (
+                    oom::node_memory().0,
+                    Some(c.total_pages.saturating_mul(page)),
+                ),
             };
             (cgroup, c.constraint.kernel_name(), "kernel", usage, limit)
         } else {

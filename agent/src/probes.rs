@@ -203,17 +203,23 @@ fn attach_futex(ebpf: &mut Ebpf, contention: &ContentionConfig) -> ProbeStatus {
             .push("off in the configuration (contention.futex_waits)".to_owned());
         return status;
     }
+    // Each exit before its entry: an entry seen without its exit would leave a wait whose
+    // thread's next futex call (a wake) ended it with a made-up duration.
     let required = [
-        (programs::FUTEX_ENTER, "sys_enter_futex"),
         (programs::FUTEX_EXIT, "sys_exit_futex"),
+        (programs::FUTEX_ENTER, "sys_enter_futex"),
     ];
     let optional = [
-        (programs::FUTEX_WAITV_ENTER, "sys_enter_futex_waitv"),
         (programs::FUTEX_EXIT, "sys_exit_futex_waitv"),
-        (programs::FUTEX_WAITV_ENTER, "sys_enter_futex_wait"),
+        (programs::FUTEX_WAITV_ENTER, "sys_enter_futex_waitv"),
         (programs::FUTEX_EXIT, "sys_exit_futex_wait"),
+        (programs::FUTEX_WAITV_ENTER, "sys_enter_futex_wait"),
     ];
-    for (name, _) in [required[0], required[1], optional[0]] {
+    for name in [
+        programs::FUTEX_EXIT,
+        programs::FUTEX_ENTER,
+        programs::FUTEX_WAITV_ENTER,
+    ] {
         if let Err(e) = program::<TracePoint>(ebpf, name).and_then(|p| p.load().map_err(chain)) {
             status.errors.push(format!("{name}: {e}"));
             return status;

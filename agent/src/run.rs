@@ -1,6 +1,15 @@
 //! `nodewarden run`: the daemon. Wiring of probes, pipeline and endpoints, and a bounded drain.
 
-use std::{os::fd::AsRawFd, path::Path, time::Duration};
+use std::{
+    os::fd::AsRawFd,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    time::Duration,
+};
 
 use agent_common::maps;
 use anyhow::{Context as _, Result};
@@ -14,7 +23,8 @@ use tokio::{
 use crate::{
     cgroups::{self, CgroupResolver},
     config::Config,
-    contention::FutexReader,
+    config::Selector,
+    contention::{Episode, FutexMaps, FutexReader, Published},
     feed::{self, Feed},
     golang::GoWatcher,
     http,
@@ -25,7 +35,8 @@ use crate::{
     outputs::Outputs,
     pipeline::Pipeline,
     probes,
-    sampling::{self, Sampler},
+    record::K8s,
+    sampling::{self, SampleMaps, Sampler},
     telemetry::Traces,
 };
 
@@ -62,7 +73,13 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
         mut sampler,
     } = attach(config, &metrics)?;
 
-    let metrics_contention = metrics.contention.clone();
+    let contention = spawn_contention(
+        futex.take(),
+        sampler.take(),
+        config.selectors.clone(),
+        config.kubelet_log_dir.clone(),
+        metrics.contention.clone(),
+    );
     let feed = Feed::new();
     let (mut pipeline, mut watcher) = pipeline(config, &metrics, traces, &feed, limit_mode)?;
 
@@ -78,7 +95,6 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
 
     let mut poll = tokio::time::interval(POLL_EVERY);
     let mut tick = tokio::time::interval(TICK_EVERY);
-    let mut contention_tick = tokio::time::interval(CONTENTION_EVERY);
     loop {
         tokio::select! {
             guard = readable(ring.as_mut()) => {
@@ -102,18 +118,11 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
                 guard.clear_ready();
             }
             _ = poll.tick(), if watcher.is_some() => pipeline.poll(),
-            _ = tick.tick() => pipeline.tick(),
-            _ = contention_tick.tick(), if futex.is_some() || sampler.is_some() => {
-                if let Some(f) = futex.as_mut() {
-                    for e in f.refresh(|id| pipeline.who_of(id)) {
+            _ = tick.tick() => {
+                pipeline.tick();
+                if let Some((_, episodes, _)) = &contention {
+                    for e in episodes.try_iter() {
                         pipeline.contention_episode(&e);
-                    }
-                }
-                if let Some(s) = sampler.as_mut() {
-                    let cpu = s.refresh(|pid| pipeline.who_of_pid(pid));
-                    if let Ok(mut p) = metrics_contention.lock() {
-                        p.cpu_text = sampling::render(&cpu);
-                        p.snapshot.cpu = cpu;
                     }
                 }
             }
@@ -130,6 +139,10 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
         }
     }
     pipeline.finish();
+    if let Some((stop, _, thread)) = contention {
+        stop.store(true, Ordering::Relaxed);
+        let _ = thread.join();
+    }
     let _ = stop_tx.send(true);
     if let Some(f) = feed_server {
         let _ = tokio::time::timeout(config.shutdown_drain, f).await;
@@ -144,6 +157,67 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The contention readers' thread: reading the kernel's aggregates and symbolizing stacks can
+/// take seconds (a big binary's symbols), which must never hold up the event loop. Returns its
+/// stop flag, the futex episodes it finds, and its handle.
+type ContentionThread = (
+    Arc<AtomicBool>,
+    mpsc::Receiver<Episode>,
+    std::thread::JoinHandle<()>,
+);
+
+fn spawn_contention(
+    futex: Option<FutexMaps>,
+    sampler: Option<SampleMaps>,
+    selectors: Vec<Selector>,
+    kubelet_dir: std::path::PathBuf,
+    published: Arc<Mutex<Published>>,
+) -> Option<ContentionThread> {
+    if futex.is_none() && sampler.is_none() {
+        return None;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let flag = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("nw-contention".to_owned())
+        .spawn(move || {
+            let mut futex = futex.map(|m| FutexReader::new(m, selectors, published.clone()));
+            let mut sampler = sampler.map(Sampler::new);
+            // Cgroups by the process's own /proc entry (the readers' processes are alive).
+            let mut kubelet = KubeletNames::new(kubelet_dir);
+            let mut who = |pid: u32| {
+                let path = cgroups::path_of_pid(pid).unwrap_or_else(|| "unknown".to_owned());
+                K8s::who(&path, K8s::from_path(&path, &mut kubelet).as_ref())
+            };
+            while !flag.load(Ordering::Relaxed) {
+                if let Some(f) = futex.as_mut() {
+                    for e in f.refresh(&mut who) {
+                        let _ = tx.send(e);
+                    }
+                }
+                if let Some(s) = sampler.as_mut() {
+                    let cpu = s.refresh(&mut who);
+                    if let Ok(mut p) = published.lock() {
+                        p.cpu_text = sampling::render(&cpu);
+                        p.snapshot.cpu = cpu;
+                    }
+                }
+                let start = std::time::Instant::now();
+                while start.elapsed() < CONTENTION_EVERY && !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        });
+    match thread {
+        Ok(t) => Some((stop, rx, t)),
+        Err(e) => {
+            tracing::error!("contention reader thread: {e}");
+            None
+        }
+    }
 }
 
 /// The pipeline over the cgroup v2 hierarchy, and the inotify watcher when limit writes are
@@ -190,9 +264,9 @@ struct Attached {
     ebpf: Option<aya::Ebpf>,
     ring: Option<AsyncFd<RingBuf<aya::maps::MapData>>>,
     limit_mode: &'static str,
-    futex: Option<FutexReader>,
+    futex: Option<FutexMaps>,
     go: Option<GoWatcher>,
-    sampler: Option<Sampler>,
+    sampler: Option<SampleMaps>,
 }
 
 /// Loads and attaches the probes, reports how (log, metric), and opens their event ring.
@@ -224,17 +298,13 @@ fn attach(config: &Config, metrics: &Metrics) -> Result<Attached> {
         spawn_ebpf_logs(ebpf);
         ring = Some(event_ring(ebpf)?);
         if attached("futex_waits") {
-            futex = Some(FutexReader::new(
-                ebpf,
-                config.selectors.clone(),
-                metrics.contention.clone(),
-            )?);
+            futex = Some(FutexMaps::take(ebpf)?);
         }
         if attached("go_fatal_errors") {
             go = Some(GoWatcher::start(ebpf));
         }
         if attached("cpu_samples") {
-            sampler = Some(Sampler::new(ebpf)?);
+            sampler = Some(SampleMaps::take(ebpf)?);
         }
     }
     Ok(Attached {

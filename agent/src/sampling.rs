@@ -82,8 +82,15 @@ impl std::fmt::Debug for Sampler {
     }
 }
 
-impl Sampler {
-    pub fn new(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
+/// The sampling maps, taken out of the loaded object (see `contention::FutexMaps`).
+#[derive(Debug)]
+pub struct SampleMaps {
+    samples: BpfHashMap<MapData, SampleKey, u64>,
+    stacks: StackTraceMap<MapData>,
+}
+
+impl SampleMaps {
+    pub fn take(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow::anyhow!("map {name} missing from the eBPF object"))
@@ -91,10 +98,20 @@ impl Sampler {
         Ok(Self {
             samples: BpfHashMap::try_from(take(maps::CPU_SAMPLES)?)?,
             stacks: StackTraceMap::try_from(take(maps::SAMPLE_STACKS)?)?,
+        })
+    }
+}
+
+impl Sampler {
+    #[must_use]
+    pub fn new(m: SampleMaps) -> Self {
+        Self {
+            samples: m.samples,
+            stacks: m.stacks,
             symbolizer: blazesym::symbolize::Symbolizer::new(),
             classes: HashMap::new(),
             labels: HashMap::new(),
-        })
+        }
     }
 
     /// Reads the counts of live processes (removing those of exited ones) and returns each
@@ -111,15 +128,16 @@ impl Sampler {
             }
             let class = self.class(key.tgid, key.stack_id);
             let e = per.entry(key.tgid).or_default();
-            e.0 += n;
+            e.0 = e.0.saturating_add(n);
             if class.lock {
-                e.1 += n;
+                e.1 = e.1.saturating_add(n);
                 if let Some(site) = class.call_site {
-                    *e.3.entry(site).or_default() += n;
+                    let s = e.3.entry(site).or_default();
+                    *s = s.saturating_add(n);
                 }
             }
             if class.map {
-                e.2 += n;
+                e.2 = e.2.saturating_add(n);
             }
         }
         self.classes.retain(|(pid, _), _| !gone.contains(pid));
@@ -163,9 +181,11 @@ impl Sampler {
             return Class::default();
         };
         let addrs: Vec<u64> = trace.frames().iter().map(|f| f.ip).collect();
-        let src = blazesym::symbolize::source::Source::Process(
-            blazesym::symbolize::source::Process::new(blazesym::Pid::from(pid)),
-        );
+        let mut process = blazesym::symbolize::source::Process::new(blazesym::Pid::from(pid));
+        // Symbol tables name every function needed here; DWARF would cost seconds and memory
+        // for a large binary.
+        process.debug_syms = false;
+        let src = blazesym::symbolize::source::Source::Process(process);
         let names: Vec<String> = self
             .symbolizer
             .symbolize(&src, blazesym::symbolize::Input::AbsAddr(&addrs))
