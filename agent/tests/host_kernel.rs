@@ -206,16 +206,14 @@ fn syscalls_mode_ignores_ordinary_writes() {
 
 /// A contended pthread mutex: the agent's futex wait histogram agrees with bpftrace's.
 #[test]
-#[ignore = "needs root, bpftrace and a C compiler: run by `cargo xtask test`"]
+#[ignore = "needs root, bpftrace and the test programs: run by `cargo xtask test`"]
 fn futex_waits_agree_with_bpftrace() {
     assert!(is_root(), "{NEEDS_ROOT}");
-    let agent = Agent::start(&[]);
-    assert_eq!(agent.probe_mode("futex_waits"), "tracepoint");
-    common::contention::futex_waits_agree_with_bpftrace(&agent);
-    common::contention::futex_waits_match_the_programs_own_timing(&agent);
-    common::contention::top_shows_the_contended_program(&agent);
-    let (status, log) = agent.stop();
-    assert!(status.success(), "agent exit {status}; log:\n{log}");
+    common::contention::with_agent("futex_waits", "tracepoint", |agent| {
+        common::contention::futex_waits_agree_with_bpftrace(agent);
+        common::contention::futex_waits_match_the_programs_own_timing(agent);
+        common::contention::top_shows_the_contended_program(agent);
+    });
 }
 
 /// A Go program's "concurrent map writes" crash is reported with its reason and process.
@@ -223,11 +221,9 @@ fn futex_waits_agree_with_bpftrace() {
 #[ignore = "needs root and the Go test program: run by `cargo xtask test`"]
 fn go_map_crash_is_reported() {
     assert!(is_root(), "{NEEDS_ROOT}");
-    let agent = Agent::start(&[]);
-    assert_eq!(agent.probe_mode("go_fatal_errors"), "uprobe");
-    common::contention::go_crash_is_reported(&agent);
-    let (status, log) = agent.stop();
-    assert!(status.success(), "agent exit {status}; log:\n{log}");
+    common::contention::with_agent("go_fatal_errors", "uprobe", |agent| {
+        common::contention::go_crash_is_reported(agent);
+    });
 }
 
 /// Go lock and map CPU shares from low-rate sampling, with the lock's call site.
@@ -235,9 +231,7 @@ fn go_map_crash_is_reported() {
 #[ignore = "needs root and the Go test programs: run by `cargo xtask test`"]
 fn go_lock_and_map_cpu_shares() {
     assert!(is_root(), "{NEEDS_ROOT}");
-    let agent = Agent::start(&[]);
-    assert_eq!(agent.probe_mode("cpu_samples"), "perf_event");
-    common::contention::go_lock_and_map_shares(&agent);
-    let (status, log) = agent.stop();
-    assert!(status.success(), "agent exit {status}; log:\n{log}");
+    common::contention::with_agent("cpu_samples", "perf_event", |agent| {
+        common::contention::go_lock_and_map_shares(agent);
+    });
 }

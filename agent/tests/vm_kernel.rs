@@ -668,14 +668,12 @@ fn limit_writes_without_bpf() {
 #[ignore = "runs in the VM via `cargo xtask test`"]
 fn futex_waits_are_measured() {
     require_vm();
-    let agent = Agent::start(&[]);
-    assert_eq!(agent.probe_mode("futex_waits"), "tracepoint");
-    common::contention::futex_waits_match_the_programs_own_timing(&agent);
-    if !common::skip_without("bpftrace") {
-        common::contention::futex_waits_agree_with_bpftrace(&agent);
-    }
-    let (status, log) = agent.stop();
-    assert!(status.success(), "agent exit {status}; log:\n{log}");
+    common::contention::with_agent("futex_waits", "tracepoint", |agent| {
+        common::contention::futex_waits_match_the_programs_own_timing(agent);
+        if !common::skip_without("bpftrace") {
+            common::contention::futex_waits_agree_with_bpftrace(agent);
+        }
+    });
 }
 
 /// A Go program's "concurrent map writes" crash is reported with its reason and process.
@@ -683,21 +681,17 @@ fn futex_waits_are_measured() {
 #[ignore = "runs in the VM via `cargo xtask test`"]
 fn go_map_crash_is_reported() {
     require_vm();
-    let agent = Agent::start(&[]);
-    assert_eq!(agent.probe_mode("go_fatal_errors"), "uprobe");
-    common::contention::go_crash_is_reported(&agent);
-    let (status, log) = agent.stop();
-    assert!(status.success(), "agent exit {status}; log:\n{log}");
+    common::contention::with_agent("go_fatal_errors", "uprobe", |agent| {
+        common::contention::go_crash_is_reported(agent);
+    });
 }
 
 /// Go lock and map CPU shares from low-rate sampling, with the lock's call site.
 #[test]
-#[ignore = "needs root and the Go test programs: run by `cargo xtask test`"]
+#[ignore = "runs in the VM via `cargo xtask test`"]
 fn go_lock_and_map_cpu_shares() {
     require_vm();
-    let agent = Agent::start(&[]);
-    assert_eq!(agent.probe_mode("cpu_samples"), "perf_event");
-    common::contention::go_lock_and_map_shares(&agent);
-    let (status, log) = agent.stop();
-    assert!(status.success(), "agent exit {status}; log:\n{log}");
+    common::contention::with_agent("cpu_samples", "perf_event", |agent| {
+        common::contention::go_lock_and_map_shares(agent);
+    });
 }

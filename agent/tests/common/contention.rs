@@ -11,6 +11,16 @@ use std::{
 
 use super::{Agent, KillOnDrop};
 
+/// Starts the agent with the default configuration, checks `capability` attached in `mode`,
+/// runs `scenario` against it, and checks it then stops cleanly.
+pub fn with_agent(capability: &str, mode: &str, scenario: impl FnOnce(&Agent)) {
+    let agent = Agent::start(&[]);
+    assert_eq!(agent.probe_mode(capability), mode, "log:\n{}", agent.log());
+    scenario(&agent);
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit {status}; log:\n{log}");
+}
+
 /// A test program (`agent/tests/programs`), built for this architecture by
 /// `cargo xtask test-programs` (which `cargo xtask test` runs first); its name is its comm.
 pub fn program(name: &str) -> PathBuf {
