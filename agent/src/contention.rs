@@ -314,30 +314,14 @@ impl FutexReader {
             return Vec::new();
         };
         let addrs: Vec<u64> = trace.frames().iter().map(|f| f.ip).collect();
-        let mut process = blazesym::symbolize::source::Process::new(blazesym::Pid::from(pid));
-        // Symbol tables name every function needed here; DWARF would cost seconds and memory
-        // for a large binary.
-        process.debug_syms = false;
-        let src = blazesym::symbolize::source::Source::Process(process);
-        let names: Vec<String> = match self
-            .symbolizer
-            .symbolize(&src, blazesym::symbolize::Input::AbsAddr(&addrs))
-        {
-            Ok(syms) => addrs
-                .iter()
-                .zip(syms)
-                .map(|(a, s)| match s {
-                    blazesym::symbolize::Symbolized::Sym(sym) => {
-                        format!("{}+{:#x}", sym.name, sym.offset)
-                    }
-                    blazesym::symbolize::Symbolized::Unknown(_) => format!("{a:#x}"),
-                })
-                .collect(),
-            Err(e) => {
-                tracing::debug!(pid, "symbolizing a futex wait's stack: {e}");
-                addrs.iter().map(|a| format!("{a:#x}")).collect()
-            }
-        };
+        let names: Vec<String> = symbolize(&self.symbolizer, pid, &addrs)
+            .iter()
+            .zip(&addrs)
+            .map(|(s, a)| match s {
+                Some((name, offset)) => format!("{name}+{offset:#x}"),
+                None => format!("{a:#x}"),
+            })
+            .collect();
         self.frames.insert((pid, id), names.clone());
         names
     }
@@ -445,8 +429,37 @@ fn label_text(l: &Labels) -> String {
     s
 }
 
+/// The function (and offset in it) of each user address of process `pid`, from the
+/// executables' symbol tables; `None` where unknown (or for all, when the process is gone).
+pub fn symbolize(
+    symbolizer: &blazesym::symbolize::Symbolizer,
+    pid: u32,
+    addrs: &[u64],
+) -> Vec<Option<(String, usize)>> {
+    let mut process = blazesym::symbolize::source::Process::new(blazesym::Pid::from(pid));
+    // Symbol tables name every function needed here; DWARF would cost seconds and memory for
+    // a large binary.
+    process.debug_syms = false;
+    let src = blazesym::symbolize::source::Source::Process(process);
+    match symbolizer.symbolize(&src, blazesym::symbolize::Input::AbsAddr(addrs)) {
+        Ok(syms) => syms
+            .into_iter()
+            .map(|s| match s {
+                blazesym::symbolize::Symbolized::Sym(sym) => {
+                    Some((sym.name.into_owned(), sym.offset))
+                }
+                blazesym::symbolize::Symbolized::Unknown(_) => None,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::debug!(pid, "symbolizing a stack: {e}");
+            vec![None; addrs.len()]
+        }
+    }
+}
+
 /// A label value escaped for the text exposition format.
-fn escape(v: &str) -> String {
+pub fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

@@ -7,7 +7,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use agent_common::{SampleKey, maps};
 use aya::maps::{HashMap as BpfHashMap, MapData, StackTraceMap};
 
-use crate::metrics::Who;
+use crate::{
+    contention::{escape, symbolize},
+    metrics::Who,
+};
 
 /// Functions whose presence in a stack means the sample is spent taking (or waiting on) a lock.
 const LOCK_FUNCTIONS: [&str; 16] = [
@@ -181,28 +184,10 @@ impl Sampler {
             return Class::default();
         };
         let addrs: Vec<u64> = trace.frames().iter().map(|f| f.ip).collect();
-        let mut process = blazesym::symbolize::source::Process::new(blazesym::Pid::from(pid));
-        // Symbol tables name every function needed here; DWARF would cost seconds and memory
-        // for a large binary.
-        process.debug_syms = false;
-        let src = blazesym::symbolize::source::Source::Process(process);
-        let names: Vec<String> = self
-            .symbolizer
-            .symbolize(&src, blazesym::symbolize::Input::AbsAddr(&addrs))
-            .map_or_else(
-                |e| {
-                    tracing::debug!(pid, "symbolizing a sampled stack: {e}");
-                    Vec::new()
-                },
-                |syms| {
-                    syms.into_iter()
-                        .map(|s| match s {
-                            blazesym::symbolize::Symbolized::Sym(sym) => sym.name.into_owned(),
-                            blazesym::symbolize::Symbolized::Unknown(_) => String::new(),
-                        })
-                        .collect()
-                },
-            );
+        let names: Vec<String> = symbolize(&self.symbolizer, pid, &addrs)
+            .into_iter()
+            .map(|s| s.map(|(name, _)| name).unwrap_or_default())
+            .collect();
         let c = classify(&names);
         self.classes.insert((pid, id), c.clone());
         c
@@ -241,13 +226,6 @@ pub fn render(cpu: &[ProcessCpu]) -> String {
         }
     }
     s
-}
-
-/// A label value escaped for the text exposition format.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 /// A stack's class from its function names, innermost first.
