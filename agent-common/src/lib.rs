@@ -47,6 +47,19 @@ pub mod maps {
     pub const CPU_SAMPLES: &str = "CPU_SAMPLES";
     /// The sampled user stacks.
     pub const SAMPLE_STACKS: &str = "SAMPLE_STACKS";
+    /// Threads off CPU (asleep) in watched processes, by thread id modulo its size.
+    pub const OFFCPU_SLOTS: &str = "OFFCPU_SLOTS";
+    /// Off-CPU time by (tgid, user stack id at the switch-out).
+    pub const OFFCPU: &str = "OFFCPU";
+    /// User stacks at the switch-outs.
+    pub const OFFCPU_STACKS: &str = "OFFCPU_STACKS";
+    /// Processes whose off-CPU time is measured, chosen by userspace: slot `tgid % size` (the
+    /// size is `FUTEX_WAIT_SLOTS`) holds the tgid.
+    pub const OFFCPU_WATCH: &str = "OFFCPU_WATCH";
+    /// Lock slow-path entries by (tgid, user stack id), for the lock diagnostic.
+    pub const DIAG_COUNTS: &str = "DIAG_COUNTS";
+    /// Their user stacks.
+    pub const DIAG_STACKS: &str = "DIAG_STACKS";
 }
 
 /// Names of the programs (their function names in the eBPF object).
@@ -107,6 +120,13 @@ pub mod programs {
     pub const PROCESS_EXEC: &str = "process_exec";
     /// perf event (software CPU clock) on every CPU: user stack samples.
     pub const CPU_SAMPLE: &str = "cpu_sample";
+    /// Raw tracepoint `sched_switch`: off-CPU time of watched processes' threads (5.18 and
+    /// later: with the previous task's state).
+    pub const SCHED_SWITCH: &str = "sched_switch";
+    /// The same before 5.18 (no state argument: a switch that is not a preemption is a sleep).
+    pub const SCHED_SWITCH_COMPAT: &str = "sched_switch_compat";
+    /// uprobe on a Go lock slow path of one process (`nodewarden diagnose-locks` only).
+    pub const LOCK_DIAG: &str = "lock_diag";
 }
 
 /// Event kinds, with stable numbers: they are the first field of every event.
@@ -499,6 +519,30 @@ pub struct SampleKey {
 }
 const _: () = assert!(size_of::<SampleKey>() == 8);
 
+/// A thread asleep since `start_ns`, switched out with user stack `stack_id` (`OFFCPU_SLOTS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OffCpuSlot {
+    /// The thread's `task_struct` address; 0 when the slot is free.
+    pub task: u64,
+    pub tgid: u32,
+    pub reserved: u32,
+    pub start_ns: u64,
+    /// `OFFCPU_STACKS` id, or negative when the stack could not be taken.
+    pub stack_id: i64,
+}
+const _: () = assert!(size_of::<OffCpuSlot>() == 32);
+
+/// Off-CPU time of one (process, stack at the switch-out): see `OFFCPU`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OffCpu {
+    /// Nanoseconds asleep, summed over the sleeps.
+    pub ns: u64,
+    pub sleeps: u64,
+}
+const _: () = assert!(size_of::<OffCpu>() == 16);
+
 /// How the futex programs run, set by the loader.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -696,6 +740,7 @@ mod pod {
     unsafe impl aya::Pod for super::OomEntry {}
     unsafe impl aya::Pod for super::GoFatalEvent {}
     unsafe impl aya::Pod for super::SampleKey {}
+    unsafe impl aya::Pod for super::OffCpu {}
     unsafe impl aya::Pod for super::FutexProcess {}
     unsafe impl aya::Pod for super::FutexLockKey {}
     unsafe impl aya::Pod for super::FutexLock {}

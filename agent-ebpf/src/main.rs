@@ -9,11 +9,13 @@
 
 mod bench;
 mod cgroups;
+mod diagnose;
 mod futex;
 mod golang;
 mod kernel;
 mod limits;
 mod maps;
+mod offcpu;
 mod oom;
 mod sampling;
 mod syscalls;

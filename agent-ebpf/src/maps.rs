@@ -4,10 +4,11 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use agent_common::{
     FUTEX_WAIT_SLOTS, FutexConfig, FutexLock, FutexLockKey, FutexProcess, FutexWait, KernelOffsets,
-    KilledTask, LimitWriteArgs, OomEntry, PendingWrite, SampleKey,
+    KilledTask, LimitWriteArgs, OffCpu, OffCpuSlot, OomEntry, PendingWrite, SampleKey,
 };
 use aya_ebpf::{
     Global,
+    bindings::BPF_NOEXIST,
     macros::map,
     maps::{Array, HashMap, LruHashMap, RingBuf, StackTrace},
 };
@@ -72,6 +73,33 @@ pub static CPU_SAMPLES: HashMap<SampleKey, u64> = HashMap::with_max_entries(16_3
 #[map(name = "SAMPLE_STACKS")]
 pub static SAMPLE_STACKS: StackTrace = StackTrace::with_max_entries(16_384, 0);
 
+/// Sleeping threads of watched processes, by thread id modulo its size.
+#[map(name = "OFFCPU_SLOTS")]
+pub static OFFCPU_SLOTS: Array<OffCpuSlot> = Array::with_max_entries(FUTEX_WAIT_SLOTS, 0);
+
+/// Off-CPU time by (tgid, user stack at the switch-out).
+#[map(name = "OFFCPU")]
+pub static OFFCPU: HashMap<SampleKey, OffCpu> = HashMap::with_max_entries(16_384, 0);
+
+/// User stacks of the switch-outs.
+#[map(name = "OFFCPU_STACKS")]
+pub static OFFCPU_STACKS: StackTrace = StackTrace::with_max_entries(16_384, 0);
+
+/// Processes whose off-CPU time is measured: slot `tgid % size` holds the tgid (0: none). An
+/// array, not a hash map: the program looks it up on every switch, and the verifier inlines an
+/// array lookup where a hash map's is a helper call. Userspace keeps it to a few processes and
+/// never puts two in one slot.
+#[map(name = "OFFCPU_WATCH")]
+pub static OFFCPU_WATCH: Array<u32> = Array::with_max_entries(FUTEX_WAIT_SLOTS, 0);
+
+/// Lock slow-path entries by (tgid, user stack), for `nodewarden diagnose-locks`.
+#[map(name = "DIAG_COUNTS")]
+pub static DIAG_COUNTS: HashMap<SampleKey, u64> = HashMap::with_max_entries(4096, 0);
+
+/// Their user stacks.
+#[map(name = "DIAG_STACKS")]
+pub static DIAG_STACKS: StackTrace = StackTrace::with_max_entries(4096, 0);
+
 /// How the futex programs run.
 #[unsafe(no_mangle)]
 pub static FUTEX_CONFIG: Global<FutexConfig> = Global::new(FutexConfig::DEFAULT);
@@ -105,6 +133,24 @@ pub unsafe fn atomic_add(p: *mut u64, n: u64) {
     unsafe {
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, n);
     }
+}
+
+/// Adds one to `key`'s count in `map`, making the entry if needed; a full map leaves it
+/// uncounted.
+#[inline]
+pub fn count(map: &HashMap<SampleKey, u64>, key: SampleKey) -> Result<(), i32> {
+    if let Some(n) = map.get_ptr_mut(key) {
+        // SAFETY: a map value; other CPUs add to it at the same time.
+        unsafe { atomic_add(n, 1) };
+        return Ok(());
+    }
+    // Another CPU may have made it meanwhile; then add to it.
+    if map.insert(key, 1, u64::from(BPF_NOEXIST)).is_err() {
+        let n = map.get_ptr_mut(key).ok_or(-1)?;
+        // SAFETY: as above.
+        unsafe { atomic_add(n, 1) };
+    }
+    Ok(())
 }
 
 /// Whether any limit write may be in flight.

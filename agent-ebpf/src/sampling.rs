@@ -5,13 +5,13 @@
 
 use agent_common::SampleKey;
 use aya_ebpf::{
-    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    bindings::BPF_F_USER_STACK,
     helpers::bpf_get_current_pid_tgid,
     macros::perf_event,
     programs::{PerfEventContext, tracing::StackIdContext as _},
 };
 
-use crate::maps::{CPU_SAMPLES, FUTEX_CONFIG, SAMPLE_STACKS, atomic_add};
+use crate::maps::{CPU_SAMPLES, FUTEX_CONFIG, SAMPLE_STACKS, count};
 
 #[perf_event]
 #[expect(
@@ -40,16 +40,5 @@ fn sample(ctx: &PerfEventContext) -> Result<(), i32> {
         tgid,
         stack_id: stack as u32,
     };
-    if let Some(count) = CPU_SAMPLES.get_ptr_mut(key) {
-        // SAFETY: a map value; samples on other CPUs add at the same time.
-        unsafe { atomic_add(count, 1) };
-        return Ok(());
-    }
-    // Another CPU may have made it meanwhile; then add to it. Full: not counted.
-    if CPU_SAMPLES.insert(key, 1, u64::from(BPF_NOEXIST)).is_err() {
-        let count = CPU_SAMPLES.get_ptr_mut(key).ok_or(-1)?;
-        // SAFETY: as above.
-        unsafe { atomic_add(count, 1) };
-    }
-    Ok(())
+    count(&CPU_SAMPLES, key)
 }

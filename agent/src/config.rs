@@ -81,7 +81,8 @@ pub struct ContentionConfig {
     /// Measure futex waits at all.
     #[serde(default = "yes")]
     pub futex_waits: bool,
-    /// Which processes: empty for all, else any of `comm:NAME`, `exe:PATH`, `cgroup:GLOB`.
+    /// Which processes: empty for all, else any of `comm:NAME`, `exe:PATH`, `cgroup:GLOB`,
+    /// `pod:NAMESPACE/NAME`, `map-heavy`.
     #[serde(default)]
     pub select: Vec<String>,
     /// At most this many processes are tracked at once (the kernel map's size).
@@ -93,6 +94,13 @@ pub struct ContentionConfig {
     /// CPU samples per second per CPU, for lock and map CPU shares (0: off).
     #[serde(default = "default_sample_hz")]
     pub sample_hz: u64,
+    /// Measure the off-CPU time (lock sleeps) of the selected and the lock- or map-heavy
+    /// processes.
+    #[serde(default = "yes")]
+    pub off_cpu: bool,
+    /// At most this many processes are watched off CPU at once.
+    #[serde(default = "default_off_cpu_max_processes")]
+    pub off_cpu_max_processes: u32,
 }
 
 impl Default for ContentionConfig {
@@ -103,12 +111,18 @@ impl Default for ContentionConfig {
             max_processes: default_max_processes(),
             stack_threshold_us: default_stack_threshold_us(),
             sample_hz: default_sample_hz(),
+            off_cpu: true,
+            off_cpu_max_processes: default_off_cpu_max_processes(),
         }
     }
 }
 
 fn yes() -> bool {
     true
+}
+
+fn default_off_cpu_max_processes() -> u32 {
+    16
 }
 
 fn default_max_processes() -> u32 {
@@ -130,6 +144,13 @@ pub enum Selector {
     Exe(PathBuf),
     /// A glob on the cgroup path (`*`, `?`).
     Cgroup(String),
+    /// Globs on a Kubernetes pod's namespace and name (`pod:NAMESPACE/NAME`).
+    Pod {
+        namespace: String,
+        pod: String,
+    },
+    /// Processes whose sampled CPU shows them heavy in the Go map runtime (`map-heavy`).
+    MapHeavy,
 }
 
 impl Selector {
@@ -138,8 +159,21 @@ impl Selector {
             Some(("comm", c)) if !c.is_empty() && c.len() < 16 => Ok(Self::Comm(c.to_owned())),
             Some(("exe", p)) if p.starts_with('/') => Ok(Self::Exe(PathBuf::from(p))),
             Some(("cgroup", g)) if g.starts_with('/') => Ok(Self::Cgroup(g.to_owned())),
+            Some(("pod", p)) => match p.split_once('/') {
+                Some((namespace, pod)) if !namespace.is_empty() && !pod.is_empty() => {
+                    Ok(Self::Pod {
+                        namespace: namespace.to_owned(),
+                        pod: pod.to_owned(),
+                    })
+                }
+                _ => Err(format!(
+                    "contention.select {s:?}: expected pod:NAMESPACE/NAME (globs allowed)"
+                )),
+            },
+            None if s == "map-heavy" => Ok(Self::MapHeavy),
             _ => Err(format!(
-                "contention.select {s:?}: expected comm:NAME (under 16 bytes), exe:/PATH or cgroup:/GLOB"
+                "contention.select {s:?}: expected comm:NAME (under 16 bytes), exe:/PATH, \
+                 cgroup:/GLOB, pod:NAMESPACE/NAME or map-heavy"
             )),
         }
     }
@@ -272,6 +306,12 @@ impl Config {
             .iter()
             .filter_map(|s| Selector::parse(s).map_err(|e| problems.push(e)).ok())
             .collect();
+        if selectors.contains(&Selector::MapHeavy) && raw.contention.sample_hz == 0 {
+            problems.push(
+                "contention.select \"map-heavy\" needs CPU samples (contention.sample_hz > 0)"
+                    .to_owned(),
+            );
+        }
         if raw.contention.sample_hz > 1000 {
             problems.push(format!(
                 "contention.sample_hz = {}: at most 1000 (0 turns sampling off)",
@@ -282,6 +322,13 @@ impl Config {
             problems.push(format!(
                 "contention.max_processes = {}: must be between 1 and 65536",
                 raw.contention.max_processes
+            ));
+        }
+        if raw.contention.off_cpu_max_processes == 0 || raw.contention.off_cpu_max_processes > 1024
+        {
+            problems.push(format!(
+                "contention.off_cpu_max_processes = {}: must be between 1 and 1024",
+                raw.contention.off_cpu_max_processes
             ));
         }
         if let Some(root) = &cgroup_root
@@ -351,7 +398,7 @@ mod tests {
         let base =
             "mode = \"observe\"\nshutdown_drain_ms = 100\n[metrics]\nlisten = \"127.0.0.1:1\"\n";
         let c = Config::parse(
-            &format!("{base}[contention]\nselect = [\"comm:nw-mutex\", \"exe:/usr/bin/x\", \"cgroup:/kubepods*\"]\n"),
+            &format!("{base}[contention]\nselect = [\"comm:nw-mutex\", \"exe:/usr/bin/x\", \"cgroup:/kubepods*\", \"pod:shop/cart-*\", \"map-heavy\"]\n"),
             "t",
         )
         .expect("valid");
@@ -360,13 +407,20 @@ mod tests {
             [
                 Selector::Comm("nw-mutex".into()),
                 Selector::Exe("/usr/bin/x".into()),
-                Selector::Cgroup("/kubepods*".into())
+                Selector::Cgroup("/kubepods*".into()),
+                Selector::Pod {
+                    namespace: "shop".into(),
+                    pod: "cart-*".into()
+                },
+                Selector::MapHeavy,
             ]
         );
         assert!(c.contention.futex_waits);
+        assert!(c.contention.off_cpu);
+        assert_eq!(c.contention.off_cpu_max_processes, 16);
         let err = Config::parse(
             &format!(
-                "{base}[contention]\nselect = [\"pid:1\", \"exe:relative\"]\nmax_processes = 0\n"
+                "{base}[contention]\nselect = [\"pid:1\", \"exe:relative\", \"pod:nons\", \"pod:/x\", \"map-heavy\"]\nmax_processes = 0\nsample_hz = 0\noff_cpu_max_processes = 0\n"
             ),
             "t",
         )
@@ -374,7 +428,14 @@ mod tests {
         let ConfigError::Invalid { problems, .. } = &err else {
             panic!("{err}");
         };
-        assert_eq!(problems.len(), 3, "{problems:?}");
+        // Two bad selectors, two malformed pods, map-heavy without samples, and two caps.
+        assert_eq!(problems.len(), 7, "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("map-heavy") && p.contains("sample_hz")),
+            "{problems:?}"
+        );
     }
 
     #[test]

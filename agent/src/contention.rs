@@ -13,7 +13,7 @@ use std::{
 use agent_common::{FUTEX_BUCKETS, FutexLock, FutexLockKey, FutexProcess, OUTCOMES, maps};
 use aya::maps::{HashMap as BpfHashMap, MapData, StackTraceMap};
 
-use crate::{config::Selector, metrics::Who};
+use crate::metrics::Who;
 
 /// The histogram's bucket bounds are 2^k ns for k in this range (1 µs to 34 s); shorter waits
 /// fall in the first bucket, longer ones only in `+Inf`.
@@ -130,7 +130,6 @@ pub struct FutexReader {
     locks: BpfHashMap<MapData, FutexLockKey, FutexLock>,
     stacks: StackTraceMap<MapData>,
     selected: BpfHashMap<MapData, u32, u8>,
-    selectors: Vec<Selector>,
     /// Counts of processes gone, by labels: series never go backwards.
     retired: BTreeMap<Labels, Counts>,
     /// Labels of the live processes, fixed at first sight.
@@ -164,10 +163,7 @@ pub struct FutexMaps {
 
 impl FutexMaps {
     pub fn take(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
-        let mut take = |name: &str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| anyhow::anyhow!("map {name} missing from the eBPF object"))
-        };
+        let mut take = |name: &str| crate::probes::take_map(ebpf, name);
         Ok(Self {
             processes: BpfHashMap::try_from(take(maps::FUTEX_PROCESSES)?)?,
             locks: BpfHashMap::try_from(take(maps::FUTEX_LOCKS)?)?,
@@ -178,13 +174,12 @@ impl FutexMaps {
 }
 
 impl FutexReader {
-    pub fn new(m: FutexMaps, selectors: Vec<Selector>, published: Arc<Mutex<Published>>) -> Self {
+    pub fn new(m: FutexMaps, published: Arc<Mutex<Published>>) -> Self {
         Self {
             processes: m.processes,
             locks: m.locks,
             stacks: m.stacks,
             selected: m.selected,
-            selectors,
             retired: BTreeMap::new(),
             live: HashMap::new(),
             published,
@@ -194,13 +189,9 @@ impl FutexReader {
         }
     }
 
-    /// Selects processes (when the configuration names them), reads the aggregates, retires
-    /// exited processes, and publishes; returns the words with a new long wait. `who` names a
-    /// process's cgroup.
+    /// Reads the aggregates, retires exited processes, and publishes; returns the words with a
+    /// new long wait. `who` names a process's cgroup.
     pub fn refresh(&mut self, mut who: impl FnMut(u32) -> Who) -> Vec<Episode> {
-        if !self.selectors.is_empty() {
-            self.select();
-        }
         let mut series: BTreeMap<Labels, Counts> = self.retired.clone();
         let mut gone = Vec::new();
         let mut processes = Vec::new();
@@ -326,35 +317,10 @@ impl FutexReader {
         names
     }
 
-    /// Puts the processes matching a selector in the kernel's selected set, and takes the
-    /// others out.
-    fn select(&mut self) {
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        let mut want = HashSet::new();
-        for entry in dir.flatten() {
-            let Some(tgid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let base = entry.path();
-            let matches = self.selectors.iter().any(|s| match s {
-                Selector::Comm(c) => std::fs::read_to_string(base.join("comm"))
-                    .is_ok_and(|comm| comm.trim_end() == c),
-                Selector::Exe(p) => std::fs::read_link(base.join("exe")).is_ok_and(|e| e == *p),
-                Selector::Cgroup(glob) => crate::cgroups::path_of_pid(tgid)
-                    .is_some_and(|path| crate::events_cli::glob(glob, &path)),
-            });
-            if matches {
-                want.insert(tgid);
-            }
-        }
+    /// Makes `want` the measured processes (when the configuration selects some, not all).
+    pub fn select(&mut self, want: &HashSet<u32>) {
         let have: HashSet<u32> = self.selected.keys().filter_map(Result::ok).collect();
-        for tgid in have.difference(&want) {
+        for tgid in have.difference(want) {
             let _ = self.selected.remove(tgid);
         }
         for tgid in want.difference(&have) {

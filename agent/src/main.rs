@@ -5,6 +5,7 @@ mod cgroups;
 mod check;
 mod config;
 mod contention;
+mod diagnose;
 mod events;
 mod events_cli;
 mod feed;
@@ -15,6 +16,7 @@ mod k8s;
 mod kubelet;
 mod limits;
 mod metrics;
+mod offcpu;
 mod offsets;
 mod oom;
 mod outputs;
@@ -23,6 +25,7 @@ mod probes;
 mod record;
 mod run;
 mod sampling;
+mod selection;
 mod state;
 mod telemetry;
 mod top;
@@ -88,6 +91,16 @@ enum Cmd {
         /// Print once and exit.
         #[arg(long)]
         once: bool,
+    },
+    /// Count a Go process's lock slow-path entries by call site with uprobes, for a few
+    /// seconds, and show what the probes cost it (they slow contended locks: never left on).
+    DiagnoseLocks {
+        /// The process.
+        #[arg(long)]
+        pid: u32,
+        /// How long, at most 60.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
     },
     /// Report which probes this kernel allows, in which mode, and why not.
     Check {
@@ -161,6 +174,9 @@ fn main() -> ExitCode {
             std::time::Duration::from_secs(interval.max(1)),
             once,
         )),
+        Cmd::DiagnoseLocks { pid, seconds } => {
+            exit(diagnose::run(pid, seconds).map(|report| print!("{report}")))
+        }
         Cmd::Check { config } => match load_config(config.as_deref()) {
             Ok(c) => exit(check::check(&c.probes, &c.contention)),
             Err(code) => code,

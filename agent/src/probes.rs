@@ -89,6 +89,7 @@ pub fn load(
     let status = vec![
         attach_futex(&mut ebpf, contention),
         attach_sampling(&mut ebpf, contention),
+        attach_offcpu(&mut ebpf, contention),
         single(
             "go_fatal_errors",
             "uprobe",
@@ -155,6 +156,12 @@ pub fn load_object(
         .load(EBPF_OBJECT)?)
 }
 
+/// Takes map `name` out of the loaded object, for a reader that owns it from then on.
+pub fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow::anyhow!("map {name} missing from the eBPF object"))
+}
+
 /// CPU sampling: the perf event program on every online CPU's software clock.
 fn attach_sampling(ebpf: &mut Ebpf, contention: &ContentionConfig) -> ProbeStatus {
     let hook = format!(
@@ -185,6 +192,50 @@ fn attach_sampling(ebpf: &mut Ebpf, contention: &ContentionConfig) -> ProbeStatu
         }
         Ok(())
     })
+}
+
+/// Off-CPU time: the raw tracepoint `sched_switch`.
+fn attach_offcpu(ebpf: &mut Ebpf, contention: &ContentionConfig) -> ProbeStatus {
+    if !contention.off_cpu {
+        return ProbeStatus {
+            capability: "off_cpu",
+            mode: UNAVAILABLE,
+            hooks: Vec::new(),
+            errors: vec!["off in the configuration (contention.off_cpu)".to_owned()],
+            fallbacks: Vec::new(),
+        };
+    }
+    // Each kernel takes one of the two: a program reading the state argument does not attach
+    // where the tracepoint has no such argument.
+    let mut errors = Vec::new();
+    for (name, hook) in [
+        (programs::SCHED_SWITCH, "sched_switch (with prev_state)"),
+        (programs::SCHED_SWITCH_COMPAT, "sched_switch (before 5.18)"),
+    ] {
+        let r = program::<RawTracePoint>(ebpf, name).and_then(|p| {
+            p.load().map_err(chain)?;
+            p.attach("sched_switch").map(drop).map_err(chain)
+        });
+        match r {
+            Ok(()) => {
+                return ProbeStatus {
+                    capability: "off_cpu",
+                    mode: "raw_tp",
+                    hooks: vec![hook.to_owned()],
+                    errors: Vec::new(),
+                    fallbacks: errors,
+                };
+            }
+            Err(e) => errors.push(format!("raw_tp:{hook}: {e}")),
+        }
+    }
+    ProbeStatus {
+        capability: "off_cpu",
+        mode: UNAVAILABLE,
+        hooks: Vec::new(),
+        errors,
+        fallbacks: Vec::new(),
+    }
 }
 
 /// Futex waits: the entries and exits of futex(2), and of `futex_waitv(2)` and `futex_wait(2)`
@@ -432,6 +483,7 @@ pub fn without_bpf(why: &str, limit_writes: LimitWriteMode) -> Vec<ProbeStatus> 
         unavailable("futex_waits"),
         unavailable("go_fatal_errors"),
         unavailable("cpu_samples"),
+        unavailable("off_cpu"),
         unavailable("oom_limits"),
         unavailable("oom_victims"),
         unavailable("oom_kills"),

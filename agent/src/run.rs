@@ -1,6 +1,7 @@
 //! `nodewarden run`: the daemon. Wiring of probes, pipeline and endpoints, and a bounded drain.
 
 use std::{
+    collections::HashSet,
     os::fd::AsRawFd,
     path::Path,
     sync::{
@@ -31,12 +32,14 @@ use crate::{
     inotify::Watcher,
     kubelet::KubeletNames,
     metrics::{Metrics, labelled},
+    offcpu::{OffCpuMaps, OffCpuReader},
     offsets,
     outputs::Outputs,
     pipeline::Pipeline,
     probes,
     record::K8s,
     sampling::{self, SampleMaps, Sampler},
+    selection,
     telemetry::Traces,
 };
 
@@ -68,14 +71,12 @@ pub async fn run(config: &Config, traces: &Traces) -> Result<()> {
         mut ebpf,
         mut ring,
         limit_mode,
-        mut futex,
+        readers,
         mut go,
-        mut sampler,
     } = attach(config, &metrics)?;
 
     let contention = spawn_contention(
-        futex.take(),
-        sampler.take(),
+        readers,
         config.selectors.clone(),
         config.kubelet_log_dir.clone(),
         metrics.contention.clone(),
@@ -168,14 +169,27 @@ type ContentionThread = (
     std::thread::JoinHandle<()>,
 );
 
-fn spawn_contention(
+/// The contention maps that attached, for the readers' thread.
+#[derive(Debug, Default)]
+struct ContentionMaps {
     futex: Option<FutexMaps>,
     sampler: Option<SampleMaps>,
+    /// With the kernel's cap on watched processes.
+    offcpu: Option<(OffCpuMaps, u32)>,
+}
+
+fn spawn_contention(
+    maps: ContentionMaps,
     selectors: Vec<Selector>,
     kubelet_dir: std::path::PathBuf,
     published: Arc<Mutex<Published>>,
 ) -> Option<ContentionThread> {
-    if futex.is_none() && sampler.is_none() {
+    let ContentionMaps {
+        futex,
+        sampler,
+        offcpu,
+    } = maps;
+    if futex.is_none() && sampler.is_none() && offcpu.is_none() {
         return None;
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -184,8 +198,9 @@ fn spawn_contention(
     let thread = std::thread::Builder::new()
         .name("nw-contention".to_owned())
         .spawn(move || {
-            let mut futex = futex.map(|m| FutexReader::new(m, selectors, published.clone()));
+            let mut futex = futex.map(|m| FutexReader::new(m, published.clone()));
             let mut sampler = sampler.map(Sampler::new);
+            let mut offcpu = offcpu.map(|(m, cap)| OffCpuReader::new(m, cap));
             // Cgroups by the process's own /proc entry (the readers' processes are alive).
             let mut kubelet = KubeletNames::new(kubelet_dir);
             let mut who = |pid: u32| {
@@ -193,17 +208,32 @@ fn spawn_contention(
                 K8s::who(&path, K8s::from_path(&path, &mut kubelet).as_ref())
             };
             while !flag.load(Ordering::Relaxed) {
+                // Samples first: the selection and the off-CPU watch list follow them.
+                let mut cpu = sampler
+                    .as_mut()
+                    .map(|s| s.refresh(&mut who))
+                    .unwrap_or_default();
+                let selected = if selectors.is_empty() {
+                    HashSet::new()
+                } else {
+                    selection::selected(&selectors, &cpu, &mut who)
+                };
                 if let Some(f) = futex.as_mut() {
+                    if !selectors.is_empty() {
+                        f.select(&selected);
+                    }
                     for e in f.refresh(&mut who) {
                         let _ = tx.send(e);
                     }
                 }
-                if let Some(s) = sampler.as_mut() {
-                    let cpu = s.refresh(&mut who);
-                    if let Ok(mut p) = published.lock() {
-                        p.cpu_text = sampling::render(&cpu);
-                        p.snapshot.cpu = cpu;
-                    }
+                if let Some(o) = offcpu.as_mut() {
+                    o.refresh(&mut cpu, &selected);
+                }
+                if (sampler.is_some() || offcpu.is_some())
+                    && let Ok(mut p) = published.lock()
+                {
+                    p.cpu_text = sampling::render(&cpu);
+                    p.snapshot.cpu = cpu;
                 }
                 let start = std::time::Instant::now();
                 while start.elapsed() < CONTENTION_EVERY && !flag.load(Ordering::Relaxed) {
@@ -264,9 +294,8 @@ struct Attached {
     ebpf: Option<aya::Ebpf>,
     ring: Option<AsyncFd<RingBuf<aya::maps::MapData>>>,
     limit_mode: &'static str,
-    futex: Option<FutexMaps>,
+    readers: ContentionMaps,
     go: Option<GoWatcher>,
-    sampler: Option<SampleMaps>,
 }
 
 /// Loads and attaches the probes, reports how (log, metric), and opens their event ring.
@@ -293,27 +322,32 @@ fn attach(config: &Config, metrics: &Metrics) -> Result<Attached> {
             .iter()
             .any(|s| s.capability == capability && s.attached())
     };
-    let (mut futex, mut go, mut ring, mut sampler) = (None, None, None, None);
+    let (mut readers, mut go, mut ring) = (ContentionMaps::default(), None, None);
     if let Some(ebpf) = ebpf.as_mut() {
         spawn_ebpf_logs(ebpf);
         ring = Some(event_ring(ebpf)?);
         if attached("futex_waits") {
-            futex = Some(FutexMaps::take(ebpf)?);
+            readers.futex = Some(FutexMaps::take(ebpf)?);
         }
         if attached("go_fatal_errors") {
             go = Some(GoWatcher::start(ebpf));
         }
         if attached("cpu_samples") {
-            sampler = Some(SampleMaps::take(ebpf)?);
+            readers.sampler = Some(SampleMaps::take(ebpf)?);
+        }
+        if attached("off_cpu") {
+            readers.offcpu = Some((
+                OffCpuMaps::take(ebpf)?,
+                config.contention.off_cpu_max_processes,
+            ));
         }
     }
     Ok(Attached {
         ebpf,
         ring,
         limit_mode,
-        futex,
+        readers,
         go,
-        sampler,
     })
 }
 

@@ -13,7 +13,9 @@ use crate::{
 };
 
 /// Functions whose presence in a stack means the sample is spent taking (or waiting on) a lock.
-const LOCK_FUNCTIONS: [&str; 16] = [
+/// Not `runtime.semacquire1` on its own: `sync.WaitGroup` and `sync.Cond` wait through it too.
+/// Go 1.24 moved `sync.Mutex` into `internal/sync`.
+const LOCK_FUNCTIONS: [&str; 20] = [
     "sync.(*Mutex).lockSlow",
     "sync.(*Mutex).Lock",
     "sync.(*Mutex).unlockSlow",
@@ -24,12 +26,16 @@ const LOCK_FUNCTIONS: [&str; 16] = [
     "sync.runtime_SemacquireRWMutex",
     "sync.runtime_SemacquireRWMutexR",
     "sync.runtime_Semrelease",
-    "runtime.semacquire1",
-    "runtime.semrelease1",
+    "internal/sync.(*Mutex).lockSlow",
+    "internal/sync.(*Mutex).Lock",
+    "internal/sync.(*Mutex).unlockSlow",
+    "internal/sync.runtime_SemacquireMutex",
+    "internal/sync.runtime_Semrelease",
     "runtime.lock2",
     "runtime.unlock2",
     "__lll_lock_wait",
     "pthread_mutex_lock",
+    "pthread_rwlock_wrlock",
 ];
 
 /// Function name prefixes of the Go map runtime (and `sync.Map`).
@@ -45,12 +51,12 @@ const MAP_PREFIXES: [&str; 7] = [
 
 /// What one stack says.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Class {
-    lock: bool,
-    map: bool,
+pub struct Class {
+    pub lock: bool,
+    pub map: bool,
     /// For a lock stack, the innermost frame of the program's own code (not the runtime's, not
     /// `sync`'s): the call site that takes the lock.
-    call_site: Option<String>,
+    pub call_site: Option<String>,
 }
 
 /// A process's CPU, by samples.
@@ -66,23 +72,72 @@ pub struct ProcessCpu {
     pub map_share: f64,
     /// The call site with the most lock samples.
     pub lock_call_site: Option<String>,
+    /// Off CPU, when the process is watched (see `offcpu`).
+    #[serde(default)]
+    pub off_cpu: Option<crate::offcpu::OffCpuFigures>,
+    /// Share of the process's thread time (on CPU, or asleep blocked on a lock) that went to
+    /// locks: the on-CPU share when the process is not watched off CPU. Ranks processes by
+    /// contention.
+    #[serde(default)]
+    pub contention: f64,
 }
 
-/// Reads the sample counts; owns the maps.
-pub struct Sampler {
-    samples: BpfHashMap<MapData, SampleKey, u64>,
-    stacks: StackTraceMap<MapData>,
+/// Stack classes by (pid, stack id), each stack symbolized once: a stack id names one stack
+/// for its map's life. Shared by the samples' and the off-CPU readers.
+pub struct Classifier {
     symbolizer: blazesym::symbolize::Symbolizer,
     classes: HashMap<(u32, u32), Class>,
-    labels: HashMap<u32, (String, String)>,
 }
 
-impl std::fmt::Debug for Sampler {
+impl std::fmt::Debug for Classifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sampler")
+        f.debug_struct("Classifier")
             .field("stacks", &self.classes.len())
             .finish_non_exhaustive()
     }
+}
+
+impl Classifier {
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            symbolizer: blazesym::symbolize::Symbolizer::new(),
+            classes: HashMap::new(),
+        }
+    }
+
+    /// The class of stack `id` (in `stacks`) of `pid`.
+    pub fn class(&mut self, stacks: &StackTraceMap<MapData>, pid: u32, id: u32) -> Class {
+        if let Some(c) = self.classes.get(&(pid, id)) {
+            return c.clone();
+        }
+        let Ok(trace) = stacks.get(&id, 0) else {
+            return Class::default();
+        };
+        let addrs: Vec<u64> = trace.frames().iter().map(|f| f.ip).collect();
+        let names: Vec<String> = symbolize(&self.symbolizer, pid, &addrs)
+            .into_iter()
+            .map(|s| s.map(|(name, _)| name).unwrap_or_default())
+            .collect();
+        let c = classify(&names);
+        tracing::trace!(pid, id, ?c, stack = names.join(" < "), "stack class");
+        self.classes.insert((pid, id), c.clone());
+        c
+    }
+
+    /// Forgets the stacks of the processes `gone` says are.
+    pub fn forget(&mut self, gone: impl Fn(u32) -> bool) {
+        self.classes.retain(|(pid, _), _| !gone(*pid));
+    }
+}
+
+/// Reads the sample counts; owns the maps.
+#[derive(Debug)]
+pub struct Sampler {
+    samples: BpfHashMap<MapData, SampleKey, u64>,
+    stacks: StackTraceMap<MapData>,
+    classes: Classifier,
+    labels: HashMap<u32, (String, String)>,
 }
 
 /// The sampling maps, taken out of the loaded object (see `contention::FutexMaps`).
@@ -94,10 +149,7 @@ pub struct SampleMaps {
 
 impl SampleMaps {
     pub fn take(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
-        let mut take = |name: &str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| anyhow::anyhow!("map {name} missing from the eBPF object"))
-        };
+        let mut take = |name: &str| crate::probes::take_map(ebpf, name);
         Ok(Self {
             samples: BpfHashMap::try_from(take(maps::CPU_SAMPLES)?)?,
             stacks: StackTraceMap::try_from(take(maps::SAMPLE_STACKS)?)?,
@@ -111,8 +163,7 @@ impl Sampler {
         Self {
             samples: m.samples,
             stacks: m.stacks,
-            symbolizer: blazesym::symbolize::Symbolizer::new(),
-            classes: HashMap::new(),
+            classes: Classifier::new(),
             labels: HashMap::new(),
         }
     }
@@ -129,7 +180,7 @@ impl Sampler {
                 let _ = self.samples.remove(&key);
                 continue;
             }
-            let class = self.class(key.tgid, key.stack_id);
+            let class = self.classes.class(&self.stacks, key.tgid, key.stack_id);
             let e = per.entry(key.tgid).or_default();
             e.0 = e.0.saturating_add(n);
             if class.lock {
@@ -143,7 +194,7 @@ impl Sampler {
                 e.2 = e.2.saturating_add(n);
             }
         }
-        self.classes.retain(|(pid, _), _| !gone.contains(pid));
+        self.classes.forget(|pid| gone.contains(&pid));
         self.labels.retain(|pid, _| !gone.contains(pid));
         let mut out: Vec<ProcessCpu> = per
             .into_iter()
@@ -168,29 +219,13 @@ impl Sampler {
                     lock_share: share(lock),
                     map_share: share(map),
                     lock_call_site: sites.into_iter().max_by_key(|(_, n)| *n).map(|(s, _)| s),
+                    off_cpu: None,
+                    contention: share(lock),
                 }
             })
             .collect();
         out.sort_by(|a, b| b.lock_share.total_cmp(&a.lock_share));
         out
-    }
-
-    /// The class of stack `id` of `pid`, symbolized once.
-    fn class(&mut self, pid: u32, id: u32) -> Class {
-        if let Some(c) = self.classes.get(&(pid, id)) {
-            return c.clone();
-        }
-        let Ok(trace) = self.stacks.get(&id, 0) else {
-            return Class::default();
-        };
-        let addrs: Vec<u64> = trace.frames().iter().map(|f| f.ip).collect();
-        let names: Vec<String> = symbolize(&self.symbolizer, pid, &addrs)
-            .into_iter()
-            .map(|s| s.map(|(name, _)| name).unwrap_or_default())
-            .collect();
-        let c = classify(&names);
-        self.classes.insert((pid, id), c.clone());
-        c
     }
 }
 
@@ -198,7 +233,6 @@ impl Sampler {
 /// histograms': comm and cgroup).
 #[must_use]
 pub fn render(cpu: &[ProcessCpu]) -> String {
-    use std::fmt::Write as _;
     let mut s = String::new();
     for (name, help, share) in [
         (
@@ -212,24 +246,41 @@ pub fn render(cpu: &[ProcessCpu]) -> String {
             |p: &ProcessCpu| p.map_share,
         ),
     ] {
-        let _ = writeln!(s, "# HELP {name} {help}");
-        let _ = writeln!(s, "# TYPE {name} gauge");
-        for p in cpu {
-            let _ = writeln!(
-                s,
-                "{name}{{comm=\"{}\",cgroup=\"{}\",pid=\"{}\"}} {}",
-                escape(&p.comm),
-                escape(&p.cgroup),
-                p.pid,
-                share(p)
-            );
-        }
+        gauge(&mut s, name, help, cpu.iter().map(|p| (p, share(p))));
     }
+    gauge(
+        &mut s,
+        "nodewarden_lock_offcpu_share",
+        "Of the time a watched process's threads ran or slept blocked on a lock, the share they slept (lost CPU); only processes watched off CPU.",
+        cpu.iter()
+            .filter_map(|p| p.off_cpu.as_ref().map(|o| (p, o.lock_share))),
+    );
     s
 }
 
+/// One gauge's help, type and a series per process.
+fn gauge<'a>(
+    s: &mut String,
+    name: &str,
+    help: &str,
+    values: impl Iterator<Item = (&'a ProcessCpu, f64)>,
+) {
+    use std::fmt::Write as _;
+    let _ = writeln!(s, "# HELP {name} {help}");
+    let _ = writeln!(s, "# TYPE {name} gauge");
+    for (p, v) in values {
+        let _ = writeln!(
+            s,
+            "{name}{{comm=\"{}\",cgroup=\"{}\",pid=\"{}\"}} {v}",
+            escape(&p.comm),
+            escape(&p.cgroup),
+            p.pid,
+        );
+    }
+}
+
 /// A stack's class from its function names, innermost first.
-fn classify(names: &[String]) -> Class {
+pub fn classify(names: &[String]) -> Class {
     let lock_at = names
         .iter()
         .rposition(|n| LOCK_FUNCTIONS.contains(&n.as_str()));
@@ -288,5 +339,32 @@ mod tests {
         assert!(map.map && !map.lock && map.call_site.is_none());
         let neither = classify(&names(&["main.work", "runtime.goexit"]));
         assert_eq!(neither, Class::default());
+        // A WaitGroup waits through the same semaphore as a mutex; it is not a lock.
+        let wait_group = classify(&names(&[
+            "runtime.semacquire1",
+            "sync.runtime_Semacquire",
+            "sync.(*WaitGroup).Wait",
+            "main.main",
+        ]));
+        assert!(!wait_group.lock);
+        // Go 1.24's mutex, and a Go thread asleep after parking a goroutine on a lock (x86_64:
+        // the scheduler's frames chain on to the goroutine's).
+        let parked = classify(&names(&[
+            "runtime.futex",
+            "runtime.futexsleep",
+            "runtime.notesleep",
+            "runtime.stopm",
+            "runtime.findRunnable",
+            "runtime.schedule",
+            "runtime.park_m",
+            "runtime.mcall",
+            "runtime.semacquire1",
+            "internal/sync.runtime_SemacquireMutex",
+            "internal/sync.(*Mutex).lockSlow",
+            "main.(*cache).get",
+            "main.worker",
+        ]));
+        assert!(parked.lock);
+        assert_eq!(parked.call_site.as_deref(), Some("main.(*cache).get"));
     }
 }

@@ -75,23 +75,35 @@ fn render(s: &Snapshot, agent: SocketAddr) -> String {
     if !s.cpu.is_empty() {
         let _ = writeln!(
             v,
-            "\non-CPU samples: share in lock slow paths and in the Go map runtime"
+            "\nmost contended: share of thread time on locks (CONT), of on-CPU samples in lock \
+             slow paths (LOCK) and the Go map runtime (MAP), of running-or-lock-blocked time \
+             asleep on a lock (OFF, processes watched off CPU)"
         );
         let _ = writeln!(
             v,
-            "{:>8} {:<16} {:>8} {:>7} {:>7}  LOCK CALL SITE",
-            "PID", "COMM", "SAMPLES", "LOCK %", "MAP %"
+            "{:>8} {:<16} {:>8} {:>6} {:>6} {:>6} {:>6}  LOCK CALL SITE",
+            "PID", "COMM", "SAMPLES", "CONT %", "LOCK %", "MAP %", "OFF %"
         );
         for p in s.cpu.iter().take(10) {
+            let off = p.off_cpu.as_ref().map_or_else(
+                || "-".to_owned(),
+                |o| format!("{:.1}", o.lock_share * 100.0),
+            );
+            let site = p
+                .off_cpu
+                .as_ref()
+                .and_then(|o| o.lock_call_site.as_deref())
+                .or(p.lock_call_site.as_deref())
+                .unwrap_or("-");
             let _ = writeln!(
                 v,
-                "{:>8} {:<16} {:>8} {:>7.1} {:>7.1}  {}",
+                "{:>8} {:<16} {:>8} {:>6.1} {:>6.1} {:>6.1} {off:>6}  {site}",
                 p.pid,
                 p.comm,
                 p.samples,
+                p.contention * 100.0,
                 p.lock_share * 100.0,
                 p.map_share * 100.0,
-                p.lock_call_site.as_deref().unwrap_or("-")
             );
         }
     }
@@ -146,6 +158,15 @@ mod tests {
                 lock_share: 0.42,
                 map_share: 0.1,
                 lock_call_site: Some("main.main.func1".into()),
+                off_cpu: Some(crate::offcpu::OffCpuFigures {
+                    watched_seconds: 10.0,
+                    cpu_seconds: 1.0,
+                    lock_seconds: 1.0,
+                    total_seconds: 3.0,
+                    lock_share: 0.5,
+                    lock_call_site: Some("main.worker".into()),
+                }),
+                contention: 0.71,
             }],
         };
         let v = render(&s, "127.0.0.1:9717".parse().expect("addr"));
@@ -156,7 +177,9 @@ mod tests {
         );
         assert!(v.contains("      worker+0x42"), "{v}");
         assert!(
-            v.contains("       9 nw-go-rwmutex         100    42.0    10.0  main.main.func1"),
+            v.contains(
+                "       9 nw-go-rwmutex         100   71.0   42.0   10.0   50.0  main.worker"
+            ),
             "{v}"
         );
     }

@@ -216,6 +216,30 @@ fn futex_waits_agree_with_bpftrace() {
     });
 }
 
+/// A futex word with a long wait becomes a `futex.contention` span with its stack.
+#[test]
+#[ignore = "needs root and the test programs: run by `cargo xtask test`"]
+fn futex_contention_becomes_a_span() {
+    assert!(is_root(), "{NEEDS_ROOT}");
+    common::contention::contention_episode_becomes_a_span();
+}
+
+/// The explicit lock diagnostic: uprobes for a few seconds, call sites and their cost.
+#[test]
+#[ignore = "needs root and the Go test programs: run by `cargo xtask test`"]
+fn diagnose_locks_names_the_call_site() {
+    assert!(is_root(), "{NEEDS_ROOT}");
+    common::contention::diagnose_locks_names_the_call_site();
+}
+
+/// `select = ["map-heavy"]` picks the process heavy in the Go map runtime, by its samples.
+#[test]
+#[ignore = "needs root and the test programs: run by `cargo xtask test`"]
+fn map_heavy_processes_are_selected() {
+    assert!(is_root(), "{NEEDS_ROOT}");
+    common::contention::map_heavy_processes_are_selected();
+}
+
 /// A Go program's "concurrent map writes" crash is reported with its reason and process.
 #[test]
 #[ignore = "needs root and the Go test program: run by `cargo xtask test`"]
@@ -226,12 +250,14 @@ fn go_map_crash_is_reported() {
     });
 }
 
-/// Go lock and map CPU shares from low-rate sampling, with the lock's call site.
+/// Three Go shared-map designs ranked by contention from CPU samples and off-CPU time, with
+/// the lock's call site.
 #[test]
 #[ignore = "needs root and the Go test programs: run by `cargo xtask test`"]
-fn go_lock_and_map_cpu_shares() {
+fn go_map_designs_ranked_by_contention() {
     assert!(is_root(), "{NEEDS_ROOT}");
-    common::contention::with_agent("cpu_samples", "perf_event", |agent| {
-        common::contention::go_lock_and_map_shares(agent);
+    common::contention::with_agent("off_cpu", "raw_tp", |agent| {
+        assert_eq!(agent.probe_mode("cpu_samples"), "perf_event");
+        common::contention::go_designs_ranked_by_contention(agent);
     });
 }

@@ -540,42 +540,79 @@ fn events_cli_streams_filtered_events() {
     );
 }
 
-/// A write to a container's cgroup shaped as kubelet (systemd driver) and containerd make them is
-/// labelled with the pod's and container's names. The cgroups are real; no kubelet runs here,
-/// so a directory with kubelet's log layout stands in for /var/log.
+/// A pod's container cgroup shaped as kubelet (systemd driver) and containerd make them, and a
+/// directory with kubelet's log layout standing in for /var/log (no kubelet runs here): pod
+/// `shop/cart-7d9f`, container `app`. Removed on drop, leaf first.
+struct FakePod {
+    logs: PathBuf,
+    /// The container's cgroup directory.
+    dir: PathBuf,
+    /// Its path under the cgroup root, without the leading `/`.
+    container: String,
+}
+
+impl FakePod {
+    const UID: &str = "3f9a1c2e-7b4d-4e8f-9a0b-1c2d3e4f5a6b";
+    const ID: &str = "4c01db0b339c2c4e3a1f0d9e8b7a6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b";
+
+    fn create() -> Self {
+        let logs = std::env::temp_dir().join("nw-kubelet-logs");
+        std::fs::create_dir_all(logs.join("containers")).expect("mkdir");
+        std::fs::create_dir_all(logs.join(format!("pods/shop_cart-7d9f_{}/app", Self::UID)))
+            .expect("mkdir");
+        std::fs::write(
+            logs.join(format!("containers/cart-7d9f_shop_app-{}.log", Self::ID)),
+            "",
+        )
+        .expect("log");
+        let pod = format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+            Self::UID.replace('-', "_")
+        );
+        let container = format!("{pod}/cri-containerd-{}.scope", Self::ID);
+        let mut dir = PathBuf::from(CGROUP_ROOT);
+        for part in container.split('/') {
+            std::fs::write(dir.join("cgroup.subtree_control"), "+memory").expect("+memory");
+            dir.push(part);
+            std::fs::create_dir_all(&dir).expect("mkdir");
+        }
+        Self {
+            logs,
+            dir,
+            container,
+        }
+    }
+
+    /// An observe-mode configuration naming the kubelet log directory, with `extra` appended.
+    fn config(&self, extra: &str) -> String {
+        format!(
+            "mode = \"observe\"\nshutdown_drain_ms = 2000\nkubelet_log_dir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:9717\"\n{extra}",
+            self.logs.display()
+        )
+    }
+}
+
+impl Drop for FakePod {
+    fn drop(&mut self) {
+        let mut dir = self.dir.clone();
+        while dir != Path::new(CGROUP_ROOT) {
+            let _ = std::fs::remove_dir(&dir);
+            dir.pop();
+        }
+        let _ = std::fs::remove_dir_all(&self.logs);
+    }
+}
+
+/// A write to a container's cgroup shaped as kubelet and containerd make them is labelled with
+/// the pod's and container's names.
 #[test]
 #[ignore = "writes cgroup v2 limits: runs in the VM via `cargo xtask test`"]
 fn kubernetes_cgroups_are_named() {
-    const UID: &str = "3f9a1c2e-7b4d-4e8f-9a0b-1c2d3e4f5a6b";
-    const ID: &str = "4c01db0b339c2c4e3a1f0d9e8b7a6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b";
     require_vm();
-    let logs = std::env::temp_dir().join("nw-kubelet-logs");
-    std::fs::create_dir_all(logs.join("containers")).expect("mkdir");
-    std::fs::create_dir_all(logs.join(format!("pods/shop_cart-7d9f_{UID}/app"))).expect("mkdir");
-    std::fs::write(
-        logs.join(format!("containers/cart-7d9f_shop_app-{ID}.log")),
-        "",
-    )
-    .expect("log");
-    let config = format!(
-        "mode = \"observe\"\nshutdown_drain_ms = 2000\nkubelet_log_dir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:9717\"\n",
-        logs.display()
-    );
-    let agent = Agent::start_with(Some(&config), &[]);
-
-    let pod = format!(
-        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
-        UID.replace('-', "_")
-    );
-    let container = format!("{pod}/cri-containerd-{ID}.scope");
-    let mut dir = PathBuf::from(CGROUP_ROOT);
-    for part in container.split('/') {
-        std::fs::write(dir.join("cgroup.subtree_control"), "+memory").expect("+memory");
-        dir.push(part);
-        std::fs::create_dir_all(&dir).expect("mkdir");
-    }
-    write_limit_as("containerd-shim", &dir, "256M").expect("write");
-
+    let pod = FakePod::create();
+    let agent = Agent::start_with(Some(&pod.config("")), &[]);
+    write_limit_as("containerd-shim", &pod.dir, "256M").expect("write");
+    let container = &pod.container;
     let series = format!(
         "nodewarden_cgroup_limit_writes_total{{cgroup=\"/{container}\",container=\"app\",limit=\"memory.max\",namespace=\"shop\",pod=\"cart-7d9f\",result=\"ok\",writer=\"containerd-shim\"}}"
     );
@@ -589,12 +626,61 @@ fn kubernetes_cgroups_are_named() {
     );
     let (status, log) = agent.stop();
     assert!(status.success(), "agent exit {status}; log:\n{log}");
-    // Leaf first.
-    while dir != Path::new(CGROUP_ROOT) {
-        let _ = std::fs::remove_dir(&dir);
-        dir.pop();
+}
+
+/// `select = ["pod:shop/cart-*"]`: of two contended C programs, the agent measures the futex
+/// waits of the one in the pod's container cgroup, labelled with the pod, and not the other.
+#[test]
+#[ignore = "moves a process into a cgroup: runs in the VM via `cargo xtask test`"]
+fn pod_selector_picks_the_pods_processes() {
+    require_vm();
+    let pod = FakePod::create();
+    let agent = Agent::start_with(
+        Some(&pod.config("[contention]\nselect = [\"pod:shop/cart-*\"]\n")),
+        &[],
+    );
+    let spawn = || {
+        common::KillOnDrop(
+            Command::new(common::contention::program("nw-mutex"))
+                .args(["-t", "4", "-d", "60"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("run nw-mutex"),
+        )
+    };
+    let (inside, outside) = (spawn(), spawn());
+    std::fs::write(pod.dir.join("cgroup.procs"), inside.0.id().to_string())
+        .expect("move into the pod");
+    let series = format!(
+        "nodewarden_futex_waits_total{{comm=\"nw-mutex\",cgroup=\"/{}\",namespace=\"shop\",pod=\"cart-7d9f\",container=\"app\",outcome=\"woken\"}}",
+        pod.container
+    );
+    let start = std::time::Instant::now();
+    loop {
+        let body = common::scrape(agent.metrics).unwrap_or_default();
+        if common::sample(&body, &series).is_some_and(|v| v > 0.0) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no futex waits of the pod's process: {series}\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
     }
-    let _ = std::fs::remove_dir_all(&logs);
+    let snapshot = common::http_get(agent.metrics, "/contention").unwrap_or_default();
+    let snapshot: serde_json::Value = serde_json::from_str(&snapshot).expect("json");
+    let pids: Vec<u64> = snapshot["processes"]
+        .as_array()
+        .map(|l| l.iter().filter_map(|p| p["pid"].as_u64()).collect())
+        .unwrap_or_default();
+    assert!(pids.contains(&u64::from(inside.0.id())), "{snapshot}");
+    assert!(
+        !pids.contains(&u64::from(outside.0.id())),
+        "the process outside the pod is not measured: {snapshot}"
+    );
+    drop((inside, outside));
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit {status}; log:\n{log}");
 }
 
 /// Without BPF (forced here; the agent falls back to it when no probe loads), limit writes are
@@ -676,6 +762,30 @@ fn futex_waits_are_measured() {
     });
 }
 
+/// A futex word with a long wait becomes a `futex.contention` span with its stack.
+#[test]
+#[ignore = "runs in the VM via `cargo xtask test`"]
+fn futex_contention_becomes_a_span() {
+    require_vm();
+    common::contention::contention_episode_becomes_a_span();
+}
+
+/// The explicit lock diagnostic: uprobes for a few seconds, call sites and their cost.
+#[test]
+#[ignore = "runs in the VM via `cargo xtask test`"]
+fn diagnose_locks_names_the_call_site() {
+    require_vm();
+    common::contention::diagnose_locks_names_the_call_site();
+}
+
+/// `select = ["map-heavy"]` picks the process heavy in the Go map runtime, by its samples.
+#[test]
+#[ignore = "runs in the VM via `cargo xtask test`"]
+fn map_heavy_processes_are_selected() {
+    require_vm();
+    common::contention::map_heavy_processes_are_selected();
+}
+
 /// A Go program's "concurrent map writes" crash is reported with its reason and process.
 #[test]
 #[ignore = "runs in the VM via `cargo xtask test`"]
@@ -686,12 +796,14 @@ fn go_map_crash_is_reported() {
     });
 }
 
-/// Go lock and map CPU shares from low-rate sampling, with the lock's call site.
+/// Three Go shared-map designs ranked by contention from CPU samples and off-CPU time, with
+/// the lock's call site.
 #[test]
 #[ignore = "runs in the VM via `cargo xtask test`"]
-fn go_lock_and_map_cpu_shares() {
+fn go_map_designs_ranked_by_contention() {
     require_vm();
-    common::contention::with_agent("cpu_samples", "perf_event", |agent| {
-        common::contention::go_lock_and_map_shares(agent);
+    common::contention::with_agent("off_cpu", "raw_tp", |agent| {
+        assert_eq!(agent.probe_mode("cpu_samples"), "perf_event");
+        common::contention::go_designs_ranked_by_contention(agent);
     });
 }

@@ -1,6 +1,8 @@
 //! `cargo xtask bench`, contention part: throughput of contended-lock programs (C pthread mutex,
-//! Go map + `RWMutex`) with the agent running in its default configuration against without, and
-//! the cost the futex probes add to one futex call, all in one run, interleaved.
+//! the three Go shared-map designs) with the agent running in its default configuration against
+//! without, and the cost the futex probes add to one futex call, all in one run, interleaved.
+//! The programs warm up before they count, long enough for the agent to pick them out by their
+//! CPU samples and watch them off CPU: what is measured is the cost of being watched.
 
 use std::{
     fmt::Write as _,
@@ -15,19 +17,33 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{programs, setup, vm};
 
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 7;
+
+/// Seconds a program runs before it counts (the agent's readers look every 2 s and watch a
+/// process off CPU once it has a second of samples).
+const WARM_UP_S: u64 = 5;
 
 /// (what, program, arguments): each prints `ops=<n>`, or (futexbench) ns per call.
-const CASES: [(&str, &str, &[&str]); 3] = [
+const CASES: [(&str, &str, &[&str]); 5] = [
     (
         "C pthread mutex, 8 threads, 2 s",
         "nw-mutex",
-        &["-t", "8", "-d", "2"],
+        &["-t", "8", "-w", "5", "-d", "2"],
     ),
     (
         "Go map + sync.RWMutex, 64 goroutines, 2 s",
         "nw-go-rwmutex",
-        &["-goroutines", "64", "-duration", "2s"],
+        &["-goroutines", "64", "-warmup", "5s", "-duration", "2s"],
+    ),
+    (
+        "Go sharded map (64 mutexes), 64 goroutines, 2 s",
+        "nw-go-sharded",
+        &["-goroutines", "64", "-warmup", "5s", "-duration", "2s"],
+    ),
+    (
+        "Go sync.Map, 64 goroutines, 2 s",
+        "nw-go-syncmap",
+        &["-goroutines", "64", "-warmup", "5s", "-duration", "2s"],
     ),
     (
         "futex(FUTEX_WAIT) returning EAGAIN, ns per call",
@@ -44,21 +60,29 @@ pub fn run(agent: &Path) -> Result<String> {
         .join(std::env::consts::ARCH);
     let mut without: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
     let mut with: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
+    // Rounds in which the agent watched the program off CPU once it had warmed up.
+    let mut watched = vec![0; CASES.len()];
+    // Sleeps per second of each program, without the agent.
+    let mut sleeps: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
     setup::step(
         &format!(
             "{ROUNDS} rounds of {} programs, without and with the agent",
             CASES.len()
         ),
         || {
+            // Each run with the agent right after its run without: this machine's speed drifts
+            // by tens of percent over tens of seconds, so only adjacent runs compare.
             for _ in 0..ROUNDS {
                 for (i, case) in CASES.iter().enumerate() {
-                    without[i].push(measure(&dir, case)?);
+                    let alone = measure(&dir, case, None)?;
+                    without[i].push(alone.value);
+                    sleeps[i].push(alone.sleeps_per_s);
+                    let running = Running::start(agent, None)?;
+                    let beside = measure(&dir, case, Some(PORT))?;
+                    running.stop();
+                    with[i].push(beside.value);
+                    watched[i] += usize::from(beside.watched);
                 }
-                let running = Running::start(agent)?;
-                for (i, case) in CASES.iter().enumerate() {
-                    with[i].push(measure(&dir, case)?);
-                }
-                running.stop();
             }
             Ok(())
         },
@@ -66,20 +90,44 @@ pub fn run(agent: &Path) -> Result<String> {
     let mut md = String::from(
         "\n## Lock contention: what the agent costs contended programs\n\n\
          The agent runs with its default configuration (futex waits of every process, CPU\n\
-         sampling at 49 Hz, Go fatal error probes); programs alternate without and with it.\n\
-         Medians of 5 rounds.\n\n\
-         | program | without | with | ratio |\n|---|---|---|---|\n",
+         sampling at 49 Hz, off-CPU time with stacks of the processes the samples pick out, Go\n\
+         fatal error probes). Each run with the agent follows a run without it, and the ratio\n\
+         is taken per such pair: the machine's own speed drifts by tens of percent within a\n\
+         minute. Each program warms up for 5 s before it counts, so that the agent watches it\n\
+         off CPU while it counts (the last column says in how many rounds it did). Medians of 7\n\
+         rounds, with the range of the pairs' ratios.\n\n\
+         | program | without | with | ratio (median of pairs) | pairs' range | watched off CPU |\n\
+         |---|---|---|---|---|---|\n",
     );
     for (i, (what, _, _)) in CASES.iter().enumerate() {
+        let mut ratios: Vec<f64> = without[i]
+            .iter()
+            .zip(&with[i])
+            .map(|(a, b)| b / a)
+            .collect();
+        let mut added: Vec<f64> = without[i]
+            .iter()
+            .zip(&with[i])
+            .map(|(a, b)| b - a)
+            .collect();
         let (a, b) = (median(&mut without[i]), median(&mut with[i]));
         if i == CASES.len() - 1 {
             let _ = writeln!(
                 md,
-                "| {what} | {a:.1} | {b:.1} | **{:.1} ns added per futex call** |",
-                b - a
+                "| {what} | {a:.1} | {b:.1} | **{:.1} ns added per futex call** | {:.1} to {:.1} | - |",
+                median(&mut added),
+                added[0],
+                added[added.len() - 1]
             );
         } else {
-            let _ = writeln!(md, "| {what} (ops) | {a:.0} | {b:.0} | **{:.3}** |", b / a);
+            let _ = writeln!(
+                md,
+                "| {what} (ops) | {a:.0} | {b:.0} | **{:.3}** | {:.3} to {:.3} | {} of {ROUNDS} |",
+                median(&mut ratios),
+                ratios[0],
+                ratios[ratios.len() - 1],
+                watched[i]
+            );
         }
     }
     md.push_str(
@@ -88,21 +136,176 @@ pub fn run(agent: &Path) -> Result<String> {
          syscall tracepoints costs on this kernel (see the limit-write table above for that\n\
          floor).\n",
     );
+    let per_sleep = switch_costs(agent, &dir, &mut md)?;
+    // What watching costs each program: its sleeps per second (measured without the agent)
+    // times the cost of a watched sleep, over the machine's CPUs: a bound free of the drift.
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let _ = writeln!(
+        md,
+        "\nFrom these, what being watched costs each program above: its sleeps per second\n\
+         (voluntary context switches, measured in its runs without the agent) times the added\n\
+         ns of a watched sleep, as a share of the machine's {cpus} CPUs. This bound does not\n\
+         drift with the machine, unlike the throughput ratios.\n\n\
+         | program | sleeps per second | CPU share spent watching it |\n|---|---|---|"
+    );
+    for (i, (what, _, _)) in CASES.iter().enumerate().take(CASES.len() - 1) {
+        let rate = median(&mut sleeps[i]);
+        #[expect(clippy::cast_precision_loss, reason = "a CPU count")]
+        let share = rate * per_sleep / 1e9 / cpus as f64;
+        let _ = writeln!(md, "| {what} | {rate:.0} | {:.2}% |", share * 100.0);
+    }
     Ok(md)
 }
 
-fn measure(dir: &Path, (_, program, args): &(&str, &str, &[&str])) -> Result<f64> {
-    let out = setup::output(Command::new(dir.join(program)).args(*args))?;
+/// Agent configurations for the context-switch costs: only the off-CPU probe differs.
+const SWITCH_CONFIGS: [(&str, &str); 3] = [
+    ("the agent without the off-CPU probe", "off_cpu = false\n"),
+    ("the off-CPU probe attached, the process not watched", ""),
+    (
+        "the process watched off CPU",
+        "select = [\"comm:nw-switchbench\"]\n",
+    ),
+];
+
+/// Measures what the off-CPU probe adds to a context switch, unwatched and watched, writes the
+/// table, and returns the ns a watched sleep adds.
+fn switch_costs(agent: &Path, dir: &Path, md: &mut String) -> Result<f64> {
+    let case: (&str, &str, &[&str]) = ("", "nw-switchbench", &["-w", "5", "-d", "3"]);
+    let mut ns: Vec<Vec<f64>> = vec![Vec::new(); SWITCH_CONFIGS.len()];
+    setup::step(
+        &format!("{ROUNDS} rounds of nw-switchbench under 3 agent configurations"),
+        || {
+            for _ in 0..ROUNDS {
+                for (i, (_, extra)) in SWITCH_CONFIGS.iter().enumerate() {
+                    let config = format!(
+                        "mode = \"observe\"\nshutdown_drain_ms = 2000\n[metrics]\n\
+                         listen = \"127.0.0.1:{PORT}\"\n[contention]\nfutex_waits = false\n\
+                         sample_hz = 0\n{extra}"
+                    );
+                    let running = Running::start(agent, Some(&config))?;
+                    let m = measure(dir, &case, Some(PORT))?;
+                    running.stop();
+                    if i == 2 && !m.watched {
+                        bail!("the agent did not watch nw-switchbench off CPU");
+                    }
+                    ns[i].push(m.value);
+                }
+            }
+            Ok(())
+        },
+    )?;
+    let _ = writeln!(
+        md,
+        "\n## Off-CPU time: what a context switch costs\n\n\
+         The off-CPU probe runs at every context switch of the node. `nw-switchbench`: two\n\
+         threads pinned to one CPU hand a futex word back and forth, each handoff one thread\n\
+         going to sleep and one switch. The agent runs with futex waits and sampling off, so\n\
+         only the off-CPU probe differs. Medians of {ROUNDS} rounds.\n\n\
+         | agent | ns per handoff | added ns |\n|---|---|---|"
+    );
+    let base = median(&mut ns[0]);
+    let mut added = Vec::new();
+    for (i, (what, _)) in SWITCH_CONFIGS.iter().enumerate() {
+        let v = median(&mut ns[i]);
+        added.push(v - base);
+        let _ = writeln!(
+            md,
+            "| {what} | {v:.1} | {} |",
+            if i == 0 {
+                String::new()
+            } else {
+                format!("{:.1}", v - base)
+            }
+        );
+    }
+    Ok(added[2])
+}
+
+/// What one run of a program gave.
+struct Measured {
+    /// What it printed.
+    value: f64,
+    /// Whether the agent was watching it off CPU once its warm-up was over.
+    watched: bool,
+    /// Its voluntary context switches (sleeps) per second.
+    sleeps_per_s: f64,
+}
+
+/// Runs a program; `agent_port` when the agent runs.
+fn measure(
+    dir: &Path,
+    (_, program, args): &(&str, &str, &[&str]),
+    agent_port: Option<u16>,
+) -> Result<Measured> {
+    let start = Instant::now();
+    let mut child = Command::new(dir.join(program))
+        .args(*args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {program}"))?;
+    let mut seen = false;
+    if let Some(port) = agent_port
+        && (args.contains(&"-w") || args.contains(&"-warmup"))
+    {
+        std::thread::sleep(Duration::from_secs(WARM_UP_S) + Duration::from_millis(500));
+        seen = watched_off_cpu(port, child.id());
+    }
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .context("stdout")?
+        .read_to_string(&mut out)?;
+    // wait4, for the child's context switches.
+    let mut status = 0;
+    // SAFETY: rusage is plain data the kernel fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = libc::pid_t::try_from(child.id())?;
+    // SAFETY: our own child, valid pointers.
+    if unsafe { libc::wait4(pid, &raw mut status, 0, &raw mut usage) } != pid {
+        return Err(std::io::Error::last_os_error()).context("wait4");
+    }
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("{program} exited with wait status {status}");
+    }
     let value = out.trim().strip_prefix("ops=").unwrap_or(out.trim());
-    value
-        .parse()
-        .with_context(|| format!("{program} printed {out:?}"))
+    #[expect(clippy::cast_precision_loss, reason = "a rate")]
+    Ok(Measured {
+        value: value
+            .parse()
+            .with_context(|| format!("{program} printed {out:?}"))?,
+        watched: seen,
+        sleeps_per_s: usage.ru_nvcsw as f64 / start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Whether the agent's `/contention` has off-CPU figures for `pid`.
+fn watched_off_cpu(port: u16, pid: u32) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.write_all(b"GET /contention HTTP/1.0\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v["cpu"].as_array().map(|cpu| {
+                cpu.iter()
+                    .any(|p| p["pid"] == pid && !p["off_cpu"].is_null())
+            })
+        })
+        .unwrap_or(false)
 }
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
+
+/// The agent's metrics port in the benchmark.
+const PORT: u16 = 19_717;
 
 /// The agent, running until stopped.
 struct Running {
@@ -111,13 +314,20 @@ struct Running {
 }
 
 impl Running {
-    fn start(agent: &Path) -> Result<Self> {
-        let port = 19_717;
+    /// Starts the agent with `config` (TOML text), or its default configuration.
+    fn start(agent: &Path, config: Option<&str>) -> Result<Self> {
+        let port = PORT;
         let socket = std::env::temp_dir().join("nodewarden-bench.sock");
-        let child = Command::new(agent)
-            .args(["run", "--metrics-listen", &format!("127.0.0.1:{port}")])
+        let mut cmd = Command::new(agent);
+        cmd.args(["run", "--metrics-listen", &format!("127.0.0.1:{port}")])
             .arg("--events-socket")
-            .arg(&socket)
+            .arg(&socket);
+        if let Some(text) = config {
+            let path = std::env::temp_dir().join("nodewarden-bench.toml");
+            std::fs::write(&path, text)?;
+            cmd.arg("--config").arg(path);
+        }
+        let child = cmd
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

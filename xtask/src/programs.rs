@@ -28,6 +28,7 @@ pub fn build() -> Result<()> {
             ("nw-mutex", "mutex.c"),
             ("nw-pingpong", "pingpong.c"),
             ("nw-futexbench", "futexbench.c"),
+            ("nw-switchbench", "switchbench.c"),
         ] {
             setup::run(
                 Command::new(cc)

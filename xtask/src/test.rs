@@ -224,6 +224,7 @@ fn arm64_tests() -> Result<()> {
         "oom_victims    raw_tp      attached: signal_generate",
         "oom_limits     kprobe      attached: out_of_memory",
         "cgroup_changes raw_tp      attached",
+        "off_cpu        raw_tp      attached: sched_switch (with prev_state)",
     ] {
         if !text.contains(expected) {
             bail!("arm64 `nodewarden check` output lacks {expected:?}");

@@ -323,12 +323,75 @@ pub fn top_shows_the_contended_program(agent: &Agent) {
     }
 }
 
-/// The share of a process's sampled CPU in lock slow paths and in the Go map runtime, with the
-/// call site that takes the lock, while `program` runs (from `GET /contention`).
-fn cpu_shares(agent: &Agent, program_name: &str, args: &[&str]) -> serde_json::Value {
+/// A contended pthread mutex: each futex word whose longest wait grows past the stack threshold
+/// (1 ms by default) becomes a `futex.contention` span, exported over OTLP to a receiver in the
+/// test, carrying the process and the symbolized stack of that wait.
+pub fn contention_episode_becomes_a_span() {
+    let receiver = super::otlp::Receiver::start();
+    let endpoint = receiver.endpoint();
+    let agent = Agent::start(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+    ]);
+    assert_eq!(agent.probe_mode("futex_waits"), "tracepoint");
+    let running = KillOnDrop(
+        Command::new(program("nw-mutex"))
+            .args(["-t", "8", "-d", "8"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("run nw-mutex"),
+    );
+    let pid = running.0.id().to_string();
+    let start = Instant::now();
+    let span = loop {
+        let found = receiver.spans().into_iter().find(|s| {
+            s.name == "futex.contention" && s.attributes.get("process.pid") == Some(&pid)
+        });
+        if let Some(s) = found {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no futex.contention span for nw-mutex (pid {pid}); spans: {:?}; log:\n{}",
+            receiver.spans(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    drop(running);
+    eprintln!("span: {span:?}");
+    let a = &span.attributes;
+    assert_eq!(a["process.command"], "nw-mutex");
+    let number = |k: &str| {
+        a[k].parse::<u64>()
+            .unwrap_or_else(|e| panic!("{k}: {e}: {a:?}"))
+    };
+    assert!(number("futex.max_wait_ns") >= 1_000_000, "{a:?}");
+    assert!(number("futex.waits") >= 1, "{a:?}");
+    // The wait that set the maximum is among the waits since the last read.
+    assert!(
+        number("futex.wait_ns") >= number("futex.max_wait_ns"),
+        "{a:?}"
+    );
+    assert!(a["futex.address"].starts_with("0x"), "{a:?}");
+    assert!(
+        a["code.stacktrace"]
+            .lines()
+            .next()
+            .is_some_and(|f| f.starts_with("__lll_lock_wait")),
+        "the wait's innermost frame is the C library's lock wait: {a:?}"
+    );
+    assert!(receiver.errors().is_empty(), "{:?}", receiver.errors());
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit {status}; log:\n{log}");
+}
+
+/// Runs a test program until the agent has its CPU samples (at least 100) and its off-CPU
+/// figures (watched at least 5 s); returns its entry of `GET /contention`'s `cpu`.
+fn contention_of(agent: &Agent, program_name: &str) -> serde_json::Value {
     let _running = KillOnDrop(
         Command::new(program(program_name))
-            .args(args)
+            .args(["-goroutines", "64", "-duration", "60s"])
             .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("run {program_name}: {e}")),
@@ -339,48 +402,202 @@ fn cpu_shares(agent: &Agent, program_name: &str, args: &[&str]) -> serde_json::V
         let snapshot: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         let found = snapshot["cpu"].as_array().and_then(|cpu| {
             cpu.iter()
-                .find(|p| p["comm"] == program_name && p["samples"].as_u64() >= Some(100))
+                .find(|p| {
+                    p["comm"] == program_name
+                        && p["samples"].as_u64() >= Some(100)
+                        && p["off_cpu"]["watched_seconds"].as_f64() >= Some(5.0)
+                })
                 .cloned()
         });
         if let Some(p) = found {
             return p;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no 100 samples of {program_name}: {body}"
+            start.elapsed() < Duration::from_secs(50),
+            "no samples and off-CPU figures of {program_name}: {body}"
         );
         std::thread::sleep(Duration::from_millis(500));
     }
 }
 
-/// Go programs sampled on the CPU (no uprobes): the map + `RWMutex` service spends CPU in lock
-/// slow paths, called from its worker (`main.main.func1`); the `sync.Map` one spends most of its
-/// CPU in the map runtime.
-pub fn go_lock_and_map_shares(agent: &Agent) {
-    let rwmutex = cpu_shares(
-        agent,
-        "nw-go-rwmutex",
-        &["-goroutines", "64", "-duration", "20s"],
-    );
-    let syncmap = cpu_shares(
-        agent,
-        "nw-go-syncmap",
-        &["-goroutines", "64", "-duration", "20s"],
-    );
-    eprintln!("CPU samples: {rwmutex}\n{syncmap}");
-    let share = |p: &serde_json::Value, k: &str| p[k].as_f64().unwrap_or(-1.0);
-    assert!(share(&rwmutex, "lock_share") > 0.02, "{rwmutex}");
+/// Three Go designs of a shared map hammered by 64 goroutines (25% writes), each run alone,
+/// seen from outside (CPU samples and off-CPU time, no uprobes). The agent ranks them as the
+/// designs predict: one `RWMutex` (every goroutine queues on it) above 64 mutex shards (rare
+/// collisions) above `sync.Map` (no lock for existing keys). The `RWMutex` program's goroutines
+/// park on the lock and its threads sleep: lost CPU, named with the worker's call site.
+pub fn go_designs_ranked_by_contention(agent: &Agent) {
+    let rwmutex = contention_of(agent, "nw-go-rwmutex");
+    let sharded = contention_of(agent, "nw-go-sharded");
+    let syncmap = contention_of(agent, "nw-go-syncmap");
+    eprintln!("rwmutex: {rwmutex}\nsharded: {sharded}\nsyncmap: {syncmap}");
+    let figure = |p: &serde_json::Value, k: &str| p[k].as_f64().unwrap_or(-1.0);
+    let off = |p: &serde_json::Value| p["off_cpu"]["lock_share"].as_f64().unwrap_or(-1.0);
     assert!(
         rwmutex["lock_call_site"]
             .as_str()
             .is_some_and(|s| s.starts_with("main.main.func")),
-        "the hot call site is the worker: {rwmutex}"
+        "the hot call site on CPU is the worker: {rwmutex}"
     );
-    assert!(share(&syncmap, "map_share") > 0.5, "{syncmap}");
+    assert!(figure(&syncmap, "map_share") > 0.5, "{syncmap}");
+    if cfg!(target_arch = "aarch64") {
+        // Debian's Go (1.19) on arm64 restarts the frame pointer chain on the scheduler's
+        // stack in mcall and systemstack, so neither a sleeping thread's stack nor its waker's
+        // reaches the goroutine that parked on the lock: lost CPU cannot be tied to a lock.
+        // Without it the on-CPU shares alone do not separate RWMutex from sharded.
+        super::skip_notice(
+            "off-CPU lock attribution and the RWMutex-over-sharded ranking (aarch64)",
+            "Go 1.19's arm64 scheduler restarts the frame pointer chain, so no stack reaches \
+             the goroutine parked on the lock",
+        );
+        assert!(
+            figure(&syncmap, "contention") < figure(&rwmutex, "contention")
+                && figure(&syncmap, "contention") < figure(&sharded, "contention"),
+            "sync.Map is the least contended: {syncmap}"
+        );
+        return;
+    }
     assert!(
-        share(&syncmap, "lock_share") < share(&rwmutex, "lock_share"),
-        "sync.Map takes no lock for existing keys: {syncmap} vs {rwmutex}"
+        figure(&rwmutex, "contention") > figure(&sharded, "contention")
+            && figure(&sharded, "contention") > figure(&syncmap, "contention"),
+        "ranking by contention: rwmutex {} > sharded {} > syncmap {}",
+        figure(&rwmutex, "contention"),
+        figure(&sharded, "contention"),
+        figure(&syncmap, "contention")
     );
+    // The RWMutex design's difference is lost CPU: its threads sleep blocked on the lock.
+    assert!(
+        off(&rwmutex) > 0.1 && off(&rwmutex) > 2.0 * off(&sharded),
+        "off-CPU lock share: rwmutex {} against sharded {}",
+        off(&rwmutex),
+        off(&sharded)
+    );
+    assert!(
+        rwmutex["off_cpu"]["lock_call_site"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("main.main.func")),
+        "the hot call site off CPU is the worker: {rwmutex}"
+    );
+}
+
+/// `nodewarden diagnose-locks` on the map + `RWMutex` program: for the seconds asked, uprobes
+/// on Go's lock slow paths count entries by call site (the worker), and the report shows what
+/// they cost, measured; the program outlives them.
+pub fn diagnose_locks_names_the_call_site() {
+    let mut running = KillOnDrop(
+        Command::new(program("nw-go-rwmutex"))
+            .args(["-goroutines", "64", "-duration", "30s"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("run nw-go-rwmutex"),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = running.0.id().to_string();
+    let out = Command::new(super::NODEWARDEN)
+        .args(["diagnose-locks", "--pid", &pid, "--seconds", "3"])
+        .output()
+        .expect("nodewarden diagnose-locks");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    let entries: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("lock slow-path entries: "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(entries > 0, "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("sync.") && l.trim_end().ends_with("main.main.func1")),
+        "a slow path called from the worker: {text}"
+    );
+    let per_entry: f64 = text
+        .split("cost: ")
+        .nth(1)
+        .and_then(|c| c.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0);
+    assert!(per_entry > 0.0, "the cost of an entry is measured: {text}");
+    assert!(
+        running.0.try_wait().expect("try_wait").is_none(),
+        "the program survives the probes"
+    );
+    // A second run is refused past the time box, and for a process that is not Go.
+    let long = Command::new(super::NODEWARDEN)
+        .args(["diagnose-locks", "--pid", &pid, "--seconds", "61"])
+        .output()
+        .expect("nodewarden diagnose-locks");
+    assert!(!long.status.success());
+    assert!(String::from_utf8_lossy(&long.stderr).contains("between 1 and 60"));
+}
+
+/// `select = ["map-heavy"]`: the agent measures the futex waits of the processes its samples
+/// show heavy in the Go map runtime (the `sync.Map` program), not of a contended C program
+/// running beside it, and watches the selected one off CPU.
+pub fn map_heavy_processes_are_selected() {
+    let agent = Agent::start_with(
+        Some(
+            "mode = \"observe\"\nshutdown_drain_ms = 2000\n[metrics]\nlisten = \"127.0.0.1:9717\"\n\
+             [contention]\nselect = [\"map-heavy\"]\n",
+        ),
+        &[],
+    );
+    let syncmap = KillOnDrop(
+        Command::new(program("nw-go-syncmap"))
+            .args(["-goroutines", "64", "-duration", "60s"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("run nw-go-syncmap"),
+    );
+    let mutex = KillOnDrop(
+        Command::new(program("nw-mutex"))
+            .args(["-t", "4", "-d", "60"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("run nw-mutex"),
+    );
+    let (go, c) = (u64::from(syncmap.0.id()), u64::from(mutex.0.id()));
+    let start = Instant::now();
+    let snapshot = loop {
+        let body = super::http_get(agent.metrics, "/contention").unwrap_or_default();
+        let snapshot: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let has = |list: &str, pid: u64, extra: &dyn Fn(&serde_json::Value) -> bool| {
+            snapshot[list]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|p| p["pid"] == pid && extra(p)))
+        };
+        // Both sampled; the Go one selected: its futex waits measured, and watched off CPU.
+        if has("processes", go, &|_| true)
+            && has("cpu", go, &|p| !p["off_cpu"].is_null())
+            && has("cpu", c, &|p| p["samples"].as_u64() >= Some(100))
+        {
+            break snapshot;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "nw-go-syncmap not selected as map-heavy: {body}\nlog:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let processes = snapshot["processes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        !processes.iter().any(|p| p["pid"] == c),
+        "the C program is not map-heavy, so its futex waits are not measured: {snapshot}"
+    );
+    let cpu = snapshot["cpu"].as_array().cloned().unwrap_or_default();
+    let c_cpu = cpu
+        .iter()
+        .find(|p| p["pid"] == c)
+        .cloned()
+        .unwrap_or_default();
+    assert!(c_cpu["map_share"].as_f64() < Some(0.05), "{c_cpu}");
+    drop((syncmap, mutex));
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit {status}; log:\n{log}");
 }
 
 /// A Go program with unsynchronized map writes: the agent reports its fatal error, with the

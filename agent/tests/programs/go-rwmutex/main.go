@@ -13,12 +13,16 @@ const keySpace = 1 << 16
 
 func main() {
 	n := flag.Int("goroutines", 64, "number of worker goroutines")
-	dur := flag.Duration("duration", 3*time.Second, "how long to run")
+	dur := flag.Duration("duration", 3*time.Second, "how long to count operations")
+	warmup := flag.Duration("warmup", 0, "how long to run before counting")
 	flag.Parse()
 
 	var mu sync.RWMutex
 	m := make(map[uint64]uint64, keySpace)
-	var stop atomic.Bool
+	var phase atomic.Int32 // 0: warming up, 1: counting, 2: stopping
+	if *warmup == 0 {
+		phase.Store(1)
+	}
 	var total atomic.Uint64
 	var wg sync.WaitGroup
 	for g := 0; g < *n; g++ {
@@ -27,7 +31,7 @@ func main() {
 			defer wg.Done()
 			x := seed*0x9E3779B97F4A7C15 + 1
 			var ops uint64
-			for !stop.Load() {
+			for p := phase.Load(); p != 2; p = phase.Load() {
 				x ^= x << 13
 				x ^= x >> 7
 				x ^= x << 17
@@ -41,13 +45,17 @@ func main() {
 					_ = m[k]
 					mu.RUnlock()
 				}
-				ops++
+				ops += uint64(p) // counted only in phase 1
 			}
 			total.Add(ops)
 		}(uint64(g + 1))
 	}
+	if *warmup > 0 {
+		time.Sleep(*warmup)
+		phase.Store(1)
+	}
 	time.Sleep(*dur)
-	stop.Store(true)
+	phase.Store(2)
 	wg.Wait()
 	fmt.Printf("ops=%d\n", total.Load())
 }

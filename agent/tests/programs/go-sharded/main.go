@@ -22,14 +22,18 @@ type shard struct {
 
 func main() {
 	n := flag.Int("goroutines", 64, "number of worker goroutines")
-	dur := flag.Duration("duration", 3*time.Second, "how long to run")
+	dur := flag.Duration("duration", 3*time.Second, "how long to count operations")
+	warmup := flag.Duration("warmup", 0, "how long to run before counting")
 	flag.Parse()
 
 	var shards [nShards]shard
 	for i := range shards {
 		shards[i].m = make(map[uint64]uint64, keySpace/nShards)
 	}
-	var stop atomic.Bool
+	var phase atomic.Int32 // 0: warming up, 1: counting, 2: stopping
+	if *warmup == 0 {
+		phase.Store(1)
+	}
 	var total atomic.Uint64
 	var wg sync.WaitGroup
 	for g := 0; g < *n; g++ {
@@ -38,7 +42,7 @@ func main() {
 			defer wg.Done()
 			x := seed*0x9E3779B97F4A7C15 + 1
 			var ops uint64
-			for !stop.Load() {
+			for p := phase.Load(); p != 2; p = phase.Load() {
 				x ^= x << 13
 				x ^= x >> 7
 				x ^= x << 17
@@ -51,13 +55,17 @@ func main() {
 					_ = s.m[k]
 				}
 				s.mu.Unlock()
-				ops++
+				ops += uint64(p) // counted only in phase 1
 			}
 			total.Add(ops)
 		}(uint64(g + 1))
 	}
+	if *warmup > 0 {
+		time.Sleep(*warmup)
+		phase.Store(1)
+	}
 	time.Sleep(*dur)
-	stop.Store(true)
+	phase.Store(2)
 	wg.Wait()
 	fmt.Printf("ops=%d\n", total.Load())
 }
