@@ -24,13 +24,13 @@ pub fn selected(
                 .map(|p| p.pid),
         );
     }
-    let by_process = selectors.iter().any(|s| *s != Selector::MapHeavy);
+    // The other selectors look at each process in /proc.
+    if selectors.iter().all(|s| *s == Selector::MapHeavy) {
+        return want;
+    }
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return want;
     };
-    if !by_process {
-        return want;
-    }
     for entry in dir.flatten() {
         let Some(tgid) = entry
             .file_name()
