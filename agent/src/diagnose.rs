@@ -131,7 +131,7 @@ pub fn run(pid: u32, seconds: u64) -> Result<String> {
         let site = names
             .iter()
             .skip(1)
-            .find(|n| !is_runtime(n))
+            .find(|n| !crate::sampling::is_runtime(n))
             .cloned()
             .unwrap_or_else(|| "-".to_owned());
         *sites.entry((function, site)).or_default() += n;
@@ -218,18 +218,7 @@ fn own_file_offset(addr: u64) -> Result<u64> {
 
 /// A process's user and system CPU seconds so far.
 fn cpu_seconds(pid: u32) -> Result<f64> {
-    let ticks = crate::offcpu::cpu_ticks(pid).with_context(|| format!("process {pid} exited"))?;
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    #[expect(clippy::cast_precision_loss, reason = "CPU seconds")]
-    Ok(ticks as f64 / per_second as f64)
-}
-
-/// The Go runtime's and `sync`'s own functions.
-fn is_runtime(name: &str) -> bool {
-    ["runtime.", "sync.", "internal/"]
-        .iter()
-        .any(|p| name.starts_with(p))
+    crate::offcpu::cpu_seconds(pid).with_context(|| format!("process {pid} exited"))
 }
 
 /// What the diagnostic found and cost.

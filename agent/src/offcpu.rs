@@ -73,7 +73,7 @@ impl OffCpuMaps {
 #[derive(Debug, Clone, Copy)]
 struct Watched {
     since: std::time::Instant,
-    cpu_ticks: u64,
+    cpu_seconds: f64,
 }
 
 /// Reads the off-CPU maps and keeps the watch list; owns the maps.
@@ -83,7 +83,6 @@ pub struct OffCpuReader {
     capacity: usize,
     classes: Classifier,
     watched: HashMap<u32, Watched>,
-    ticks_per_second: f64,
 }
 
 impl std::fmt::Debug for OffCpuReader {
@@ -97,15 +96,11 @@ impl std::fmt::Debug for OffCpuReader {
 impl OffCpuReader {
     #[must_use]
     pub fn new(maps: OffCpuMaps, capacity: u32) -> Self {
-        // SAFETY: sysconf has no preconditions.
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         Self {
             maps,
             capacity: usize::try_from(capacity).unwrap_or(usize::MAX),
             classes: Classifier::new(),
             watched: HashMap::new(),
-            #[expect(clippy::cast_precision_loss, reason = "ticks per second, about 100")]
-            ticks_per_second: if ticks > 0 { ticks as f64 } else { 100.0 },
         }
     }
 
@@ -158,10 +153,10 @@ impl OffCpuReader {
                 continue;
             };
             let (all, lock, sites) = per.remove(&p.pid).unwrap_or_default();
-            let used = cpu_ticks(p.pid).unwrap_or(w.cpu_ticks);
+            let used = cpu_seconds(p.pid).unwrap_or(w.cpu_seconds);
             #[expect(clippy::cast_precision_loss, reason = "figures for people")]
             let (cpu_seconds, lock_seconds, total_seconds) = (
-                used.saturating_sub(w.cpu_ticks) as f64 / self.ticks_per_second,
+                (used - w.cpu_seconds).max(0.0),
                 lock as f64 / 1e9,
                 all as f64 / 1e9,
             );
@@ -208,7 +203,7 @@ impl OffCpuReader {
         let keep: HashSet<u32> = want
             .iter()
             .map(|(p, _)| *p)
-            .filter(|p| self.watched.contains_key(p) && cpu_ticks(*p).is_some())
+            .filter(|p| self.watched.contains_key(p) && cpu_seconds(*p).is_some())
             .collect();
         let dropped: Vec<u32> = self
             .watched
@@ -229,7 +224,7 @@ impl OffCpuReader {
             if self.watched.contains_key(&pid) {
                 continue;
             }
-            let Some(cpu_ticks) = cpu_ticks(pid) else {
+            let Some(cpu_seconds) = cpu_seconds(pid) else {
                 continue;
             };
             // One process per slot: another watched one with the same slot keeps it.
@@ -243,7 +238,7 @@ impl OffCpuReader {
                     pid,
                     Watched {
                         since: std::time::Instant::now(),
-                        cpu_ticks,
+                        cpu_seconds,
                     },
                 );
             }
@@ -271,10 +266,13 @@ fn slot_of(pid: u32) -> u32 {
     pid % FUTEX_WAIT_SLOTS
 }
 
-/// A process's user and system CPU time so far, in clock ticks; `None` once it has exited.
-pub fn cpu_ticks(pid: u32) -> Option<u64> {
+/// A process's user and system CPU seconds so far; `None` once it has exited.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_cpu_ticks(&stat)
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    #[expect(clippy::cast_precision_loss, reason = "CPU seconds")]
+    Some(parse_cpu_ticks(&stat)? as f64 / per_second as f64)
 }
 
 /// utime + stime (fields 14 and 15) of a /proc/PID/stat line. The comm (field 2) may hold
@@ -314,7 +312,7 @@ mod tests {
 
     #[test]
     fn reads_this_process() {
-        assert!(cpu_ticks(std::process::id()).is_some());
-        assert_eq!(cpu_ticks(u32::MAX), None);
+        assert!(cpu_seconds(std::process::id()).is_some_and(|s| s >= 0.0));
+        assert_eq!(cpu_seconds(u32::MAX), None);
     }
 }

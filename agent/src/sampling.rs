@@ -301,7 +301,7 @@ pub fn classify(names: &[String]) -> Class {
 }
 
 /// The Go runtime's, `sync`'s, and the C library's own functions.
-fn is_runtime(name: &str) -> bool {
+pub fn is_runtime(name: &str) -> bool {
     [
         "runtime.",
         "sync.",
