@@ -19,8 +19,16 @@ pub const PATH_LEN: usize = 256;
 
 /// Names of maps, shared by the programs (section names) and the loader (look-ups).
 pub mod maps {
-    /// Ring buffer carrying every event to userspace.
+    /// Ring buffer of the events userspace must not miss: limit writes, cgroup changes, OOM
+    /// kills, Go fatal errors.
     pub const EVENTS: &str = "EVENTS";
+    /// Ring buffer of the execs of executables not reported before (high volume, apart from
+    /// `EVENTS` so an exec storm cannot push out a limit write).
+    pub const EXECS: &str = "EXECS";
+    /// Executables already reported by an exec, by (device, inode): one record per file.
+    pub const EXEC_SEEN: &str = "EXEC_SEEN";
+    /// Per-CPU counts of what the programs could not record ([`super::LossCounts`]).
+    pub const LOST: &str = "LOST";
     /// SIGKILLs seen recently, keyed by the target's pid: the OOM probe reads the victim's cgroup here.
     pub const KILLED: &str = "KILLED";
     /// Limit writes seen at syscall entry, waiting for the syscall's exit (syscalls mode).
@@ -56,10 +64,15 @@ pub mod maps {
     /// Processes whose off-CPU time is measured, chosen by userspace: slot `tgid % size` (the
     /// size is `FUTEX_WAIT_SLOTS`) holds the tgid.
     pub const OFFCPU_WATCH: &str = "OFFCPU_WATCH";
+    /// The read window the sampling and off-CPU programs count into: bit 0 of its one
+    /// entry, set by userspace (see [`super::WINDOW_BIT`]).
+    pub const WINDOW: &str = "WINDOW";
     /// Lock slow-path entries by (tgid, user stack id), for the lock diagnostic.
     pub const DIAG_COUNTS: &str = "DIAG_COUNTS";
     /// Their user stacks.
     pub const DIAG_STACKS: &str = "DIAG_STACKS";
+    /// Lock slow-path entries that could not be counted by stack.
+    pub const DIAG_LOST: &str = "DIAG_LOST";
 }
 
 /// Names of the programs (their function names in the eBPF object).
@@ -143,7 +156,7 @@ pub enum EventKind {
     CgroupRmdir = 4,
     /// A Go program entered its fatal error path ([`GoFatalEvent`]).
     GoFatal = 5,
-    /// A process called exec ([`EventHeader`] alone): userspace looks at the new program.
+    /// A process exec'd a program not reported before ([`ExecEvent`], ring `EXECS`).
     Exec = 6,
 }
 
@@ -297,6 +310,221 @@ pub struct CgroupEvent {
     pub path: [u8; PATH_LEN],
 }
 const _: () = assert!(size_of::<CgroupEvent>() == 48 + 16 + PATH_LEN);
+
+/// A process exec'd an executable file the kernel had not reported yet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExecEvent {
+    /// Kind [`EventKind::Exec`]; the task is the one that exec'd.
+    pub header: EventHeader,
+    /// The executable's key in `EXEC_SEEN`: userspace removes it to hear of the file again.
+    pub key: ExecKey,
+}
+const _: () = assert!(size_of::<ExecEvent>() == 48 + 16);
+
+/// An executable file: the kernel's `s_dev` of its filesystem and its inode number.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExecKey {
+    /// `super_block.s_dev` (the kernel's encoding: major << 20 | minor).
+    pub dev: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    pub ino: u64,
+}
+const _: () = assert!(size_of::<ExecKey>() == 16);
+
+/// What was lost: the first index of [`LossCounts::counts`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LossKind {
+    LimitWrite = 0,
+    CgroupMkdir = 1,
+    CgroupRmdir = 2,
+    OomKill = 3,
+    /// The victim's task as the SIGKILL saw it (the kill is then reported without it).
+    OomVictim = 4,
+    /// The `out_of_memory` call (the limit is then derived in userspace).
+    OomLimit = 5,
+    GoFatal = 6,
+    Exec = 7,
+    FutexWait = 8,
+    /// A futex word's totals.
+    FutexLock = 9,
+    /// The user stack of a long futex wait.
+    FutexStack = 10,
+    CpuSample = 11,
+    OffCpu = 12,
+    /// A ring buffer record userspace could not decode.
+    Record = 13,
+}
+
+/// Why: the second index of [`LossCounts::counts`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LossReason {
+    /// The ring buffer had no room.
+    RingFull = 0,
+    /// A map had no room for a new entry.
+    MapFull = 1,
+    /// The stack map's bucket held another stack (`-EEXIST`).
+    StackCollision = 2,
+    /// The stack map had no free entry, or the stack could not be taken.
+    StackFailed = 3,
+    /// An array slot shared by ids was taken by another one.
+    SlotTaken = 4,
+    /// A kernel struct could not be read.
+    ReadFailed = 5,
+    /// Userspace: the record did not decode.
+    Decode = 6,
+    /// Userspace: a worker's queue was full.
+    QueueFull = 7,
+    /// Userspace: inotify's queue overflowed.
+    InotifyOverflow = 8,
+    /// Userspace: a stack id named no stack any more when read.
+    StackMissing = 9,
+}
+
+/// Number of [`LossKind`]s.
+pub const LOSS_KINDS: usize = 14;
+/// Number of [`LossReason`]s.
+pub const LOSS_REASONS: usize = 10;
+
+impl LossKind {
+    /// Every kind, by index.
+    pub const ALL: [Self; LOSS_KINDS] = [
+        Self::LimitWrite,
+        Self::CgroupMkdir,
+        Self::CgroupRmdir,
+        Self::OomKill,
+        Self::OomVictim,
+        Self::OomLimit,
+        Self::GoFatal,
+        Self::Exec,
+        Self::FutexWait,
+        Self::FutexLock,
+        Self::FutexStack,
+        Self::CpuSample,
+        Self::OffCpu,
+        Self::Record,
+    ];
+
+    /// The label value.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::LimitWrite => "limit_write",
+            Self::CgroupMkdir => "cgroup_mkdir",
+            Self::CgroupRmdir => "cgroup_rmdir",
+            Self::OomKill => "oom_kill",
+            Self::OomVictim => "oom_victim",
+            Self::OomLimit => "oom_limit",
+            Self::GoFatal => "go_fatal",
+            Self::Exec => "exec",
+            Self::FutexWait => "futex_wait",
+            Self::FutexLock => "futex_lock",
+            Self::FutexStack => "futex_stack",
+            Self::CpuSample => "cpu_sample",
+            Self::OffCpu => "off_cpu",
+            Self::Record => "record",
+        }
+    }
+
+    /// The reasons one can be lost for: the series `nodewarden_events_lost_total` exports
+    /// (from zero, so an increase from the first loss on shows).
+    #[must_use]
+    pub const fn reasons(self) -> &'static [LossReason] {
+        use LossReason as R;
+        match self {
+            Self::LimitWrite => &[R::RingFull, R::MapFull, R::ReadFailed, R::InotifyOverflow],
+            Self::CgroupMkdir | Self::CgroupRmdir | Self::OomKill => &[R::RingFull, R::ReadFailed],
+            Self::OomVictim => &[R::MapFull, R::ReadFailed],
+            Self::OomLimit | Self::FutexLock => &[R::MapFull],
+            Self::GoFatal => &[R::RingFull],
+            Self::Exec => &[R::RingFull, R::ReadFailed, R::QueueFull],
+            Self::FutexWait => &[R::MapFull, R::SlotTaken],
+            Self::FutexStack => &[R::StackCollision, R::StackFailed, R::StackMissing],
+            Self::CpuSample => &[
+                R::MapFull,
+                R::StackCollision,
+                R::StackFailed,
+                R::StackMissing,
+            ],
+            Self::OffCpu => &[
+                R::MapFull,
+                R::StackCollision,
+                R::StackFailed,
+                R::SlotTaken,
+                R::StackMissing,
+            ],
+            Self::Record => &[R::Decode],
+        }
+    }
+
+    /// Whether losing one leaves the agent's view of cgroup limits stale (a resync follows).
+    #[must_use]
+    pub const fn stales_limits(self) -> bool {
+        matches!(
+            self,
+            Self::LimitWrite | Self::CgroupMkdir | Self::CgroupRmdir | Self::Record
+        )
+    }
+}
+
+impl LossReason {
+    /// Every reason, by index.
+    pub const ALL: [Self; LOSS_REASONS] = [
+        Self::RingFull,
+        Self::MapFull,
+        Self::StackCollision,
+        Self::StackFailed,
+        Self::SlotTaken,
+        Self::ReadFailed,
+        Self::Decode,
+        Self::QueueFull,
+        Self::InotifyOverflow,
+        Self::StackMissing,
+    ];
+
+    /// The label value.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::RingFull => "ring_full",
+            Self::MapFull => "map_full",
+            Self::StackCollision => "stack_collision",
+            Self::StackFailed => "stack_failed",
+            Self::SlotTaken => "slot_taken",
+            Self::ReadFailed => "read_failed",
+            Self::Decode => "decode",
+            Self::QueueFull => "queue_full",
+            Self::InotifyOverflow => "inotify_overflow",
+            Self::StackMissing => "stack_missing",
+        }
+    }
+}
+
+/// Slots of [`LossCounts`]: a power of two at least `LOSS_KINDS * LOSS_REASONS`, so that the
+/// programs can mask an index for the verifier.
+pub const LOSS_SLOTS: usize = 256;
+const _: () = assert!(LOSS_KINDS * LOSS_REASONS <= LOSS_SLOTS && LOSS_SLOTS.is_power_of_two());
+
+/// Losses by `kind * LOSS_REASONS + reason`, one per CPU (map `LOST`, a single entry): one read
+/// gives them all.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LossCounts {
+    pub counts: [u64; LOSS_SLOTS],
+}
+const _: () = assert!(size_of::<LossCounts>() == 8 * LOSS_SLOTS);
+
+impl LossCounts {
+    /// The index of (kind, reason) in `counts`.
+    #[must_use]
+    pub const fn index(kind: LossKind, reason: LossReason) -> usize {
+        kind as usize * LOSS_REASONS + reason as usize
+    }
+}
 
 /// A write(2) to a cgroup limit file seen at syscall entry (syscalls mode), kept until its exit.
 #[repr(C)]
@@ -509,12 +737,17 @@ const _: () = assert!(size_of::<FutexWait>() == 24);
 /// counted.
 pub const FUTEX_WAIT_SLOTS: u32 = 1 << 16;
 
+/// Set in a [`SampleKey::stack_id`] counted in odd read windows. Userspace flips the window
+/// (map `WINDOW`), then reads and removes the previous window's counts, which no program
+/// adds to any more: nothing counted is lost to the read. Stack ids are below 2^31.
+pub const WINDOW_BIT: u32 = 1 << 31;
+
 /// A process's samples with one user stack.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SampleKey {
     pub tgid: u32,
-    /// `SAMPLE_STACKS` id.
+    /// The stack map's id of the stack, with [`WINDOW_BIT`] for odd windows.
     pub stack_id: u32,
 }
 const _: () = assert!(size_of::<SampleKey>() == 8);
@@ -637,8 +870,16 @@ pub struct KernelOffsets {
     pub mem_cgroup_usage: u32,
     /// `mem_cgroup.memory.max` (pages).
     pub mem_cgroup_max: u32,
+    /// `linux_binprm.file` (the executable being exec'd).
+    pub linux_binprm_file: u32,
+    /// `inode.i_ino`.
+    pub inode_i_ino: u32,
+    /// `super_block.s_dev`.
+    pub super_block_s_dev: u32,
+    /// Reserved, [`OFFSET_UNKNOWN`]; keeps the size a multiple of 8.
+    pub reserved: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 128);
+const _: () = assert!(size_of::<KernelOffsets>() == 144);
 
 /// Marks a field the running kernel does not have.
 pub const OFFSET_UNKNOWN: u32 = u32::MAX;
@@ -678,6 +919,10 @@ impl KernelOffsets {
         mem_cgroup_css_cgroup: OFFSET_UNKNOWN,
         mem_cgroup_usage: OFFSET_UNKNOWN,
         mem_cgroup_max: OFFSET_UNKNOWN,
+        linux_binprm_file: OFFSET_UNKNOWN,
+        inode_i_ino: OFFSET_UNKNOWN,
+        super_block_s_dev: OFFSET_UNKNOWN,
+        reserved: OFFSET_UNKNOWN,
     };
 
     /// Whether a task's cgroup id can be read (`task->cgroups->dfl_cgrp->kn->id`).
@@ -714,6 +959,17 @@ impl KernelOffsets {
             && self.kernfs_node_id != OFFSET_UNKNOWN
     }
 
+    /// Whether an exec's executable can be told apart (`bprm->file->f_inode->{i_ino,
+    /// i_sb->s_dev}`), for reporting each executable once.
+    #[must_use]
+    pub const fn has_exec_file(&self) -> bool {
+        self.linux_binprm_file != OFFSET_UNKNOWN
+            && self.file_f_inode != OFFSET_UNKNOWN
+            && self.inode_i_ino != OFFSET_UNKNOWN
+            && self.inode_i_sb != OFFSET_UNKNOWN
+            && self.super_block_s_dev != OFFSET_UNKNOWN
+    }
+
     /// Whether a written file's name and cgroup id can be read (`of->kn->name`,
     /// `of->kn->parent->id`): without them a write cannot be attributed at all.
     #[must_use]
@@ -746,4 +1002,7 @@ mod pod {
     unsafe impl aya::Pod for super::FutexLock {}
     unsafe impl aya::Pod for super::FutexWait {}
     unsafe impl aya::Pod for super::FutexConfig {}
+    unsafe impl aya::Pod for super::ExecEvent {}
+    unsafe impl aya::Pod for super::ExecKey {}
+    unsafe impl aya::Pod for super::LossCounts {}
 }

@@ -1,15 +1,15 @@
 //! Cgroup creation and removal, so userspace maps ids to paths without rescanning.
 //! `cgroup_mkdir(struct cgroup *cgrp, const char *path)` and `cgroup_rmdir` (same arguments).
 
-use agent_common::{CgroupEvent, EventKind, PATH_LEN};
+use agent_common::{CgroupEvent, EventKind, LossKind, LossReason, PATH_LEN};
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel_str_bytes, macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
 
 use crate::{
-    kernel::{current_header, read_field},
-    maps::{EVENTS, OFFSETS},
+    kernel::{cgroup_id, current_header},
+    maps::{EVENTS, Lost, OFFSETS, counted},
 };
 
 #[raw_tracepoint(tracepoint = "cgroup_mkdir")]
@@ -18,7 +18,7 @@ use crate::{
     reason = "the program macro fixes the signature"
 )]
 pub fn cgroup_mkdir(ctx: RawTracePointContext) -> i32 {
-    let _ = emit(&ctx, EventKind::CgroupMkdir);
+    counted(emit(&ctx, EventKind::CgroupMkdir, LossKind::CgroupMkdir));
     0
 }
 
@@ -28,21 +28,18 @@ pub fn cgroup_mkdir(ctx: RawTracePointContext) -> i32 {
     reason = "the program macro fixes the signature"
 )]
 pub fn cgroup_rmdir(ctx: RawTracePointContext) -> i32 {
-    let _ = emit(&ctx, EventKind::CgroupRmdir);
+    counted(emit(&ctx, EventKind::CgroupRmdir, LossKind::CgroupRmdir));
     0
 }
 
-fn emit(ctx: &RawTracePointContext, kind: EventKind) -> Result<(), i32> {
+fn emit(ctx: &RawTracePointContext, kind: EventKind, loss: LossKind) -> Result<(), Lost> {
     let off = OFFSETS.load();
     let cgrp: *const u8 = ctx.arg(0);
     let path: *const u8 = ctx.arg(1);
     // SAFETY: `cgrp` is the tracepoint's `struct cgroup *`; offsets come from BTF.
-    let id: u64 = unsafe {
-        let kn: *const u8 = read_field(cgrp, off.cgroup_kn)?;
-        read_field(kn, off.kernfs_node_id)?
-    };
+    let id = unsafe { cgroup_id(&off, cgrp) }.map_err(|_| Lost(loss, LossReason::ReadFailed))?;
     let Some(mut entry) = EVENTS.reserve::<CgroupEvent>(0) else {
-        return Err(-1);
+        return Err(Lost(loss, LossReason::RingFull));
     };
     let event = entry.as_mut_ptr();
     // SAFETY: a reserved slot of the right size; every field is written before submit.

@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::{ProbeContext, tracing::StackIdContext as _},
 };
 
-use crate::maps::{DIAG_COUNTS, DIAG_STACKS, count};
+use crate::maps::{DIAG_COUNTS, DIAG_LOST, DIAG_STACKS, atomic_add, count};
 
 #[uprobe]
 #[expect(
@@ -19,12 +19,20 @@ use crate::maps::{DIAG_COUNTS, DIAG_STACKS, count};
     reason = "the program macro fixes the signature"
 )]
 pub fn lock_diag(ctx: ProbeContext) -> u32 {
-    let _ = entered(&ctx);
+    // An entry whose stack or count had no room: `nodewarden diagnose-locks` reports how many.
+    if entered(&ctx).is_err()
+        && let Some(n) = DIAG_LOST.get_ptr_mut(0)
+    {
+        // SAFETY: the map's one value; other CPUs add to it at the same time.
+        unsafe { atomic_add(n, 1) };
+    }
     0
 }
 
-fn entered(ctx: &ProbeContext) -> Result<(), i32> {
-    let stack = ctx.get_stackid(&DIAG_STACKS, u64::from(BPF_F_USER_STACK))?;
+fn entered(ctx: &ProbeContext) -> Result<(), ()> {
+    let stack = ctx
+        .get_stackid(&DIAG_STACKS, u64::from(BPF_F_USER_STACK))
+        .map_err(drop)?;
     #[expect(
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss,

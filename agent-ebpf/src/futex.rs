@@ -3,8 +3,8 @@
 //! stack of a long wait. Only these aggregates cross to userspace.
 
 use agent_common::{
-    FUTEX_BUCKETS, FUTEX_WAIT_SLOTS, FutexLock, FutexLockKey, FutexProcess, FutexWait,
-    OUTCOME_EAGAIN, OUTCOME_ERROR, OUTCOME_INTERRUPTED, OUTCOME_TIMEOUT, OUTCOME_WOKEN,
+    FUTEX_BUCKETS, FUTEX_WAIT_SLOTS, FutexLock, FutexLockKey, FutexProcess, FutexWait, LossKind,
+    LossReason, OUTCOME_EAGAIN, OUTCOME_ERROR, OUTCOME_INTERRUPTED, OUTCOME_TIMEOUT, OUTCOME_WOKEN,
 };
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
@@ -18,7 +18,7 @@ use aya_ebpf::{
 use crate::kernel::record_field;
 use crate::maps::{
     FUTEX_CONFIG, FUTEX_LOCKS, FUTEX_PROCESSES, FUTEX_SELECTED, FUTEX_STACKS, FUTEX_WAITS,
-    FUTEX_ZERO, atomic_add,
+    FUTEX_ZERO, Lost, atomic_add, counted, stack_loss,
 };
 
 /// `op & FUTEX_CMD_MASK` (without `FUTEX_PRIVATE_FLAG` and `FUTEX_CLOCK_REALTIME`).
@@ -76,7 +76,7 @@ pub fn futex_waitv_enter(ctx: TracePointContext) -> u32 {
     reason = "the program macro fixes the signature"
 )]
 pub fn futex_exit(ctx: TracePointContext) -> u32 {
-    let _ = finish(&ctx);
+    counted(finish(&ctx));
     0
 }
 
@@ -89,8 +89,14 @@ fn start(uaddr: u64) {
     let Some(slot) = FUTEX_WAITS.get_ptr_mut(slot_of(pid_tgid)) else {
         return;
     };
-    // SAFETY: the slot is this thread's (by its id); plain stores of a value type.
+    // SAFETY: the slot is this thread's (by its id); plain loads and stores of a value type.
     unsafe {
+        // Another thread's wait in progress in the same slot (ids equal modulo the slots):
+        // it is replaced, and its end will not be measured.
+        let other = (*slot).pid_tgid;
+        if other != 0 && other != pid_tgid {
+            Lost(LossKind::FutexWait, LossReason::SlotTaken).count();
+        }
         slot.write(FutexWait {
             pid_tgid,
             start_ns: bpf_ktime_get_ns(),
@@ -125,9 +131,11 @@ fn selected(pid_tgid: u64) -> bool {
     unsafe { FUTEX_SELECTED.get(tgid) }.is_some()
 }
 
-fn finish(ctx: &TracePointContext) -> Result<(), i32> {
+fn finish(ctx: &TracePointContext) -> Result<(), Lost> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let slot = FUTEX_WAITS.get_ptr_mut(slot_of(pid_tgid)).ok_or(-1)?;
+    let Some(slot) = FUTEX_WAITS.get_ptr_mut(slot_of(pid_tgid)) else {
+        return Ok(());
+    };
     // SAFETY: the thread's slot: copied out, then freed.
     let wait = unsafe {
         if (*slot).pid_tgid != pid_tgid {
@@ -158,7 +166,7 @@ fn finish(ctx: &TracePointContext) -> Result<(), i32> {
         0
     };
     let tgid = (pid_tgid >> 32) as u32;
-    let process = process_entry(tgid)?;
+    let process = process_entry(tgid).ok_or(Lost(LossKind::FutexWait, LossReason::MapFull))?;
     // SAFETY: `process` points into the map's value; every update is one atomic add.
     unsafe {
         atomic_add(&raw mut (*process).outcomes[outcome], 1);
@@ -185,8 +193,12 @@ fn finish(ctx: &TracePointContext) -> Result<(), i32> {
             stack_id: -1,
         };
         // Full (the cap): this word goes uncounted, the process's figures still count.
-        FUTEX_LOCKS.insert(key, fresh, 0)?;
-        FUTEX_LOCKS.get_ptr_mut(key).ok_or(-1)?
+        FUTEX_LOCKS
+            .insert(key, fresh, 0)
+            .map_err(|_| Lost(LossKind::FutexLock, LossReason::MapFull))?;
+        FUTEX_LOCKS
+            .get_ptr_mut(key)
+            .ok_or(Lost(LossKind::FutexLock, LossReason::MapFull))?
     };
     // SAFETY: `lock` points into the map's value; counts are atomic adds, the maximum and the
     // stack a plain store (a lost race keeps another long wait's figures).
@@ -196,27 +208,34 @@ fn finish(ctx: &TracePointContext) -> Result<(), i32> {
         if waited > (*lock).max_ns {
             (*lock).max_ns = waited;
             if waited >= FUTEX_CONFIG.load().stack_threshold_ns {
-                // SAFETY: a tracepoint context, the stack map and a documented flag.
-                let id = ctx.get_stackid(&FUTEX_STACKS, u64::from(BPF_F_USER_STACK));
-                (*lock).stack_id = id.unwrap_or(-1);
+                match ctx.get_stackid(&FUTEX_STACKS, u64::from(BPF_F_USER_STACK)) {
+                    Ok(id) => (*lock).stack_id = id,
+                    Err(e) => {
+                        (*lock).stack_id = -1;
+                        if let Some(lost) = stack_loss(LossKind::FutexStack, e) {
+                            lost.count();
+                        }
+                    }
+                }
             }
         }
     }
     Ok(())
 }
 
-/// The process's aggregate, created on its first wait (with its comm and cgroup).
-fn process_entry(tgid: u32) -> Result<*mut FutexProcess, i32> {
+/// The process's aggregate, created on its first wait (with its comm and cgroup); `None`
+/// when the map is full (the cap on tracked processes).
+fn process_entry(tgid: u32) -> Option<*mut FutexProcess> {
     if let Some(p) = FUTEX_PROCESSES.get_ptr_mut(tgid) {
-        return Ok(p);
+        return Some(p);
     }
-    let zero = FUTEX_ZERO.get(0).ok_or(-1)?;
+    let zero = FUTEX_ZERO.get(0)?;
     // NOEXIST: another thread of the process may have made it meanwhile. Full (the cap on
     // tracked processes): this process is not tracked.
     let made = FUTEX_PROCESSES
         .insert(tgid, zero, u64::from(BPF_NOEXIST))
         .is_ok();
-    let p = FUTEX_PROCESSES.get_ptr_mut(tgid).ok_or(-1)?;
+    let p = FUTEX_PROCESSES.get_ptr_mut(tgid)?;
     if made {
         let comm = bpf_get_current_comm().unwrap_or([0; 16]);
         // SAFETY: the entry just made; its identity is written once.
@@ -225,7 +244,7 @@ fn process_entry(tgid: u32) -> Result<*mut FutexProcess, i32> {
             (*p).comm = comm;
         }
     }
-    Ok(p)
+    Some(p)
 }
 
 /// The log2 bucket of `ns`: bucket i holds [2^i, 2^(i+1)) ns (0 also holds 0).

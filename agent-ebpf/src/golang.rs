@@ -1,16 +1,24 @@
 //! Go programs' fatal errors ("concurrent map writes"...): uprobes on `runtime.fatal` and
-//! `runtime.throw` read the message, a Go string, from the caller's arguments; and every exec
-//! is reported, so userspace can attach them to a new Go program before it gets far.
+//! `runtime.throw` read the message, a Go string, from the caller's arguments; and the first
+//! exec of each executable file is reported, so userspace can attach them to a new Go program
+//! before it gets far.
 
-use agent_common::{EventKind, GO_FATAL, GO_MESSAGE_LEN, GO_THROW, GoFatalEvent};
+use agent_common::{
+    EventKind, ExecEvent, ExecKey, GO_FATAL, GO_MESSAGE_LEN, GO_THROW, GoFatalEvent, LossKind,
+    LossReason,
+};
 use aya_ebpf::{
     EbpfContext as _,
+    bindings::BPF_NOEXIST,
     helpers::{bpf_probe_read_user, bpf_probe_read_user_buf},
     macros::{raw_tracepoint, uprobe},
     programs::{ProbeContext, RawTracePointContext},
 };
 
-use crate::{kernel::current_header, maps::EVENTS};
+use crate::{
+    kernel::{current_header, read_field},
+    maps::{EVENTS, EXEC_SEEN, EXECS, Lost, OFFSETS, counted},
+};
 
 /// Where the two words of the message (pointer, length) are in the register file at entry, as
 /// `u64` indexes of the architecture's `pt_regs`: Go's register ABI passes the first integer
@@ -31,7 +39,7 @@ macro_rules! go_fatal_probe {
         // `allow`, not `expect`: clippy does not lint code made by a local macro.
         #[allow(clippy::needless_pass_by_value, reason = "the program macro fixes the signature")]
         pub fn $program(ctx: ProbeContext) -> u32 {
-            let _ = emit(&ctx, $function, $stack_abi);
+            counted(emit(&ctx, $function, $stack_abi));
             0
         }
     )*};
@@ -51,18 +59,20 @@ fn reg(ctx: &ProbeContext, index: usize) -> u64 {
     unsafe { ctx.as_ptr().cast::<u64>().add(index).read() }
 }
 
-fn emit(ctx: &ProbeContext, function: u32, stack_abi: bool) -> Result<(), i32> {
+fn emit(ctx: &ProbeContext, function: u32, stack_abi: bool) -> Result<(), Lost> {
     let (ptr, len) = if stack_abi {
-        // The caller pushed (ptr, len) above the return address.
+        // The caller pushed (ptr, len) above the return address. Unreadable: the event still
+        // goes, without its message.
         let sp = reg(ctx, REG_SP);
         // SAFETY: user memory, read through the helper.
-        let words: [u64; 2] = unsafe { bpf_probe_read_user((sp + 8) as *const [u64; 2])? };
+        let words: [u64; 2] =
+            unsafe { bpf_probe_read_user((sp + 8) as *const [u64; 2]) }.unwrap_or([0; 2]);
         (words[0], words[1])
     } else {
         (reg(ctx, REG_ARGS.0), reg(ctx, REG_ARGS.1))
     };
     let Some(mut entry) = EVENTS.reserve::<GoFatalEvent>(0) else {
-        return Err(-1);
+        return Err(Lost(LossKind::GoFatal, LossReason::RingFull));
     };
     let event = entry.as_mut_ptr();
     // SAFETY: a reserved ring buffer slot; every field is written before submit.
@@ -89,22 +99,64 @@ fn emit(ctx: &ProbeContext, function: u32, stack_abi: bool) -> Result<(), i32> {
     Ok(())
 }
 
-/// `sched_process_exec`: a new program runs; userspace checks whether it is Go.
+/// `sched_process_exec(p, old_pid, bprm)`: a new program runs; the first exec of each file is
+/// reported, so userspace checks whether it is Go once per file, however often it runs.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 #[expect(
     clippy::needless_pass_by_value,
     reason = "the program macro fixes the signature"
 )]
 pub fn process_exec(ctx: RawTracePointContext) -> i32 {
-    let _ = ctx;
-    if let Some(mut entry) = EVENTS.reserve::<agent_common::EventHeader>(0) {
-        // SAFETY: a reserved slot, written whole.
-        unsafe {
-            entry
-                .as_mut_ptr()
-                .write(current_header(EventKind::Exec as u32));
-        }
-        entry.submit(0);
-    }
+    counted(exec(&ctx));
     0
+}
+
+fn exec(ctx: &RawTracePointContext) -> Result<(), Lost> {
+    let bprm: *const u8 = ctx.arg(2);
+    // SAFETY: the tracepoint's `struct linux_binprm *`; offsets come from BTF (the loader
+    // attaches this program only when it found them).
+    let key =
+        unsafe { exec_key(bprm) }.map_err(|_| Lost(LossKind::Exec, LossReason::ReadFailed))?;
+    // Reported before: nothing to do. A lookup first: an LRU map's insert takes a free node
+    // before it finds the key, the costlier path for the common case.
+    // SAFETY: the value is not used.
+    if unsafe { EXEC_SEEN.get(key) }.is_some() {
+        return Ok(());
+    }
+    // Being reported by another CPU right now: nothing to do either.
+    if EXEC_SEEN.insert(key, 0, u64::from(BPF_NOEXIST)).is_err() {
+        return Ok(());
+    }
+    let Some(mut entry) = EXECS.reserve::<ExecEvent>(0) else {
+        // Forgotten again, so that the file's next exec is reported.
+        let _ = EXEC_SEEN.remove(key);
+        return Err(Lost(LossKind::Exec, LossReason::RingFull));
+    };
+    // SAFETY: a reserved slot, written whole.
+    unsafe {
+        entry.as_mut_ptr().write(ExecEvent {
+            header: current_header(EventKind::Exec as u32),
+            key,
+        });
+    }
+    entry.submit(0);
+    Ok(())
+}
+
+/// The executable's (device, inode): `bprm->file->f_inode->{i_sb->s_dev, i_ino}`.
+///
+/// # Safety
+/// `bprm` must point to a `struct linux_binprm`.
+unsafe fn exec_key(bprm: *const u8) -> Result<ExecKey, i32> {
+    let off = OFFSETS.load();
+    unsafe {
+        let file: *const u8 = read_field(bprm, off.linux_binprm_file)?;
+        let inode: *const u8 = read_field(file, off.file_f_inode)?;
+        let sb: *const u8 = read_field(inode, off.inode_i_sb)?;
+        Ok(ExecKey {
+            dev: read_field(sb, off.super_block_s_dev)?,
+            reserved: 0,
+            ino: read_field(inode, off.inode_i_ino)?,
+        })
+    }
 }

@@ -28,6 +28,17 @@ pub unsafe fn task_cgroup_id(off: &KernelOffsets, task: *const u8) -> Result<u64
     unsafe {
         let css_set: *const u8 = read_field(task, off.task_cgroups)?;
         let cgroup: *const u8 = read_field(css_set, off.css_set_dfl_cgrp)?;
+        cgroup_id(off, cgroup)
+    }
+}
+
+/// `cgroup->kn->id`: a cgroup's id (its directory's inode number).
+///
+/// # Safety
+/// `cgroup` must point to a `struct cgroup`.
+#[inline]
+pub unsafe fn cgroup_id(off: &KernelOffsets, cgroup: *const u8) -> Result<u64, i32> {
+    unsafe {
         let kn: *const u8 = read_field(cgroup, off.cgroup_kn)?;
         read_field(kn, off.kernfs_node_id)
     }

@@ -5,7 +5,9 @@
 //! kprobe/kretprobe (one pair attached to every handler). The written file's name tells which
 //! limit it is, so the event does not depend on which program saw it.
 
-use agent_common::{EventKind, FILE_NAME_LEN, LimitWriteArgs, LimitWriteEvent, VALUE_LEN};
+use agent_common::{
+    EventKind, FILE_NAME_LEN, LimitWriteArgs, LimitWriteEvent, LossKind, LossReason, VALUE_LEN,
+};
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes},
     macros::{fexit, kprobe, kretprobe},
@@ -14,8 +16,13 @@ use aya_ebpf::{
 
 use crate::{
     kernel::{current_header, read_field},
-    maps::{EVENTS, LIMIT_WRITE_ARGS, OFFSETS},
+    maps::{EVENTS, LIMIT_WRITE_ARGS, Lost, OFFSETS, counted},
 };
+
+/// A write that could not be recorded, and why.
+const fn lost(reason: LossReason) -> Lost {
+    Lost(LossKind::LimitWrite, reason)
+}
 
 /// One fexit program per handler; fexit passes the return value after the four arguments.
 macro_rules! limit_write_fexit {
@@ -24,7 +31,7 @@ macro_rules! limit_write_fexit {
         // `allow`, not `expect`: clippy does not lint code made by a local macro.
         #[allow(clippy::needless_pass_by_value, reason = "the program macro fixes the signature")]
         pub fn $program(ctx: FExitContext) -> i32 {
-            let _ = emit(ctx.arg(0), ctx.arg(1), ctx.arg(4));
+            counted(emit(ctx.arg(0), ctx.arg(1), ctx.arg(4)));
             0
         }
     )*};
@@ -50,7 +57,13 @@ pub fn limit_write_kprobe(ctx: ProbeContext) -> u32 {
     let (Some(of), Some(buf)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
         return 0;
     };
-    let _ = LIMIT_WRITE_ARGS.insert(bpf_get_current_pid_tgid(), LimitWriteArgs { of, buf }, 0);
+    // LRU: a full map evicts; an insert fails only when the kernel has no memory.
+    if LIMIT_WRITE_ARGS
+        .insert(bpf_get_current_pid_tgid(), LimitWriteArgs { of, buf }, 0)
+        .is_err()
+    {
+        lost(LossReason::MapFull).count();
+    }
     0
 }
 
@@ -66,20 +79,20 @@ pub fn limit_write_kretprobe(ctx: RetProbeContext) -> u32 {
     let Some(args) = (unsafe { LIMIT_WRITE_ARGS.get(key) }).copied() else {
         return 0;
     };
+    // Gone already only if evicted meanwhile: the entry was read, nothing is lost.
     let _ = LIMIT_WRITE_ARGS.remove(key);
     let result: i64 = ctx.ret();
-    let _ = emit(args.of as *const u8, args.buf as *const u8, result);
+    counted(emit(args.of as *const u8, args.buf as *const u8, result));
     0
 }
 
 /// Emits a [`LimitWriteEvent`] for a handler call on `of` with `buf`, which returned `result`.
-fn emit(of: *const u8, buf: *const u8, result: i64) -> Result<(), i32> {
+fn emit(of: *const u8, buf: *const u8, result: i64) -> Result<(), Lost> {
     let off = OFFSETS.load();
-    if !off.has_written_file() {
-        return Err(-1);
-    }
-    // SAFETY: `of` is the handler's `struct kernfs_open_file *`; offsets come from BTF.
-    let kn: *const u8 = unsafe { read_field(of, off.kernfs_open_file_kn)? };
+    // SAFETY: `of` is the handler's `struct kernfs_open_file *`; offsets come from BTF (the
+    // loader attaches these programs only when it found them).
+    let kn: *const u8 = unsafe { read_field(of, off.kernfs_open_file_kn) }
+        .map_err(|_| lost(LossReason::ReadFailed))?;
     emit_for_node(kn, result, |value| {
         // SAFETY: `buf` is the kernel's copy of the written bytes, NUL-terminated.
         unsafe { bpf_probe_read_kernel_str_bytes(buf, value) }.map_or(0, <[u8]>::len)
@@ -92,18 +105,12 @@ pub fn emit_for_node(
     kn: *const u8,
     result: i64,
     fill_value: impl FnOnce(&mut [u8; VALUE_LEN]) -> usize,
-) -> Result<(), i32> {
-    let off = OFFSETS.load();
-    // SAFETY: `kn` is a `struct kernfs_node *`; offsets come from BTF.
-    let (name, target_cgroup_id) = unsafe {
-        let name: *const u8 = read_field(kn, off.kernfs_node_name)?;
-        // The written file's directory is the cgroup.
-        let parent: *const u8 = read_field(kn, off.kernfs_node_parent)?;
-        (name, read_field::<u64>(parent, off.kernfs_node_id)?)
-    };
-
+) -> Result<(), Lost> {
+    // SAFETY: `kn` is a `struct kernfs_node *`.
+    let (name, target_cgroup_id) =
+        unsafe { node_name_and_cgroup(kn) }.map_err(|_| lost(LossReason::ReadFailed))?;
     let Some(mut entry) = EVENTS.reserve::<LimitWriteEvent>(0) else {
-        return Err(-1);
+        return Err(lost(LossReason::RingFull));
     };
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points to a reserved ring buffer slot of the right size; every field is
@@ -123,4 +130,17 @@ pub fn emit_for_node(
     }
     entry.submit(0);
     Ok(())
+}
+
+/// A kernfs file's name and its directory's id (the cgroup the file belongs to).
+///
+/// # Safety
+/// `kn` must point to a `struct kernfs_node`.
+unsafe fn node_name_and_cgroup(kn: *const u8) -> Result<(*const u8, u64), i32> {
+    let off = OFFSETS.load();
+    unsafe {
+        let name: *const u8 = read_field(kn, off.kernfs_node_name)?;
+        let parent: *const u8 = read_field(kn, off.kernfs_node_parent)?;
+        Ok((name, read_field::<u64>(parent, off.kernfs_node_id)?))
+    }
 }

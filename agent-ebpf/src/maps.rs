@@ -3,19 +3,66 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use agent_common::{
-    FUTEX_WAIT_SLOTS, FutexConfig, FutexLock, FutexLockKey, FutexProcess, FutexWait, KernelOffsets,
-    KilledTask, LimitWriteArgs, OffCpu, OffCpuSlot, OomEntry, PendingWrite, SampleKey,
+    ExecKey, FUTEX_WAIT_SLOTS, FutexConfig, FutexLock, FutexLockKey, FutexProcess, FutexWait,
+    KernelOffsets, KilledTask, LOSS_SLOTS, LimitWriteArgs, LossCounts, LossKind, LossReason,
+    OffCpu, OffCpuSlot, OomEntry, PendingWrite, SampleKey, WINDOW_BIT,
 };
 use aya_ebpf::{
     Global,
     bindings::BPF_NOEXIST,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, RingBuf, StackTrace},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
 };
 
-/// All events to userspace. 256 KiB holds thousands of events: bursts of OOM kills fit.
+/// The events userspace must not miss (limit writes, cgroup changes, OOM kills, Go fatal
+/// errors). 256 KiB holds about 1,600 limit writes: more than a second of the busiest writer
+/// seen, and bursts of OOM kills fit. Nothing high-volume shares it.
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Execs of executables not reported before: one record per file, not per exec.
+#[map(name = "EXECS")]
+pub static EXECS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+/// Executables reported by an exec record. LRU: a file evicted is reported again at its next
+/// exec, which userspace recognises.
+#[map(name = "EXEC_SEEN")]
+pub static EXEC_SEEN: LruHashMap<ExecKey, u8> = LruHashMap::with_max_entries(8192, 0);
+
+/// What the programs could not record, per CPU; userspace sums and exports them.
+#[map(name = "LOST")]
+pub static LOST: PerCpuArray<LossCounts> = PerCpuArray::with_max_entries(1, 0);
+
+/// Something a program could not record, and why.
+#[derive(Clone, Copy)]
+pub struct Lost(pub LossKind, pub LossReason);
+
+impl Lost {
+    /// Counts it in [`LOST`].
+    #[inline]
+    pub fn count(self) {
+        let Lost(kind, reason) = self;
+        let index = LossCounts::index(kind, reason);
+        // The mask shows the verifier the index is inside the array (the kind and reason can
+        // reach here as values it has no bounds for); the volatile read keeps LLVM from
+        // dropping the mask as redundant.
+        // SAFETY: reads a local.
+        let index = unsafe { core::ptr::read_volatile(&raw const index) } & (LOSS_SLOTS - 1);
+        if let Some(c) = LOST.get_ptr_mut(0) {
+            // SAFETY: this CPU's value, and an index inside it. Atomic: a perf event program
+            // can interrupt another on the same CPU.
+            unsafe { atomic_add(&raw mut (*c).counts[index], 1) };
+        }
+    }
+}
+
+/// Counts the loss a program's body returned, if any: no event is dropped silently.
+#[inline]
+pub fn counted(r: Result<(), Lost>) {
+    if let Err(lost) = r {
+        lost.count();
+    }
+}
 
 /// Recent SIGKILL targets by pid. The kernel sends an OOM victim SIGKILL just before it marks it,
 /// and `oom/mark_victim` carries only the pid on older kernels, so the victim's cgroup is read
@@ -65,6 +112,20 @@ pub static FUTEX_STACKS: StackTrace = StackTrace::with_max_entries(4096, 0);
 #[map(name = "FUTEX_SELECTED")]
 pub static FUTEX_SELECTED: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
 
+/// The read window: userspace flips bit 0 (see `agent_common::WINDOW_BIT`).
+#[map(name = "WINDOW")]
+pub static WINDOW: Array<u32> = Array::with_max_entries(1, 0);
+
+/// [`WINDOW_BIT`] when the current read window is odd, else 0: added to the stack id of a
+/// count's key.
+#[inline]
+pub fn window_bit() -> u32 {
+    match WINDOW.get(0) {
+        Some(w) if *w & 1 != 0 => WINDOW_BIT,
+        _ => 0,
+    }
+}
+
 /// CPU samples by (tgid, user stack): a few thousand stacks cover the busy processes.
 #[map(name = "CPU_SAMPLES")]
 pub static CPU_SAMPLES: HashMap<SampleKey, u64> = HashMap::with_max_entries(16_384, 0);
@@ -99,6 +160,10 @@ pub static DIAG_COUNTS: HashMap<SampleKey, u64> = HashMap::with_max_entries(4096
 /// Their user stacks.
 #[map(name = "DIAG_STACKS")]
 pub static DIAG_STACKS: StackTrace = StackTrace::with_max_entries(4096, 0);
+
+/// Lock slow-path entries that could not be counted by stack (no room).
+#[map(name = "DIAG_LOST")]
+pub static DIAG_LOST: Array<u64> = Array::with_max_entries(1, 0);
 
 /// How the futex programs run.
 #[unsafe(no_mangle)]
@@ -135,10 +200,10 @@ pub unsafe fn atomic_add(p: *mut u64, n: u64) {
     }
 }
 
-/// Adds one to `key`'s count in `map`, making the entry if needed; a full map leaves it
-/// uncounted.
+/// Adds one to `key`'s count in `map`, making the entry if needed; fails when the map is
+/// full.
 #[inline]
-pub fn count(map: &HashMap<SampleKey, u64>, key: SampleKey) -> Result<(), i32> {
+pub fn count(map: &HashMap<SampleKey, u64>, key: SampleKey) -> Result<(), ()> {
     if let Some(n) = map.get_ptr_mut(key) {
         // SAFETY: a map value; other CPUs add to it at the same time.
         unsafe { atomic_add(n, 1) };
@@ -146,11 +211,26 @@ pub fn count(map: &HashMap<SampleKey, u64>, key: SampleKey) -> Result<(), i32> {
     }
     // Another CPU may have made it meanwhile; then add to it.
     if map.insert(key, 1, u64::from(BPF_NOEXIST)).is_err() {
-        let n = map.get_ptr_mut(key).ok_or(-1)?;
+        let n = map.get_ptr_mut(key).ok_or(())?;
         // SAFETY: as above.
         unsafe { atomic_add(n, 1) };
     }
     Ok(())
+}
+
+/// `-EEXIST` from `bpf_get_stackid`: the bucket holds another stack.
+const EEXIST: i32 = -17;
+/// `-EFAULT`: no stack to take (a kernel thread has no user stack).
+const EFAULT: i32 = -14;
+
+/// Why a stack could not be taken, as a loss of `kind`; `None` when there was no stack to take.
+#[inline]
+pub fn stack_loss(kind: LossKind, err: i32) -> Option<Lost> {
+    match err {
+        EFAULT => None,
+        EEXIST => Some(Lost(kind, LossReason::StackCollision)),
+        _ => Some(Lost(kind, LossReason::StackFailed)),
+    }
 }
 
 /// Whether any limit write may be in flight.

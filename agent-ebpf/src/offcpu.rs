@@ -13,7 +13,7 @@
 //! task goes to sleep. Only processes userspace put in `OFFCPU_WATCH` pay for the clock and a
 //! stack.
 
-use agent_common::{FUTEX_WAIT_SLOTS, OffCpu, SampleKey};
+use agent_common::{FUTEX_WAIT_SLOTS, LossKind, LossReason, OffCpu, SampleKey};
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
@@ -21,7 +21,10 @@ use aya_ebpf::{
     programs::{RawTracePointContext, tracing::StackIdContext as _},
 };
 
-use crate::maps::{OFFCPU, OFFCPU_SLOTS, OFFCPU_STACKS, OFFCPU_WATCH, atomic_add};
+use crate::maps::{
+    Lost, OFFCPU, OFFCPU_SLOTS, OFFCPU_STACKS, OFFCPU_WATCH, atomic_add, counted, stack_loss,
+    window_bit,
+};
 
 /// `TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE`: a thread that sleeps. A preempted thread is
 /// runnable, waiting for a CPU, not for an event.
@@ -57,10 +60,10 @@ pub fn sched_switch_compat(ctx: RawTracePointContext) -> i32 {
 #[inline]
 fn switch(ctx: &RawTracePointContext, prev_sleeps: bool) {
     let next: u64 = ctx.arg(2);
-    let _ = switched_in(next);
+    counted(switched_in(next));
     if prev_sleeps {
         let prev: u64 = ctx.arg(1);
-        let _ = switched_out(ctx, prev);
+        switched_out(ctx, prev);
     }
 }
 
@@ -84,8 +87,10 @@ fn now() -> u64 {
 }
 
 /// A watched thread wakes: its time asleep goes to its process and stack.
-fn switched_in(task: u64) -> Result<(), i32> {
-    let slot = OFFCPU_SLOTS.get_ptr_mut(slot_of(task)).ok_or(-1)?;
+fn switched_in(task: u64) -> Result<(), Lost> {
+    let Some(slot) = OFFCPU_SLOTS.get_ptr_mut(slot_of(task)) else {
+        return Ok(());
+    };
     // SAFETY: the task's slot: copied out, then freed. Two tasks with the same slot lose one
     // sleep (the later overwrites the earlier), never mix them: the task is checked.
     let s = unsafe {
@@ -96,6 +101,7 @@ fn switched_in(task: u64) -> Result<(), i32> {
         (*slot).task = 0;
         s
     };
+    // No stack was taken at the switch-out (counted there).
     if s.stack_id < 0 {
         return Ok(());
     }
@@ -106,15 +112,18 @@ fn switched_in(task: u64) -> Result<(), i32> {
     )]
     let key = SampleKey {
         tgid: s.tgid,
-        stack_id: s.stack_id as u32,
+        stack_id: s.stack_id as u32 | window_bit(),
     };
     let asleep = now().saturating_sub(s.start_ns);
     let value = if let Some(v) = OFFCPU.get_ptr_mut(key) {
         v
     } else {
-        // NOEXIST: another CPU may have made it meanwhile. Full: this stack goes uncounted.
-        let _ = OFFCPU.insert(key, OffCpu::default(), u64::from(BPF_NOEXIST));
-        OFFCPU.get_ptr_mut(key).ok_or(-1)?
+        // NOEXIST: another CPU may have made it meanwhile (then the insert fails and the
+        // lookup finds it). Full: this sleep goes uncounted.
+        let _made = OFFCPU.insert(key, OffCpu::default(), u64::from(BPF_NOEXIST));
+        OFFCPU
+            .get_ptr_mut(key)
+            .ok_or(Lost(LossKind::OffCpu, LossReason::MapFull))?
     };
     // SAFETY: a map value; other CPUs add to it at the same time.
     unsafe {
@@ -125,23 +134,35 @@ fn switched_in(task: u64) -> Result<(), i32> {
 }
 
 /// The current task (`prev`) goes to sleep: stamped when its process is watched.
-fn switched_out(ctx: &RawTracePointContext, task: u64) -> Result<(), i32> {
+fn switched_out(ctx: &RawTracePointContext, task: u64) {
     let process = (bpf_get_current_pid_tgid() >> 32) as u32;
     // A process is watched when its slot holds its tgid (see `OFFCPU_WATCH`).
     if process == 0 || OFFCPU_WATCH.get(process & (FUTEX_WAIT_SLOTS - 1)).copied() != Some(process)
     {
-        return Ok(());
+        return;
     }
-    let stack_id = ctx
-        .get_stackid(&OFFCPU_STACKS, u64::from(BPF_F_USER_STACK))
-        .unwrap_or(-1);
-    let slot = OFFCPU_SLOTS.get_ptr_mut(slot_of(task)).ok_or(-1)?;
+    let stack_id = match ctx.get_stackid(&OFFCPU_STACKS, u64::from(BPF_F_USER_STACK)) {
+        Ok(id) => id,
+        Err(e) => {
+            if let Some(lost) = stack_loss(LossKind::OffCpu, e) {
+                lost.count();
+            }
+            -1
+        }
+    };
+    let Some(slot) = OFFCPU_SLOTS.get_ptr_mut(slot_of(task)) else {
+        return;
+    };
     // SAFETY: the task's slot, written whole.
     unsafe {
+        // Another sleeping thread in the same slot: its sleep is replaced, not measured.
+        let other = (*slot).task;
+        if other != 0 && other != task {
+            Lost(LossKind::OffCpu, LossReason::SlotTaken).count();
+        }
         (*slot).tgid = process;
         (*slot).start_ns = now();
         (*slot).stack_id = stack_id;
         (*slot).task = task;
     }
-    Ok(())
 }

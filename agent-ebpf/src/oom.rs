@@ -2,8 +2,8 @@
 //! just before, and the limit that was hit from the `out_of_memory` call that chose it.
 
 use agent_common::{
-    COMM_LEN, EventKind, KernelOffsets, KilledTask, OOM_CONTROL, OomEntry, OomKillEvent,
-    VICTIM_FROM_TASK, VICTIM_MEMORY,
+    COMM_LEN, EventKind, KernelOffsets, KilledTask, LossKind, LossReason, OOM_CONTROL, OomEntry,
+    OomKillEvent, VICTIM_FROM_TASK, VICTIM_MEMORY,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
@@ -13,8 +13,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 
 use crate::{
-    kernel::{current_header, read_field, task_cgroup_id},
-    maps::{EVENTS, KILLED, OFFSETS, OOM_ENTRIES},
+    kernel::{cgroup_id, current_header, read_field, task_cgroup_id},
+    maps::{EVENTS, KILLED, Lost, OFFSETS, OOM_ENTRIES, counted},
 };
 
 const SIGKILL: i32 = 9;
@@ -28,12 +28,11 @@ const SIGKILL: i32 = 9;
     reason = "the program macro fixes the signature"
 )]
 pub fn signal_generate(ctx: RawTracePointContext) -> i32 {
-    match try_signal_generate(&ctx) {
-        Ok(()) | Err(_) => 0,
-    }
+    counted(try_signal_generate(&ctx));
+    0
 }
 
-fn try_signal_generate(ctx: &RawTracePointContext) -> Result<(), i32> {
+fn try_signal_generate(ctx: &RawTracePointContext) -> Result<(), Lost> {
     // The raw argument is a 64-bit register; the signal number is its low 32 bits.
     #[expect(
         clippy::cast_possible_truncation,
@@ -49,10 +48,23 @@ fn try_signal_generate(ctx: &RawTracePointContext) -> Result<(), i32> {
     }
     let task: *const u8 = ctx.arg(2);
     // SAFETY: `task` is the tracepoint's `struct task_struct *`; offsets come from BTF.
-    let (pid, killed) = unsafe {
+    let (pid, killed) = unsafe { read_killed(&off, task) }
+        .map_err(|_| Lost(LossKind::OomVictim, LossReason::ReadFailed))?;
+    // LRU: a full map evicts; an insert fails only when the kernel has no memory.
+    KILLED
+        .insert(pid, killed, 0)
+        .map_err(|_| Lost(LossKind::OomVictim, LossReason::MapFull))
+}
+
+/// What a SIGKILL's target is: its pid, and the figures the OOM probe reports of a victim.
+///
+/// # Safety
+/// `task` must point to a `struct task_struct`.
+unsafe fn read_killed(off: &KernelOffsets, task: *const u8) -> Result<(u32, KilledTask), i32> {
+    unsafe {
         let pid: u32 = read_field(task, off.task_pid)?;
         let mut killed = KilledTask {
-            cgroup_id: task_cgroup_id(&off, task)?,
+            cgroup_id: task_cgroup_id(off, task)?,
             tgid: read_field(task, off.task_tgid)?,
             flags: VICTIM_FROM_TASK,
             comm: read_field::<[u8; COMM_LEN]>(task, off.task_comm).unwrap_or([0; COMM_LEN]),
@@ -61,12 +73,11 @@ fn try_signal_generate(ctx: &RawTracePointContext) -> Result<(), i32> {
             oom_score_adj: 0,
             reserved: 0,
         };
-        if read_memory(&off, task, &mut killed).is_ok() {
+        if read_memory(off, task, &mut killed).is_ok() {
             killed.flags |= VICTIM_MEMORY;
         }
-        (pid, killed)
-    };
-    KILLED.insert(pid, killed, 0)
+        Ok((pid, killed))
+    }
 }
 
 /// The task's RSS counters, `total_vm` and `oom_score_adj`: what the kernel's own OOM report
@@ -127,7 +138,14 @@ fn remember_oom(oc: u64) {
         // SAFETY: no preconditions.
         entered_ns: unsafe { bpf_ktime_get_ns() },
     };
-    let _ = OOM_ENTRIES.insert(bpf_get_current_pid_tgid(), entry, 0);
+    // LRU: a full map evicts; an insert fails only when the kernel has no memory. The kill is
+    // still reported, its limit then derived in userspace.
+    if OOM_ENTRIES
+        .insert(bpf_get_current_pid_tgid(), entry, 0)
+        .is_err()
+    {
+        Lost(LossKind::OomLimit, LossReason::MapFull).count();
+    }
 }
 
 /// Offset of `pid` in the `oom/mark_victim` record: first field after the 8-byte common header,
@@ -140,14 +158,14 @@ const MARK_VICTIM_PID_OFFSET: usize = 8;
     reason = "the program macro fixes the signature"
 )]
 pub fn oom_mark_victim(ctx: TracePointContext) -> i32 {
-    match try_mark_victim(&ctx) {
-        Ok(()) | Err(_) => 0,
-    }
+    counted(try_mark_victim(&ctx));
+    0
 }
 
-fn try_mark_victim(ctx: &TracePointContext) -> Result<(), i32> {
+fn try_mark_victim(ctx: &TracePointContext) -> Result<(), Lost> {
     // SAFETY: the offset is inside the tracepoint's record (see MARK_VICTIM_PID_OFFSET).
-    let victim_pid: i32 = unsafe { ctx.read_at(MARK_VICTIM_PID_OFFSET) }?;
+    let victim_pid: i32 = unsafe { ctx.read_at(MARK_VICTIM_PID_OFFSET) }
+        .map_err(|_| Lost(LossKind::OomKill, LossReason::ReadFailed))?;
     let victim_pid = victim_pid.cast_unsigned();
     // SAFETY: the value is copied out before anything else touches the map entry.
     let killed = unsafe { KILLED.get(victim_pid) }.copied();
@@ -157,7 +175,7 @@ fn try_mark_victim(ctx: &TracePointContext) -> Result<(), i32> {
     let oom = unsafe { OOM_ENTRIES.get(bpf_get_current_pid_tgid()) }.copied();
 
     let Some(mut entry) = EVENTS.reserve::<OomKillEvent>(0) else {
-        return Err(-1);
+        return Err(Lost(LossKind::OomKill, LossReason::RingFull));
     };
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points to a reserved ring buffer slot; every field is written before submit.
@@ -218,8 +236,7 @@ unsafe fn read_oom_control(oc: *const u8, event: &mut OomKillEvent) -> Result<()
             return Ok(());
         }
         let cgroup: *const u8 = read_field(memcg, off.mem_cgroup_css_cgroup)?;
-        let kn: *const u8 = read_field(cgroup, off.cgroup_kn)?;
-        event.limit_cgroup_id = read_field(kn, off.kernfs_node_id)?;
+        event.limit_cgroup_id = cgroup_id(&off, cgroup)?;
         let usage: i64 = read_field(memcg, off.mem_cgroup_usage).unwrap_or(0);
         event.limit_usage_pages = usage.max(0).cast_unsigned();
         event.limit_max_pages = read_field(memcg, off.mem_cgroup_max).unwrap_or(0);

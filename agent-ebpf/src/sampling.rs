@@ -3,7 +3,7 @@
 //! spent in lock slow paths or in the Go map runtime, and where they are called from. Nothing
 //! is added to the programs' own code paths (no uprobes).
 
-use agent_common::SampleKey;
+use agent_common::{LossKind, LossReason, SampleKey};
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::bpf_get_current_pid_tgid,
@@ -11,7 +11,9 @@ use aya_ebpf::{
     programs::{PerfEventContext, tracing::StackIdContext as _},
 };
 
-use crate::maps::{CPU_SAMPLES, FUTEX_CONFIG, SAMPLE_STACKS, count};
+use crate::maps::{
+    CPU_SAMPLES, FUTEX_CONFIG, Lost, SAMPLE_STACKS, count, counted, stack_loss, window_bit,
+};
 
 #[perf_event]
 #[expect(
@@ -19,18 +21,22 @@ use crate::maps::{CPU_SAMPLES, FUTEX_CONFIG, SAMPLE_STACKS, count};
     reason = "the program macro fixes the signature"
 )]
 pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
-    let _ = sample(&ctx);
+    counted(sample(&ctx));
     0
 }
 
-fn sample(ctx: &PerfEventContext) -> Result<(), i32> {
+fn sample(ctx: &PerfEventContext) -> Result<(), Lost> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // The idle task, and the agent itself.
     if tgid == 0 || tgid == FUTEX_CONFIG.load().agent_tgid {
         return Ok(());
     }
-    // A kernel thread has no user stack: the helper fails and the sample is not kept.
-    let stack = ctx.get_stackid(&SAMPLE_STACKS, u64::from(BPF_F_USER_STACK))?;
+    // A kernel thread has no user stack: the helper fails and the sample is not kept (not a
+    // loss); any other failure is.
+    let stack = match ctx.get_stackid(&SAMPLE_STACKS, u64::from(BPF_F_USER_STACK)) {
+        Ok(id) => id,
+        Err(e) => return stack_loss(LossKind::CpuSample, e).map_or(Ok(()), Err),
+    };
     #[expect(
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss,
@@ -38,7 +44,7 @@ fn sample(ctx: &PerfEventContext) -> Result<(), i32> {
     )]
     let key = SampleKey {
         tgid,
-        stack_id: stack as u32,
+        stack_id: stack as u32 | window_bit(),
     };
-    count(&CPU_SAMPLES, key)
+    count(&CPU_SAMPLES, key).map_err(|()| Lost(LossKind::CpuSample, LossReason::MapFull))
 }

@@ -2,7 +2,9 @@
 //! follows the fd to its file and keeps only writes to cgroup2 limit files, so ordinary writes
 //! cost a few reads. Catches redirections (`sh` dup2s the fd), `write`, `pwrite64` and `writev`.
 
-use agent_common::{FILE_NAME_LEN, KernelOffsets, OFFSET_UNKNOWN, PendingWrite, VALUE_LEN};
+use agent_common::{
+    FILE_NAME_LEN, KernelOffsets, LossKind, LossReason, OFFSET_UNKNOWN, PendingWrite, VALUE_LEN,
+};
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_task_btf,
@@ -15,7 +17,7 @@ use aya_ebpf::{
 use crate::{
     kernel::{read_field, record_field},
     limits::emit_for_node,
-    maps::{OFFSETS, PENDING_WRITES, any_pending, pending_add},
+    maps::{Lost, OFFSETS, PENDING_WRITES, any_pending, counted, pending_add},
 };
 
 /// `CGROUP2_SUPER_MAGIC` from the kernel's uapi `magic.h`.
@@ -58,7 +60,11 @@ macro_rules! syscall_enter {
         // `allow`, not `expect`: clippy does not lint code made by a local macro.
         #[allow(clippy::needless_pass_by_value, reason = "the program macro fixes the signature")]
         pub fn $program(ctx: TracePointContext) -> u32 {
-            let _ = enter::<$btf>(&ctx, $iov);
+            // An error is a write that is not to a limit file, or whose fd could not be
+            // followed (then the file is not one this mode can name): nothing to record.
+            if let Ok(Some(pending)) = enter::<$btf>(&ctx, $iov) {
+                counted(keep(pending));
+            }
             0
         }
     )*};
@@ -70,7 +76,7 @@ macro_rules! syscall_exit {
         // `allow`, not `expect`: clippy does not lint code made by a local macro.
         #[allow(clippy::needless_pass_by_value, reason = "the program macro fixes the signature")]
         pub fn $program(ctx: TracePointContext) -> u32 {
-            let _ = exit(&ctx);
+            counted(exit(&ctx));
             0
         }
     )*};
@@ -91,8 +97,8 @@ syscall_exit! {
     sys_exit_writev => "sys_exit_writev";
 }
 
-/// At entry: is `fd` a cgroup2 limit file? If so, keep its node and the written bytes.
-fn enter<const BTF: bool>(ctx: &TracePointContext, iov: bool) -> Result<(), i32> {
+/// At entry: is `fd` a cgroup2 limit file? If so, its node and the written bytes.
+fn enter<const BTF: bool>(ctx: &TracePointContext, iov: bool) -> Result<Option<PendingWrite>, i32> {
     let fd = record_field(ctx, ARG0);
     let found = if BTF {
         cgroup_node_btf(fd)?
@@ -100,10 +106,10 @@ fn enter<const BTF: bool>(ctx: &TracePointContext, iov: bool) -> Result<(), i32>
         cgroup_node(fd)?
     };
     let Some(kn) = found else {
-        return Ok(());
+        return Ok(None);
     };
     if !is_limit_file(kn)? {
-        return Ok(());
+        return Ok(None);
     }
     let (mut buf, mut count) = (record_field(ctx, ARG1), record_field(ctx, ARG2));
     if iov {
@@ -133,7 +139,15 @@ fn enter<const BTF: bool>(ctx: &TracePointContext, iov: bool) -> Result<(), i32>
         let len = len as u32;
         pending.value_len = len;
     }
-    PENDING_WRITES.insert(bpf_get_current_pid_tgid(), pending, 0)?;
+    Ok(Some(pending))
+}
+
+/// Keeps a limit write until its syscall returns.
+fn keep(pending: PendingWrite) -> Result<(), Lost> {
+    // LRU: a full map evicts; an insert fails only when the kernel has no memory.
+    PENDING_WRITES
+        .insert(bpf_get_current_pid_tgid(), pending, 0)
+        .map_err(|_| Lost(LossKind::LimitWrite, LossReason::MapFull))?;
     pending_add(1);
     Ok(())
 }
@@ -290,7 +304,7 @@ fn is_limit_file(kn: *const u8) -> Result<bool, i32> {
 }
 
 /// At exit: the pending write, if any, with the syscall's result.
-fn exit(ctx: &TracePointContext) -> Result<(), i32> {
+fn exit(ctx: &TracePointContext) -> Result<(), Lost> {
     if !any_pending() {
         return Ok(());
     }

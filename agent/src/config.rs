@@ -4,6 +4,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
+use crate::model::pattern::Pattern;
+
 /// The configuration `nodewarden run` uses when given none: observe only, metrics on loopback.
 pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
 
@@ -143,38 +145,58 @@ pub enum Selector {
     Comm(String),
     Exe(PathBuf),
     /// A glob on the cgroup path (`*`, `?`).
-    Cgroup(String),
+    Cgroup(Pattern),
     /// Globs on a Kubernetes pod's namespace and name (`pod:NAMESPACE/NAME`).
     Pod {
-        namespace: String,
-        pod: String,
+        namespace: Pattern,
+        pod: Pattern,
     },
     /// Processes whose sampled CPU shows them heavy in the Go map runtime (`map-heavy`).
     MapHeavy,
 }
 
+/// Why a `contention.select` entry is not a selector.
+#[derive(Debug, thiserror::Error)]
+pub enum SelectorError {
+    #[error("contention.select {0:?}: expected pod:NAMESPACE/NAME (globs allowed)")]
+    Pod(String),
+    #[error("contention.select {select:?}: {glob:?} is not a glob: {source}")]
+    Glob {
+        select: String,
+        glob: String,
+        source: globset::Error,
+    },
+    #[error(
+        "contention.select {0:?}: expected comm:NAME (under 16 bytes), exe:/PATH, cgroup:/GLOB, \
+         pod:NAMESPACE/NAME or map-heavy"
+    )]
+    Unknown(String),
+}
+
 impl Selector {
-    fn parse(s: &str) -> Result<Self, String> {
+    fn parse(s: &str) -> Result<Self, SelectorError> {
+        let glob = |g: &str| {
+            Pattern::new(g).map_err(|source| SelectorError::Glob {
+                select: s.to_owned(),
+                glob: g.to_owned(),
+                source,
+            })
+        };
         match s.split_once(':') {
             Some(("comm", c)) if !c.is_empty() && c.len() < 16 => Ok(Self::Comm(c.to_owned())),
             Some(("exe", p)) if p.starts_with('/') => Ok(Self::Exe(PathBuf::from(p))),
-            Some(("cgroup", g)) if g.starts_with('/') => Ok(Self::Cgroup(g.to_owned())),
+            Some(("cgroup", g)) if g.starts_with('/') => Ok(Self::Cgroup(glob(g)?)),
             Some(("pod", p)) => match p.split_once('/') {
                 Some((namespace, pod)) if !namespace.is_empty() && !pod.is_empty() => {
                     Ok(Self::Pod {
-                        namespace: namespace.to_owned(),
-                        pod: pod.to_owned(),
+                        namespace: glob(namespace)?,
+                        pod: glob(pod)?,
                     })
                 }
-                _ => Err(format!(
-                    "contention.select {s:?}: expected pod:NAMESPACE/NAME (globs allowed)"
-                )),
+                _ => Err(SelectorError::Pod(s.to_owned())),
             },
             None if s == "map-heavy" => Ok(Self::MapHeavy),
-            _ => Err(format!(
-                "contention.select {s:?}: expected comm:NAME (under 16 bytes), exe:/PATH, \
-                 cgroup:/GLOB, pod:NAMESPACE/NAME or map-heavy"
-            )),
+            _ => Err(SelectorError::Unknown(s.to_owned())),
         }
     }
 }
@@ -219,7 +241,7 @@ struct RawConfig {
 }
 
 fn default_kubelet_log_dir() -> String {
-    crate::kubelet::DEFAULT_LOG_DIR.to_owned()
+    crate::enrich::kubelet::DEFAULT_LOG_DIR.to_owned()
 }
 
 fn default_events_socket() -> String {
@@ -304,7 +326,11 @@ impl Config {
             .contention
             .select
             .iter()
-            .filter_map(|s| Selector::parse(s).map_err(|e| problems.push(e)).ok())
+            .filter_map(|s| {
+                Selector::parse(s)
+                    .map_err(|e| problems.push(e.to_string()))
+                    .ok()
+            })
             .collect();
         if selectors.contains(&Selector::MapHeavy) && raw.contention.sample_hz == 0 {
             problems.push(
@@ -402,15 +428,16 @@ mod tests {
             "t",
         )
         .expect("valid");
+        let glob = |g: &str| Pattern::new(g).expect("glob");
         assert_eq!(
             c.selectors,
             [
                 Selector::Comm("nw-mutex".into()),
                 Selector::Exe("/usr/bin/x".into()),
-                Selector::Cgroup("/kubepods*".into()),
+                Selector::Cgroup(glob("/kubepods*")),
                 Selector::Pod {
-                    namespace: "shop".into(),
-                    pod: "cart-*".into()
+                    namespace: glob("shop"),
+                    pod: glob("cart-*")
                 },
                 Selector::MapHeavy,
             ]
@@ -420,7 +447,7 @@ mod tests {
         assert_eq!(c.contention.off_cpu_max_processes, 16);
         let err = Config::parse(
             &format!(
-                "{base}[contention]\nselect = [\"pid:1\", \"exe:relative\", \"pod:nons\", \"pod:/x\", \"map-heavy\"]\nmax_processes = 0\nsample_hz = 0\noff_cpu_max_processes = 0\n"
+                "{base}[contention]\nselect = [\"pid:1\", \"exe:relative\", \"pod:nons\", \"pod:/x\", \"cgroup:/a[\", \"map-heavy\"]\nmax_processes = 0\nsample_hz = 0\noff_cpu_max_processes = 0\n"
             ),
             "t",
         )
@@ -428,8 +455,13 @@ mod tests {
         let ConfigError::Invalid { problems, .. } = &err else {
             panic!("{err}");
         };
-        // Two bad selectors, two malformed pods, map-heavy without samples, and two caps.
-        assert_eq!(problems.len(), 7, "{problems:?}");
+        // Two bad selectors, two malformed pods, a bad glob, map-heavy without samples, and
+        // two caps.
+        assert_eq!(problems.len(), 8, "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains("is not a glob")),
+            "{problems:?}"
+        );
         assert!(
             problems
                 .iter()

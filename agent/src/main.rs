@@ -1,40 +1,33 @@
-//! nodewarden: the node agent. This file is wiring only.
+//! nodewarden: the node agent. This file is wiring only: the command line, and which module
+//! runs each command. The data flows one way through the modules: `kernel` (probes, decode) ->
+//! `enrich` -> `pipeline` (with `state`) -> `outputs`; `contention` is a sub-pipeline of its
+//! own; `daemon` wires them; `cli` holds the other commands; `model` the plain types they pass.
 
-mod bench;
-mod cgroups;
-mod check;
+mod cli;
 mod config;
 mod contention;
-mod diagnose;
-mod events;
-mod events_cli;
-mod feed;
-mod golang;
-mod http;
-mod inotify;
-mod k8s;
-mod kubelet;
-mod limits;
-mod metrics;
-mod offcpu;
-mod offsets;
-mod oom;
+mod daemon;
+mod enrich;
+mod kernel;
+mod model;
 mod outputs;
 mod pipeline;
-mod probes;
-mod record;
-mod run;
-mod sampling;
-mod selection;
 mod state;
-mod telemetry;
-mod top;
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use clap::{Parser, Subcommand};
 
-use crate::config::Config;
+use crate::{
+    cli::{bench, check, diagnose, events, latency, top},
+    config::Config,
+    model::{pattern::Pattern, record::RecordKind},
+    outputs::{logs, traces::Traces},
+};
 
 /// Exit status for a configuration that does not parse or validate (sysexits `EX_CONFIG`).
 const EXIT_BAD_CONFIG: u8 = 78;
@@ -69,13 +62,12 @@ enum Cmd {
         /// Print JSON lines instead of one readable line per event.
         #[arg(long)]
         json: bool,
-        /// Only cgroups whose path matches this glob (`*`, `?`), e.g. '/kubepods*'.
-        #[arg(long)]
-        cgroup: Option<String>,
-        /// Only these kinds (repeatable): `limit_write`, `oom_kill`, `oom_incident`, `go_fatal`,
-        /// `cgroup_created`, `cgroup_removed`.
-        #[arg(long)]
-        kind: Vec<String>,
+        /// Only cgroups whose path matches this glob (`*`, `?`, `[..]`), e.g. '/kubepods*'.
+        #[arg(long, value_parser = parse_glob)]
+        cgroup: Option<Pattern>,
+        /// Only these kinds (repeatable).
+        #[arg(long, value_enum)]
+        kind: Vec<RecordKind>,
         /// The agent's event socket.
         #[arg(long, default_value = config::DEFAULT_EVENTS_SOCKET)]
         socket: PathBuf,
@@ -124,6 +116,22 @@ enum Cmd {
         #[arg(long)]
         loop_only: bool,
     },
+    /// Time limit writes from their return to their record on a running agent's event feed,
+    /// with and without an exec storm (used by `cargo xtask bench`).
+    #[command(hide = true)]
+    BenchLatency {
+        /// The agent's event socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// A cgroup directory to write `memory.high` of.
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(long, default_value_t = 500)]
+        writes: u32,
+        /// Execs of /bin/true per second meanwhile (0: none).
+        #[arg(long, default_value_t = 0)]
+        exec_rate: u32,
+    },
     /// Validate a configuration file and print it as understood.
     CheckConfig {
         /// Configuration file (TOML); the embedded default when absent.
@@ -132,8 +140,12 @@ enum Cmd {
     },
 }
 
+fn parse_glob(s: &str) -> Result<Pattern, String> {
+    Pattern::new(s).map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
-    telemetry::init_logs();
+    logs::init();
     match Cli::parse().cmd {
         Cmd::Run {
             config,
@@ -157,9 +169,9 @@ fn main() -> ExitCode {
             cgroup,
             kind,
             socket,
-        } => exit(events_cli::run(
+        } => exit(events::run(
             &socket,
-            &events_cli::Filter {
+            &events::Filter {
                 cgroup,
                 kinds: kind,
             },
@@ -169,11 +181,7 @@ fn main() -> ExitCode {
             agent,
             interval,
             once,
-        } => exit(top::run(
-            agent,
-            std::time::Duration::from_secs(interval.max(1)),
-            once,
-        )),
+        } => exit(top::run(agent, Duration::from_secs(interval.max(1)), once)),
         Cmd::DiagnoseLocks { pid, seconds } => {
             exit(diagnose::run(pid, seconds).map(|report| print!("{report}")))
         }
@@ -191,6 +199,12 @@ fn main() -> ExitCode {
         } else {
             bench::bench_write(attached, iterations, open_files)
         }),
+        Cmd::BenchLatency {
+            socket,
+            cgroup,
+            writes,
+            exec_rate,
+        } => exit(latency::run(&socket, &cgroup, writes, exec_rate)),
         Cmd::CheckConfig { config } => match load_config(config.as_deref()) {
             Ok(c) => {
                 println!("{c:#?}");
@@ -214,14 +228,18 @@ fn load_config(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
 
 /// Sets up traces outside the runtime (their HTTP client blocks), runs the agent, then flushes.
 fn run(config: &Config) -> anyhow::Result<()> {
-    let traces = telemetry::Traces::init()?;
+    let traces = Traces::init()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let result = runtime.block_on(run::run(config, &traces));
-    runtime.shutdown_timeout(config.shutdown_drain);
-    traces.shutdown(config.shutdown_drain);
+    let (result, deadline) = runtime.block_on(daemon::run(config, &traces));
+    // The drain is over: whatever the runtime still runs (a blocking scan) is not waited for.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    // Spans still queued get what is left of the drain, and a moment at least: the whole stop
+    // stays within `shutdown_drain_ms` and a second.
+    let left = deadline.saturating_duration_since(Instant::now());
+    traces.shutdown(left.max(Duration::from_millis(200)));
     result
 }
 

@@ -196,10 +196,12 @@ fn syscalls_mode_ignores_ordinary_writes() {
         !body.contains("nodewarden_cgroup_limit_writes_total{"),
         "{body}"
     );
-    assert_eq!(
-        common::sample(&body, "nodewarden_event_decode_errors_total"),
-        Some(0.0)
-    );
+    for lost in [
+        "nodewarden_events_lost_total{kind=\"record\",reason=\"decode\"}",
+        "nodewarden_events_lost_total{kind=\"limit_write\",reason=\"read_failed\"}",
+    ] {
+        assert_eq!(common::sample(&body, lost), Some(0.0), "{lost}");
+    }
     let (status, log) = agent.stop();
     assert!(status.success(), "agent exit status {status}; log:\n{log}");
 }

@@ -11,6 +11,8 @@ use std::{
 
 use common::{Agent, otlp};
 
+#[path = "vm_kernel/lossless.rs"]
+mod lossless;
 #[path = "vm_kernel/oom.rs"]
 mod oom;
 

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{bench_contention, build, setup, vm};
+use crate::{bench_contention, bench_latency, build, setup, vm};
 
 /// Rounds of the three configurations, interleaved so drift hits them alike.
 const ROUNDS: usize = 7;
@@ -21,12 +21,20 @@ const CONFIGS: [(&str, &str); 5] = [
     ("syscalls", "100"),
 ];
 
-pub fn main() -> Result<i32> {
+pub fn main(baseline: Option<&str>) -> Result<i32> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark loads eBPF programs and needs root");
     }
     let bin = build::agent(build::Profile::Release)?;
+    let mut agents = Vec::new();
+    if let Some(rev) = baseline {
+        agents.push((
+            format!("`{rev}` (before)"),
+            bench_latency::build_revision(rev)?,
+        ));
+    }
+    agents.push(("this build".to_owned(), bin.clone()));
     let mut samples: [Vec<f64>; CONFIGS.len()] = Default::default();
     setup::step(
         &format!(
@@ -62,6 +70,7 @@ pub fn main() -> Result<i32> {
     let [none, empty, syscalls, none_many, syscalls_many] = samples.map(|mut s| median(&mut s));
     let mut md = report(none, empty, syscalls, none_many, syscalls_many)?;
     md.push_str(&bench_contention::run(&bin)?);
+    md.push_str(&bench_latency::run(&bin, &agents)?);
     let path = vm::workspace_root().join("docs/benchmarks.md");
     std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
     print!("{md}");
@@ -133,7 +142,8 @@ throughout.
     ))
 }
 
-fn median(v: &mut [f64]) -> f64 {
+/// The median of `v` (the upper one of an even count); sorts `v`.
+pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }

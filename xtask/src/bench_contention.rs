@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{programs, setup, vm};
+use crate::{bench::median, programs, setup, vm};
 
 const ROUNDS: usize = 7;
 
@@ -297,11 +297,6 @@ fn watched_off_cpu(port: u16, pid: u32) -> bool {
             })
         })
         .unwrap_or(false)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// The agent's metrics port in the benchmark.

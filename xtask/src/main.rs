@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_contention;
+mod bench_latency;
 mod build;
 mod lint;
 mod programs;
@@ -43,8 +44,14 @@ enum Cmd {
     Test(test::Args),
     /// rustfmt and clippy on every crate, the eBPF one included.
     Lint,
-    /// Measure probe overhead against baselines in the same run; writes docs/benchmarks.md.
-    Bench,
+    /// Measure probe overhead and event latency against baselines in the same run; writes
+    /// docs/benchmarks.md.
+    Bench {
+        /// Also measure the event latency of the agent built from this git revision (before a
+        /// change), in the same VM run.
+        #[arg(long)]
+        baseline: Option<String>,
+    },
     /// Build the C and Go programs the tests run, for x86_64 and aarch64 (`cargo xtask test`
     /// does this first).
     TestPrograms,
@@ -80,7 +87,7 @@ fn try_main() -> Result<i32> {
         Cmd::Run { profile, args } => run::main(profile, &args),
         Cmd::Test(args) => test::main(&args),
         Cmd::Lint => lint::main().map(|()| 0),
-        Cmd::Bench => bench::main(),
+        Cmd::Bench { baseline } => bench::main(baseline.as_deref()),
         Cmd::TestPrograms => programs::build().map(|()| 0),
         Cmd::Vm(args) => vm::main(&args),
         Cmd::Dist { target } => {

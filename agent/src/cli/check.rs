@@ -1,0 +1,78 @@
+//! `nodewarden check`: what this kernel allows, probe by probe, and why not.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::{
+    config::{ContentionConfig, ProbesConfig},
+    enrich::cgroupfs,
+    kernel::{btf, loader},
+};
+
+/// Prints the report; fails only when the eBPF object cannot be loaded at all.
+pub fn check(choices: &ProbesConfig, contention: &ContentionConfig) -> Result<()> {
+    let uname = uname();
+    println!("kernel: {uname}");
+
+    let btf = Path::new(btf::VMLINUX_BTF);
+    let kernel_offsets = match btf::resolve(btf) {
+        Ok(r) if r.missing.is_empty() => {
+            println!("kernel BTF: {} (every struct field found)", btf.display());
+            r.offsets
+        }
+        Ok(r) => {
+            println!(
+                "kernel BTF: {} (missing: {})",
+                btf.display(),
+                r.missing.join(", ")
+            );
+            r.offsets
+        }
+        Err(e) => {
+            println!("kernel BTF: unavailable: {e}");
+            agent_common::KernelOffsets::UNKNOWN
+        }
+    };
+
+    match cgroupfs::find_mount() {
+        Some(root) => {
+            let controllers = std::fs::read_to_string(root.join("cgroup.controllers"))
+                .map(|c| c.trim().to_owned())
+                .unwrap_or_default();
+            println!("cgroup v2: {} (controllers: {controllers})", root.display());
+        }
+        None => println!("cgroup v2: not mounted"),
+    }
+
+    let probes = loader::load(&kernel_offsets, choices, contention)?;
+    println!("probes:");
+    for s in &probes.status {
+        println!("  {s}");
+    }
+    let attached = probes.status.iter().filter(|s| s.attached()).count();
+    println!(
+        "{attached} of {} capabilities can attach",
+        probes.status.len()
+    );
+    Ok(())
+}
+
+/// `uname -r` and machine, e.g. `6.1.0-31-amd64 x86_64`.
+fn uname() -> String {
+    // SAFETY: utsname is plain data; uname fills it or fails.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable utsname.
+    if unsafe { libc::uname(&raw mut u) } != 0 {
+        return "unknown".to_owned();
+    }
+    let field = |f: &[libc::c_char]| {
+        let bytes: Vec<u8> = f
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c.to_ne_bytes()[0])
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    format!("{} {}", field(&u.release), field(&u.machine))
+}

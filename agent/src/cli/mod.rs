@@ -1,0 +1,9 @@
+//! The commands besides `run`: each reads the running agent, the kernel or a process, and
+//! prints for a person.
+
+pub mod bench;
+pub mod check;
+pub mod diagnose;
+pub mod events;
+pub mod latency;
+pub mod top;

@@ -1,0 +1,165 @@
+//! Start-up: the kernel's struct offsets, the probes each capability attaches (reported in the
+//! log and as `nodewarden_probe_info`), and the maps the readers take out of the object.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use agent_common::{ExecKey, KernelOffsets, maps};
+use aya::maps::{HashMap as BpfHashMap, MapData};
+
+use crate::{
+    config::Config,
+    contention::{
+        self, futex::FutexMaps, offcpu::OffCpuMaps, samples::SampleMaps, windows::Window,
+    },
+    kernel::{
+        btf,
+        go::SharedEbpf,
+        loader::{self, LoadError, take_map},
+        rings::{LossMap, Rings},
+    },
+    model::{
+        probe::{Capability, ProbeMode, ProbeStatus},
+        record::SeenBy,
+    },
+    outputs::metrics::Metrics,
+};
+
+/// The loaded object and what was taken out of it.
+#[derive(Debug)]
+pub struct Attached {
+    /// Shared with the Go watcher; taken (and dropped: every program detached) at shutdown.
+    pub ebpf: SharedEbpf,
+    pub rings: Option<Rings>,
+    pub losses: Option<LossMap>,
+    pub contention: contention::Maps,
+    /// The kernel's record of reported executables, when Go fatal errors are probed.
+    pub exec_seen: Option<BpfHashMap<MapData, ExecKey, u8>>,
+    /// How limit writes are seen.
+    pub limit_mode: ProbeMode,
+    pub status: Vec<ProbeStatus>,
+}
+
+impl Attached {
+    /// Whether `capability` attached.
+    #[must_use]
+    pub fn has(&self, capability: Capability) -> bool {
+        self.status
+            .iter()
+            .any(|s| s.capability == capability && s.attached())
+    }
+
+    /// What the limit write records say they were seen by.
+    #[must_use]
+    pub fn seen_by(&self) -> SeenBy {
+        match self.limit_mode {
+            ProbeMode::Kprobe => SeenBy::Kprobe,
+            ProbeMode::Syscalls => SeenBy::Syscalls,
+            ProbeMode::Inotify | ProbeMode::Unavailable => SeenBy::Inotify,
+            _ => SeenBy::Fexit,
+        }
+    }
+}
+
+/// Loads and attaches the probes, reports how (log, metric), and takes their maps. Without BPF
+/// at all the agent still runs: limit writes are then seen by inotify.
+pub fn attach(config: &Config, metrics: &Metrics) -> Result<Attached, LoadError> {
+    let (ebpf, status) = match loader::load(&kernel_offsets(), &config.probes, &config.contention) {
+        Ok(p) => (Some(p.ebpf), p.status),
+        Err(e) => {
+            tracing::error!("no eBPF probes: {e}");
+            (
+                None,
+                loader::without_bpf(&e.to_string(), config.probes.limit_writes),
+            )
+        }
+    };
+    report(&status);
+    metrics.probes(&status);
+    let limit_mode = status
+        .iter()
+        .find(|s| s.capability == Capability::LimitWrites)
+        .map_or(ProbeMode::Unavailable, |s| s.mode);
+    let mut attached = Attached {
+        ebpf: Arc::new(Mutex::new(None)),
+        rings: None,
+        losses: None,
+        contention: contention::Maps::default(),
+        exec_seen: None,
+        limit_mode,
+        status,
+    };
+    let Some(mut ebpf) = ebpf else {
+        return Ok(attached);
+    };
+    super::ebpf_logs::spawn(&mut ebpf);
+    attached.rings = Some(Rings::take(&mut ebpf)?);
+    attached.losses = Some(LossMap::take(&mut ebpf)?);
+    if attached.has(Capability::FutexWaits) {
+        attached.contention.futex = Some(FutexMaps::take(&mut ebpf)?);
+    }
+    if attached.has(Capability::GoFatalErrors) {
+        attached.exec_seen = Some(take_map(&mut ebpf, maps::EXEC_SEEN)?);
+    }
+    if attached.has(Capability::CpuSamples) {
+        attached.contention.samples = Some(SampleMaps::take(&mut ebpf)?);
+    }
+    if attached.has(Capability::OffCpu) {
+        attached.contention.offcpu = Some((
+            OffCpuMaps::take(&mut ebpf)?,
+            config.contention.off_cpu_max_processes,
+        ));
+    }
+    if attached.contention.samples.is_some() || attached.contention.offcpu.is_some() {
+        attached.contention.window = Some(Window::take(&mut ebpf)?);
+    }
+    attached.ebpf = Arc::new(Mutex::new(Some(ebpf)));
+    Ok(attached)
+}
+
+/// Kernel struct offsets from BTF; missing ones make the probes that need them degrade.
+fn kernel_offsets() -> KernelOffsets {
+    match btf::resolve(Path::new(btf::VMLINUX_BTF)) {
+        Ok(r) => {
+            if !r.missing.is_empty() {
+                tracing::warn!(
+                    "kernel BTF lacks {}: probes that need them degrade",
+                    r.missing.join(", ")
+                );
+            }
+            r.offsets
+        }
+        Err(e) => {
+            tracing::warn!("{e}: probes that read kernel structs degrade");
+            KernelOffsets::UNKNOWN
+        }
+    }
+}
+
+/// Logs how each capability attached, or why not.
+fn report(status: &[ProbeStatus]) {
+    for s in status {
+        let capability = s.capability.as_str();
+        if s.attached() {
+            tracing::info!(
+                capability,
+                mode = s.mode.as_str(),
+                hooks = %s.hooks.join(","),
+                "probe attached"
+            );
+        }
+        for e in &s.fallbacks {
+            tracing::info!(capability, "preferred mode passed over: {e}");
+        }
+        for e in &s.errors {
+            let note = if s.attached() {
+                "partly attached"
+            } else {
+                "probe unavailable on this kernel"
+            };
+            tracing::warn!(capability, "{note}: {e}");
+        }
+    }
+}

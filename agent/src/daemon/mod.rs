@@ -1,0 +1,376 @@
+//! `nodewarden run`: the daemon. Wiring only: the probes, the pipeline, the outputs, the
+//! workers, the event loop, and a bounded shutdown.
+
+mod attach;
+mod ebpf_logs;
+mod event_loop;
+mod workers;
+
+use std::{
+    sync::{Arc, atomic::Ordering, mpsc},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+
+use self::{
+    attach::Attached,
+    event_loop::{EventLoop, Exit},
+};
+use crate::{
+    config::Config,
+    enrich::{cgroupfs::CgroupFs, kubelet::KubeletNames, procfs::ProcFs},
+    kernel::go::GoWatcher,
+    model::{probe::ProbeMode, update::ResyncReason},
+    outputs::{
+        Outputs, feed, http,
+        metrics::{Metrics, Shared},
+        traces::Traces,
+    },
+    pipeline::{Pipeline, Settings, Sources, clock::SystemClock},
+};
+
+/// Execs waiting for the Go watcher; beyond, they are dropped and counted (and the kernel
+/// reports the file again at its next exec).
+const EXEC_QUEUE: usize = 4096;
+
+/// Contention spans waiting for the event loop.
+const EPISODE_QUEUE: usize = 1024;
+
+/// Runs until SIGTERM or SIGINT, then stops by `config.shutdown_drain` after it. Returns how it
+/// ended and that deadline, which bounds what the caller still flushes.
+pub async fn run(config: &Config, traces: &Traces) -> (Result<()>, Instant) {
+    let mut deadline = None;
+    let result = run_until_stopped(config, traces, &mut deadline).await;
+    let deadline = deadline.unwrap_or_else(|| Instant::now() + config.shutdown_drain);
+    (result, deadline)
+}
+
+async fn run_until_stopped(
+    config: &Config,
+    traces: &Traces,
+    deadline: &mut Option<Instant>,
+) -> Result<()> {
+    // First, so that a signal during start-up also stops the agent cleanly.
+    let sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let shared = Shared::default();
+    let metrics = Metrics::new(shared.clone());
+    let listener = http::bind(config.metrics_listen)
+        .await
+        .with_context(|| format!("binding the metrics endpoint {}", config.metrics_listen))?;
+    let events_listener = match &config.events_socket {
+        Some(path) => Some((feed::bind(path).await?, path.clone())),
+        None => None,
+    };
+
+    let mut attached = attach::attach(config, &metrics)?;
+    let (panics_tx, panics) = tokio::sync::mpsc::unbounded_channel();
+    let (episodes_tx, episodes) = mpsc::sync_channel(EPISODE_QUEUE);
+    let (execs_tx, execs_rx) = mpsc::sync_channel(EXEC_QUEUE);
+    let exec_seen = attached
+        .exec_seen
+        .take()
+        .map(|m| Arc::new(std::sync::Mutex::new(m)));
+    let maps = std::mem::take(&mut attached.contention);
+    let workers: Vec<workers::Worker> = [
+        start_contention(config, maps, &shared, &metrics, &panics_tx, episodes_tx)?,
+        match exec_seen.clone() {
+            Some(seen) => {
+                let go = GoWatcher::new(attached.ebpf.clone(), seen, &shared.evictions);
+                Some(start_go(go, execs_rx, &metrics, &panics_tx)?)
+            }
+            None => None,
+        },
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+
+    let cgroupfs = hierarchy(config);
+    let mut pipeline = pipeline(config, &attached, cgroupfs.as_ref(), &shared);
+    let feed = feed::Feed::new();
+    let mut outputs = Outputs::new(
+        metrics.clone(),
+        traces.clone(),
+        feed.clone(),
+        &shared.evictions,
+    );
+    // The state starts from the hierarchy as it is now.
+    if let Some(fs) = &cgroupfs {
+        let mut out = Vec::new();
+        let since = pipeline.scan_starts();
+        pipeline.apply_scan(&fs.scan(), since, ResyncReason::Start, &mut out);
+        outputs.apply_all(out);
+    }
+    let watcher = match (&cgroupfs, attached.limit_mode == ProbeMode::Inotify) {
+        (Some(fs), true) => Some(event_loop::start_watcher(fs.root())?),
+        _ => None,
+    };
+
+    let (stop_tx, endpoints) = serve(listener, events_listener, &metrics, feed, &panics_tx);
+    tracing::info!(
+        "nodewarden running (mode {:?}); metrics at http://{}/metrics",
+        config.mode,
+        config.metrics_listen
+    );
+
+    let mut event_loop = EventLoop {
+        pipeline,
+        outputs,
+        losses: shared.losses.clone(),
+        loss_map: attached.losses.take(),
+        cgroupfs,
+        execs: execs_tx,
+        exec_seen,
+        episodes,
+        panics,
+        scan: None,
+    };
+    let (mut rings, watcher) = event_loop::register(attached.rings.take(), watcher)?;
+    let exit = event_loop.run(&mut rings, watcher, sigterm, sigint).await;
+
+    let stop_by = Instant::now() + config.shutdown_drain;
+    *deadline = Some(stop_by);
+    let stopping = Stopping {
+        deadline: stop_by,
+        workers,
+        attached: &attached,
+        stop: stop_tx,
+    };
+    stopping.stop(&mut event_loop, &mut rings, endpoints).await;
+    match exit {
+        Exit::Signal => Ok(()),
+        Exit::Failed(e) => Err(e),
+    }
+}
+
+/// What a bounded shutdown stops.
+struct Stopping<'a> {
+    deadline: Instant,
+    workers: Vec<workers::Worker>,
+    attached: &'a Attached,
+    /// Tells the endpoints to stop.
+    stop: watch::Sender<bool>,
+}
+
+impl Stopping<'_> {
+    /// The programs detach first (nothing new comes in), what they left in the rings is
+    /// handled, the open incidents are reported, the endpoints stop, and the threads are
+    /// joined, all by the deadline.
+    async fn stop(
+        self,
+        event_loop: &mut EventLoop,
+        rings: &mut Option<event_loop::AsyncRings>,
+        endpoints: impl Future<Output = ()>,
+    ) {
+        let start = Instant::now();
+        for w in &self.workers {
+            w.stop();
+        }
+        detach(self.attached, self.deadline);
+        let detached = start.elapsed();
+        event_loop.drain(rings, self.deadline);
+        let drained = start.elapsed();
+        let _ = self.stop.send(true);
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, endpoints).await.is_err() {
+            tracing::warn!("the endpoints did not stop within the drain time");
+        }
+        for w in self.workers {
+            w.join(self.deadline);
+        }
+        tracing::info!(
+            ?detached,
+            ?drained,
+            stopped = ?start.elapsed(),
+            "programs detached, events drained, endpoints and workers stopped"
+        );
+    }
+}
+
+/// Serves `/metrics` and the event feed until told to stop; a panic in either stops the agent.
+/// Returns the stop signal and what ends when both have stopped.
+fn serve(
+    metrics_listener: tokio::net::TcpListener,
+    events_listener: Option<(tokio::net::UnixListener, std::path::PathBuf)>,
+    metrics: &Metrics,
+    feed: feed::Feed,
+    panics: &workers::Panics,
+) -> (watch::Sender<bool>, impl Future<Output = ()>) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = workers::watch(
+        "metrics endpoint",
+        tokio::spawn(http::serve(
+            metrics_listener,
+            metrics.clone(),
+            stop_rx.clone(),
+        )),
+        metrics,
+        panics,
+    );
+    let feed_server = events_listener.map(|(l, path)| {
+        workers::watch(
+            "event feed",
+            tokio::spawn(feed::serve(l, path, feed, stop_rx)),
+            metrics,
+            panics,
+        )
+    });
+    let endpoints = async {
+        if let Some(f) = feed_server {
+            let _ = f.await;
+        }
+        let _ = server.await;
+    };
+    (stop_tx, endpoints)
+}
+
+/// The cgroup v2 hierarchy: configured, or found mounted.
+fn hierarchy(config: &Config) -> Option<Arc<CgroupFs>> {
+    let root = config
+        .cgroup_root
+        .clone()
+        .or_else(crate::enrich::cgroupfs::find_mount);
+    if root.is_none() {
+        tracing::warn!("no cgroup v2 mount found: cgroup paths will be unknown");
+    }
+    root.map(|r| {
+        tracing::info!("cgroup v2 hierarchy at {}", r.display());
+        Arc::new(CgroupFs::new(r))
+    })
+}
+
+/// The contention readers' thread, when any of their probes attached.
+fn start_contention(
+    config: &Config,
+    maps: crate::contention::Maps,
+    shared: &Shared,
+    metrics: &Metrics,
+    panics: &workers::Panics,
+    episodes: mpsc::SyncSender<crate::model::contention::Episode>,
+) -> std::io::Result<Option<workers::Worker>> {
+    if maps.is_empty() {
+        return Ok(None);
+    }
+    let cx = crate::contention::Context {
+        selectors: config.selectors.clone(),
+        kubelet_dir: config.kubelet_log_dir.clone(),
+        published: shared.contention.clone(),
+        evictions: shared.evictions.clone(),
+        losses: shared.losses.clone(),
+    };
+    workers::spawn("contention", metrics, panics, move |stop| {
+        crate::contention::run(maps, &cx, &episodes, stop);
+    })
+    .map(Some)
+}
+
+/// The Go watcher's thread: the processes running now, then each new executable.
+fn start_go(
+    mut go: GoWatcher,
+    execs: mpsc::Receiver<crate::model::event::Exec>,
+    metrics: &Metrics,
+    panics: &workers::Panics,
+) -> std::io::Result<workers::Worker> {
+    workers::spawn("go", metrics, panics, move |stop| {
+        for pid in crate::enrich::procfs::pids() {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            go.consider(pid);
+        }
+        while !stop.load(Ordering::Relaxed) {
+            match execs.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok(e) => go.exec(e.tgid, e.key),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    })
+}
+
+/// The pipeline over the node's real sources.
+fn pipeline(
+    config: &Config,
+    attached: &Attached,
+    cgroupfs: Option<&Arc<CgroupFs>>,
+    shared: &Shared,
+) -> Pipeline {
+    Pipeline::new(
+        Sources {
+            cgroups: match cgroupfs {
+                Some(fs) => Box::new(fs.clone()),
+                None => Box::new(NoCgroups),
+            },
+            procs: Box::new(ProcFs),
+            names: Box::new(KubeletNames::new(
+                config.kubelet_log_dir.clone(),
+                shared.evictions.clone(),
+            )),
+            clock: Box::new(SystemClock::new()),
+        },
+        Settings {
+            limit_writes: attached.seen_by(),
+            deleted_ttl_ns: u64::try_from(config.deleted_cgroup_ttl.as_nanos()).unwrap_or(u64::MAX),
+            page_size: page_size(),
+        },
+        &shared.evictions,
+    )
+}
+
+/// Drops the loaded object, which detaches every program, waiting at most until `deadline` for
+/// the Go watcher to let go of it.
+fn detach(attached: &Attached, deadline: Instant) {
+    loop {
+        match attached.ebpf.try_lock() {
+            Ok(mut ebpf) => {
+                if let Some(ebpf) = ebpf.take() {
+                    crate::kernel::loader::unload_all(ebpf);
+                }
+                return;
+            }
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                if let Some(ebpf) = p.into_inner().take() {
+                    crate::kernel::loader::unload_all(ebpf);
+                }
+                return;
+            }
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => {
+                tracing::warn!(
+                    "programs still attached at the drain's end: the exit detaches them"
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// The kernel's page size.
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
+/// No cgroup v2 hierarchy: nothing resolves.
+#[derive(Debug)]
+struct NoCgroups;
+
+impl crate::enrich::Cgroups for NoCgroups {
+    fn path_of(&self, _: u64) -> Option<String> {
+        None
+    }
+    fn oom_count(&self, _: &str) -> Option<u64> {
+        None
+    }
+    fn usage_and_limit(&self, _: &str) -> (Option<u64>, Option<u64>) {
+        (None, None)
+    }
+}

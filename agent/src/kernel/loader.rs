@@ -1,0 +1,809 @@
+//! Loading and attaching the eBPF programs. Each capability attaches or fails on its own: a
+//! kernel that refuses one still gets the others, and the report says which mode each uses, or
+//! why none could attach.
+
+use agent_common::{FutexConfig, KernelOffsets, LimitFile, maps, programs};
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    programs::{
+        FEntry, FExit, KProbe, PerfEvent, RawTracePoint, TracePoint,
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+    },
+};
+
+use crate::{
+    config::{ContentionConfig, LimitWriteMode, OomLimitMode, ProbesConfig},
+    model::probe::{Capability, Failure, ProbeMode, ProbeStatus},
+};
+
+/// The eBPF object built by build.rs from agent-ebpf.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+}
+
+/// The loaded object (which owns every attached link) and the status of each capability.
+#[derive(Debug)]
+pub struct Probes {
+    pub ebpf: Ebpf,
+    pub status: Vec<ProbeStatus>,
+}
+
+/// Loads the object with `offsets` set, then loads and attaches every capability it can.
+pub fn load(
+    offsets: &KernelOffsets,
+    choices: &ProbesConfig,
+    contention: &ContentionConfig,
+) -> Result<Probes, LoadError> {
+    let mut ebpf = load_object(offsets, contention)?;
+    let go = if offsets.has_exec_file() {
+        single(
+            Capability::GoFatalErrors,
+            ProbeMode::Uprobe,
+            "runtime.fatal and runtime.throw of each Go executable; raw_tp sched_process_exec",
+            || super::go::load(&mut ebpf),
+        )
+    } else {
+        ProbeStatus::unavailable(
+            Capability::GoFatalErrors,
+            Failure::general("kernel BTF lacks the fields to tell an exec's executable"),
+        )
+    };
+    let status = vec![
+        attach_futex(&mut ebpf, contention),
+        attach_sampling(&mut ebpf, contention),
+        attach_offcpu(&mut ebpf, contention),
+        go,
+        attach_limit_writes(&mut ebpf, offsets, choices.limit_writes),
+        attach_oom_limits(&mut ebpf, offsets, choices.oom_limits),
+        single(
+            Capability::OomVictims,
+            ProbeMode::RawTp,
+            "signal_generate",
+            || {
+                let p: &mut RawTracePoint = program(&mut ebpf, programs::SIGNAL_GENERATE)?;
+                p.load().map_err(AttachError::from)?;
+                p.attach("signal_generate").map_err(AttachError::from)?;
+                Ok(())
+            },
+        ),
+        single(
+            Capability::OomKills,
+            ProbeMode::Tracepoint,
+            "oom/mark_victim",
+            || {
+                let p: &mut TracePoint = program(&mut ebpf, programs::OOM_MARK_VICTIM)?;
+                p.load().map_err(AttachError::from)?;
+                p.attach("oom", "mark_victim").map_err(AttachError::from)?;
+                Ok(())
+            },
+        ),
+        single(
+            Capability::CgroupChanges,
+            ProbeMode::RawTp,
+            "cgroup_mkdir, cgroup_rmdir",
+            || {
+                for (name, tp) in [
+                    (programs::CGROUP_MKDIR, "cgroup_mkdir"),
+                    (programs::CGROUP_RMDIR, "cgroup_rmdir"),
+                ] {
+                    let p: &mut RawTracePoint = program(&mut ebpf, name)?;
+                    p.load().map_err(AttachError::from)?;
+                    p.attach(tp).map_err(AttachError::from)?;
+                }
+                Ok(())
+            },
+        ),
+    ];
+    Ok(Probes { ebpf, status })
+}
+
+/// Loads the object (maps, program definitions) with `offsets` and the contention settings
+/// set; attaches nothing.
+pub fn load_object(
+    offsets: &KernelOffsets,
+    contention: &ContentionConfig,
+) -> Result<Ebpf, LoadError> {
+    raise_memlock_limit();
+    ensure_tracefs();
+    let futex = FutexConfig {
+        select_all: u32::from(contention.select.is_empty()),
+        agent_tgid: std::process::id(),
+        stack_threshold_ns: contention.stack_threshold_us.saturating_mul(1000),
+    };
+    Ok(EbpfLoader::new()
+        .override_global(maps::OFFSETS, offsets, true)
+        .override_global(maps::FUTEX_CONFIG, &futex, true)
+        .map_max_entries(maps::FUTEX_PROCESSES, contention.max_processes)
+        .map_max_entries(maps::FUTEX_SELECTED, contention.max_processes)
+        // A few contended words per process.
+        .map_max_entries(
+            maps::FUTEX_LOCKS,
+            contention.max_processes.saturating_mul(16),
+        )
+        .load(EBPF_OBJECT)?)
+}
+
+/// Takes map `name` out of the loaded object as a `T`, for a reader that owns it from then on.
+pub fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+/// CPU sampling: the perf event program on every online CPU's software clock.
+fn attach_sampling(ebpf: &mut Ebpf, contention: &ContentionConfig) -> ProbeStatus {
+    let hook = format!(
+        "software CPU clock at {} Hz on every CPU",
+        contention.sample_hz
+    );
+    if contention.sample_hz == 0 {
+        return ProbeStatus::unavailable(
+            Capability::CpuSamples,
+            Failure::general("off in the configuration (contention.sample_hz = 0)"),
+        );
+    }
+    single(Capability::CpuSamples, ProbeMode::PerfEvent, &hook, || {
+        let cpus = aya::util::online_cpus()
+            .map_err(|(what, source)| AttachError::Cpus { what, source })?;
+        let p: &mut PerfEvent = program(ebpf, programs::CPU_SAMPLE)?;
+        p.load().map_err(AttachError::from)?;
+        for cpu in cpus {
+            p.attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::AllProcessesOneCpu { cpu },
+                SamplePolicy::Frequency(contention.sample_hz),
+                true,
+            )
+            .map_err(AttachError::from)?;
+        }
+        Ok(())
+    })
+}
+
+/// Off-CPU time: the raw tracepoint `sched_switch`.
+fn attach_offcpu(ebpf: &mut Ebpf, contention: &ContentionConfig) -> ProbeStatus {
+    if !contention.off_cpu {
+        return ProbeStatus::unavailable(
+            Capability::OffCpu,
+            Failure::general("off in the configuration (contention.off_cpu)"),
+        );
+    }
+    // Each kernel takes one of the two: a program reading the state argument does not attach
+    // where the tracepoint has no such argument.
+    let mut errors = Vec::new();
+    for (name, hook) in [
+        (programs::SCHED_SWITCH, "sched_switch (with prev_state)"),
+        (programs::SCHED_SWITCH_COMPAT, "sched_switch (before 5.18)"),
+    ] {
+        let r = program::<RawTracePoint>(ebpf, name).and_then(|p| {
+            p.load().map_err(AttachError::from)?;
+            p.attach("sched_switch")
+                .map(drop)
+                .map_err(AttachError::from)
+        });
+        match r {
+            Ok(()) => {
+                return ProbeStatus {
+                    capability: Capability::OffCpu,
+                    mode: ProbeMode::RawTp,
+                    hooks: vec![hook.to_owned()],
+                    errors: Vec::new(),
+                    fallbacks: errors,
+                };
+            }
+            Err(e) => errors.push(Failure::of(ProbeMode::RawTp, format!("{hook}: {e}"))),
+        }
+    }
+    ProbeStatus {
+        capability: Capability::OffCpu,
+        mode: ProbeMode::Unavailable,
+        hooks: Vec::new(),
+        errors,
+        fallbacks: Vec::new(),
+    }
+}
+
+/// Futex waits: the entries and exits of futex(2), and of `futex_waitv(2)` and `futex_wait(2)`
+/// where the kernel has them (5.16, 6.7).
+fn attach_futex(ebpf: &mut Ebpf, contention: &ContentionConfig) -> ProbeStatus {
+    if !contention.futex_waits {
+        return ProbeStatus::unavailable(
+            Capability::FutexWaits,
+            Failure::general("off in the configuration (contention.futex_waits)"),
+        );
+    }
+    let mut status = ProbeStatus {
+        capability: Capability::FutexWaits,
+        mode: ProbeMode::Unavailable,
+        hooks: Vec::new(),
+        errors: Vec::new(),
+        fallbacks: Vec::new(),
+    };
+    // Each exit before its entry: an entry seen without its exit would leave a wait whose
+    // thread's next futex call (a wake) ended it with a made-up duration.
+    let required = [
+        (programs::FUTEX_EXIT, "sys_exit_futex"),
+        (programs::FUTEX_ENTER, "sys_enter_futex"),
+    ];
+    let optional = [
+        (programs::FUTEX_EXIT, "sys_exit_futex_waitv"),
+        (programs::FUTEX_WAITV_ENTER, "sys_enter_futex_waitv"),
+        (programs::FUTEX_EXIT, "sys_exit_futex_wait"),
+        (programs::FUTEX_WAITV_ENTER, "sys_enter_futex_wait"),
+    ];
+    for name in [
+        programs::FUTEX_EXIT,
+        programs::FUTEX_ENTER,
+        programs::FUTEX_WAITV_ENTER,
+    ] {
+        if let Err(e) =
+            program::<TracePoint>(ebpf, name).and_then(|p| p.load().map_err(AttachError::from))
+        {
+            status
+                .errors
+                .push(Failure::of(ProbeMode::Tracepoint, format!("{name}: {e}")));
+            return status;
+        }
+    }
+    for (i, (name, tracepoint)) in required.iter().chain(&optional).enumerate() {
+        let r = program::<TracePoint>(ebpf, name).and_then(|p| {
+            p.attach("syscalls", tracepoint)
+                .map(drop)
+                .map_err(AttachError::from)
+        });
+        match r {
+            Ok(()) => status.hooks.push(format!("syscalls/{tracepoint}")),
+            // An older kernel without the newer syscalls: not an error.
+            Err(_) if i >= required.len() => {}
+            Err(e) => {
+                status.errors.push(Failure::of(
+                    ProbeMode::Tracepoint,
+                    format!("syscalls/{tracepoint}: {e}"),
+                ));
+                for (name, _) in required.iter().chain(&optional) {
+                    if let Ok(p) = program::<TracePoint>(ebpf, name) {
+                        let _ = p.unload();
+                    }
+                }
+                status.hooks.clear();
+                return status;
+            }
+        }
+    }
+    status.mode = ProbeMode::Tracepoint;
+    status
+}
+
+/// A capability with one way to attach.
+fn single(
+    capability: Capability,
+    mode: ProbeMode,
+    hook: &str,
+    f: impl FnOnce() -> Result<(), AttachError>,
+) -> ProbeStatus {
+    match f() {
+        Ok(()) => ProbeStatus {
+            capability,
+            mode,
+            hooks: vec![hook.to_owned()],
+            errors: Vec::new(),
+            fallbacks: Vec::new(),
+        },
+        Err(e) => ProbeStatus::unavailable(capability, Failure::of(mode, format!("{hook}: {e}"))),
+    }
+}
+
+/// Limit writes: fexit on each handler, else one kprobe/kretprobe pair on all of them. A mode is
+/// used when it attaches to at least one handler; handlers it could not attach to are reported.
+fn attach_limit_writes(
+    ebpf: &mut Ebpf,
+    offsets: &KernelOffsets,
+    choice: LimitWriteMode,
+) -> ProbeStatus {
+    if !offsets.has_written_file() {
+        return ProbeStatus::unavailable(
+            Capability::LimitWrites,
+            Failure::general(
+                "kernel BTF lacks the kernfs fields needed to tell which file was written",
+            ),
+        );
+    }
+    let modes: &[ProbeMode] = match choice {
+        LimitWriteMode::Auto => &[ProbeMode::Fexit, ProbeMode::Kprobe, ProbeMode::Syscalls],
+        LimitWriteMode::Fexit => &[ProbeMode::Fexit],
+        LimitWriteMode::Kprobe => &[ProbeMode::Kprobe],
+        LimitWriteMode::Syscalls => &[ProbeMode::Syscalls],
+        LimitWriteMode::Inotify => &[],
+    };
+    let mut passed_over = Vec::new();
+    for &mode in modes {
+        let (hooks, failures) = match mode {
+            ProbeMode::Kprobe => attach_kprobes(ebpf),
+            ProbeMode::Syscalls => attach_syscalls(ebpf, offsets),
+            _ => attach_fexits(ebpf),
+        };
+        let attached = !hooks.is_empty();
+        let errors = grouped(mode, attached, failures);
+        if attached {
+            return ProbeStatus {
+                capability: Capability::LimitWrites,
+                mode,
+                hooks,
+                errors,
+                fallbacks: passed_over,
+            };
+        }
+        passed_over.extend(errors);
+    }
+    if matches!(choice, LimitWriteMode::Auto | LimitWriteMode::Inotify) {
+        return inotify_status(passed_over);
+    }
+    ProbeStatus {
+        capability: Capability::LimitWrites,
+        mode: ProbeMode::Unavailable,
+        hooks: Vec::new(),
+        errors: passed_over,
+        fallbacks: Vec::new(),
+    }
+}
+
+/// The limit an OOM kill hit: fentry on `out_of_memory`, else a kprobe there; without either,
+/// userspace derives it from the cgroups' `memory.events.local` (mode `memory.events`).
+fn attach_oom_limits(
+    ebpf: &mut Ebpf,
+    offsets: &KernelOffsets,
+    choice: OomLimitMode,
+) -> ProbeStatus {
+    let modes: &[ProbeMode] = match choice {
+        OomLimitMode::Auto => &[ProbeMode::Fentry, ProbeMode::Kprobe],
+        OomLimitMode::Fentry => &[ProbeMode::Fentry],
+        OomLimitMode::Kprobe => &[ProbeMode::Kprobe],
+        OomLimitMode::MemoryEvents => &[],
+    };
+    let mut tried = Vec::new();
+    if !offsets.has_oom_control() && !modes.is_empty() {
+        tried.push(Failure::general("kernel BTF lacks the oom_control fields"));
+    } else {
+        for &mode in modes {
+            let r = match mode {
+                ProbeMode::Kprobe => {
+                    program::<KProbe>(ebpf, programs::OOM_ENTER_KPROBE).and_then(|p| {
+                        p.load().map_err(AttachError::from)?;
+                        p.attach(programs::OUT_OF_MEMORY, 0)
+                            .map(drop)
+                            .map_err(AttachError::from)
+                    })
+                }
+                _ => program::<FEntry>(ebpf, programs::OOM_ENTER_FENTRY).and_then(|p| {
+                    let btf = Btf::from_sys_fs().map_err(AttachError::from)?;
+                    p.load(programs::OUT_OF_MEMORY, &btf)
+                        .map_err(AttachError::from)?;
+                    p.attach().map(drop).map_err(AttachError::from)
+                }),
+            };
+            match r {
+                Ok(()) => {
+                    return ProbeStatus {
+                        capability: Capability::OomLimits,
+                        mode,
+                        hooks: vec![programs::OUT_OF_MEMORY.to_owned()],
+                        errors: Vec::new(),
+                        fallbacks: tried,
+                    };
+                }
+                Err(e) => tried.push(Failure::of(mode, e.to_string())),
+            }
+        }
+    }
+    // No probe: derived in userspace, which always works, and is said to be derived.
+    ProbeStatus {
+        capability: Capability::OomLimits,
+        mode: ProbeMode::MemoryEvents,
+        hooks: vec![
+            "memory.events.local of the victim's cgroup and its ancestors (derived)".to_owned(),
+        ],
+        errors: Vec::new(),
+        fallbacks: tried,
+    }
+}
+
+/// Limit writes seen without BPF (the agent runs the watcher); `fallbacks` say why.
+#[must_use]
+pub fn inotify_status(fallbacks: Vec<Failure>) -> ProbeStatus {
+    ProbeStatus {
+        capability: Capability::LimitWrites,
+        mode: ProbeMode::Inotify,
+        hooks: vec!["inotify on every cgroup directory, and polling (writer unknown)".to_owned()],
+        errors: Vec::new(),
+        fallbacks,
+    }
+}
+
+/// Every capability's status when the eBPF object could not be loaded at all.
+#[must_use]
+pub fn without_bpf(why: &str, limit_writes: LimitWriteMode) -> Vec<ProbeStatus> {
+    let no_bpf = || Failure::general(format!("no BPF: {why}"));
+    Capability::ALL
+        .into_iter()
+        .map(|c| match (c, limit_writes) {
+            (Capability::LimitWrites, LimitWriteMode::Auto | LimitWriteMode::Inotify) => {
+                inotify_status(vec![no_bpf()])
+            }
+            (c, _) => ProbeStatus::unavailable(c, no_bpf()),
+        })
+        .collect()
+}
+
+/// The handlers a mode attached to, and (handler, error) for the others.
+type Attempt = (Vec<String>, Vec<(&'static str, String)>);
+
+/// One failure per distinct error, naming its handlers ("every handler" when all failed alike).
+fn grouped(mode: ProbeMode, attached: bool, failures: Vec<(&'static str, String)>) -> Vec<Failure> {
+    let total = failures.len();
+    let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
+    for (handler, error) in failures {
+        match groups.iter_mut().find(|(e, _)| *e == error) {
+            Some((_, handlers)) => handlers.push(handler),
+            None => groups.push((error, vec![handler])),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(error, handlers)| {
+            let which = if !attached && handlers.len() == total && total == LimitFile::ALL.len() {
+                "every handler".to_owned()
+            } else {
+                handlers.join(", ")
+            };
+            let verb = if attached {
+                "not attached to"
+            } else {
+                "failed on"
+            };
+            Failure::of(mode, format!("{verb} {which}: {error}"))
+        })
+        .collect()
+}
+
+fn attach_fexits(ebpf: &mut Ebpf) -> Attempt {
+    let btf = match Btf::from_sys_fs() {
+        Ok(b) => b,
+        Err(e) => return (Vec::new(), vec![("kernel BTF", e.to_string())]),
+    };
+    let mut attempt: Attempt = (Vec::new(), Vec::new());
+    for limit in LimitFile::ALL {
+        let handler = limit.kernel_handler();
+        let r = (|| {
+            let p: &mut FExit = program(ebpf, limit.fexit_program())?;
+            p.load(handler, &btf).map_err(AttachError::from)?;
+            p.attach().map_err(AttachError::from)?;
+            Ok::<_, AttachError>(())
+        })();
+        match r {
+            Ok(()) => attempt.0.push(handler.to_owned()),
+            Err(e) => attempt.1.push((handler, e.to_string())),
+        }
+    }
+    attempt
+}
+
+fn attach_kprobes(ebpf: &mut Ebpf) -> Attempt {
+    let mut attempt: Attempt = (Vec::new(), Vec::new());
+    for name in [
+        programs::LIMIT_WRITE_KPROBE,
+        programs::LIMIT_WRITE_KRETPROBE,
+    ] {
+        let loaded =
+            program::<KProbe>(ebpf, name).and_then(|p| p.load().map_err(AttachError::from));
+        if let Err(e) = loaded {
+            attempt.1.push((name, format!("loading: {e}")));
+            return attempt;
+        }
+    }
+    for limit in LimitFile::ALL {
+        let handler = limit.kernel_handler();
+        let r = [
+            programs::LIMIT_WRITE_KPROBE,
+            programs::LIMIT_WRITE_KRETPROBE,
+        ]
+        .into_iter()
+        .try_for_each(|name| {
+            let p: &mut KProbe = program(ebpf, name)?;
+            p.attach(handler, 0).map(drop).map_err(AttachError::from)
+        });
+        match r {
+            Ok(()) => attempt.0.push(handler.to_owned()),
+            Err(e) => attempt.1.push((handler, e.to_string())),
+        }
+    }
+    attempt
+}
+
+/// The write syscalls' entry and exit tracepoints: all six or none (an entry without its exit
+/// would keep writes that are never reported). The entries that load the task by BTF are tried
+/// first; where the kernel refuses them, the helper-reading entries.
+fn attach_syscalls(ebpf: &mut Ebpf, offsets: &KernelOffsets) -> Attempt {
+    if !offsets.has_fd_to_kernfs() {
+        let why = "kernel BTF lacks the fields to follow an fd to its file";
+        return (Vec::new(), vec![("write syscalls", why.to_owned())]);
+    }
+    let (exits, btf_entries) = (
+        &programs::SYSCALL_WRITES[3..],
+        &programs::SYSCALL_WRITES[..3],
+    );
+    let mut refused = Vec::new();
+    for entries in [btf_entries, &programs::SYSCALL_WRITES_COMPAT[..]] {
+        let set: Vec<_> = entries.iter().chain(exits).collect();
+        match attach_tracepoints(ebpf, &set) {
+            Ok(hooks) => {
+                for (name, e) in &refused {
+                    tracing::info!("syscalls mode reads the task through helpers: {name}: {e}");
+                }
+                return (hooks, Vec::new());
+            }
+            Err((name, e)) => refused.push((name, e.to_string())),
+        }
+    }
+    (Vec::new(), refused)
+}
+
+/// Loads and attaches `syscalls/*` tracepoint programs, all or none.
+fn attach_tracepoints(
+    ebpf: &mut Ebpf,
+    set: &[&(&'static str, &'static str)],
+) -> Result<Vec<String>, (&'static str, AttachError)> {
+    let mut hooks = Vec::new();
+    for &&(name, tracepoint) in set {
+        let r = program::<TracePoint>(ebpf, name).and_then(|p| {
+            p.load().map_err(AttachError::from)?;
+            p.attach("syscalls", tracepoint)
+                .map(drop)
+                .map_err(AttachError::from)
+        });
+        if let Err(e) = r {
+            // Unloading detaches the ones already attached.
+            for &&(other, _) in set {
+                if let Ok(p) = program::<TracePoint>(ebpf, other) {
+                    let _ = p.unload();
+                }
+            }
+            return Err((name, e));
+        }
+        hooks.push(format!("syscalls/{tracepoint}"));
+    }
+    Ok(hooks)
+}
+
+/// Detaches and unloads every program of `ebpf`, each on a thread of its own: detaching some
+/// hooks waits for the kernel (an RCU grace period, for a trampoline one of RCU tasks, which
+/// takes long on a busy machine), and programs detached together share those waits.
+pub fn unload_all(mut ebpf: Ebpf) {
+    std::thread::scope(|s| {
+        for (name, program) in ebpf.programs_mut() {
+            s.spawn(move || {
+                let start = std::time::Instant::now();
+                let r = match program {
+                    aya::programs::Program::FExit(p) => p.unload(),
+                    aya::programs::Program::FEntry(p) => p.unload(),
+                    aya::programs::Program::KProbe(p) => p.unload(),
+                    aya::programs::Program::UProbe(p) => p.unload(),
+                    aya::programs::Program::TracePoint(p) => p.unload(),
+                    aya::programs::Program::RawTracePoint(p) => p.unload(),
+                    aya::programs::Program::PerfEvent(p) => p.unload(),
+                    // None of ours: dropped with the object.
+                    _ => Ok(()),
+                };
+                match r {
+                    // Most were never loaded (another mode attached): nothing to say.
+                    Ok(()) | Err(aya::programs::ProgramError::NotLoaded) => {}
+                    Err(e) => tracing::warn!(program = name, "unloading: {e}"),
+                }
+                tracing::debug!(program = name, took = ?start.elapsed(), "unloaded");
+            });
+        }
+    });
+}
+
+/// Why a program could not be loaded or attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("program {0} missing from the eBPF object")]
+    MissingProgram(String),
+    #[error("{}", explain(.0))]
+    Program(#[from] aya::programs::ProgramError),
+    #[error("{}", explain(.0))]
+    Btf(#[from] aya::BtfError),
+    #[error("{what}: {source}")]
+    Cpus {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// The program `name` as type `T`.
+pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, AttachError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf
+        .program_mut(name)
+        .ok_or_else(|| AttachError::MissingProgram(name.to_owned()))?;
+    Ok(p.try_into()?)
+}
+
+/// An error and its sources on one line (aya's errors keep the errno in a source), and what
+/// the kernel's answer means where it is cryptic.
+fn explain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    if s.contains("devices/kprobe/type") {
+        s.push_str(" (this kernel has no kprobe support)");
+    }
+    // 524 is the kernel-internal ENOTSUPP, which libc has no name for.
+    if s.contains("os error 524") {
+        s.push_str(
+            " (ENOTSUPP: this kernel has no BPF trampoline for this hook on this architecture)",
+        );
+    }
+    s
+}
+
+/// Kernels before 5.11 charge BPF maps to `RLIMIT_MEMLOCK`; later ones ignore it and some
+/// sandboxes refuse to change it, so failing here is only worth a debug line.
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid, initialised struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rlim) } != 0 {
+        tracing::debug!(
+            "setrlimit(RLIMIT_MEMLOCK): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Where tracepoints are looked up; aya also tries debugfs's `tracing` directory.
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Tracepoint probes need tracefs; hosts that boot without it mounted get it mounted at its
+/// standard place (what `mount -t tracefs nodev /sys/kernel/tracing` does).
+fn ensure_tracefs() {
+    let events = std::path::Path::new(TRACEFS).join("events");
+    let debugfs_events = std::path::Path::new("/sys/kernel/debug/tracing/events");
+    if events.exists() || debugfs_events.exists() {
+        return;
+    }
+    let rc = {
+        let target = c"/sys/kernel/tracing";
+        // SAFETY: all arguments are valid NUL-terminated strings; data may be null.
+        unsafe {
+            libc::mount(
+                c"nodev".as_ptr(),
+                target.as_ptr(),
+                c"tracefs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        }
+    };
+    if rc == 0 {
+        tracing::info!("mounted tracefs at {TRACEFS}");
+    } else {
+        tracing::warn!(
+            "tracefs is not mounted and mounting it at {TRACEFS} failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use agent_common::{LimitFile, maps, programs};
+
+    use super::EBPF_OBJECT;
+
+    /// The names the agent looks maps and programs up by are those of the built object (read
+    /// without loading it), and every program in it is one the agent knows of.
+    #[test]
+    fn names_match_the_built_object() {
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("the built object parses");
+        let used_maps = [
+            maps::EVENTS,
+            maps::EXECS,
+            maps::EXEC_SEEN,
+            maps::LOST,
+            maps::KILLED,
+            maps::PENDING_WRITES,
+            maps::LIMIT_WRITE_ARGS,
+            maps::OFFSETS,
+            maps::OOM_ENTRIES,
+            maps::FUTEX_WAITS,
+            maps::FUTEX_PROCESSES,
+            maps::FUTEX_LOCKS,
+            maps::FUTEX_STACKS,
+            maps::FUTEX_SELECTED,
+            maps::FUTEX_CONFIG,
+            maps::CPU_SAMPLES,
+            maps::SAMPLE_STACKS,
+            maps::WINDOW,
+            maps::OFFCPU_SLOTS,
+            maps::OFFCPU,
+            maps::OFFCPU_STACKS,
+            maps::OFFCPU_WATCH,
+            maps::DIAG_COUNTS,
+            maps::DIAG_STACKS,
+            maps::DIAG_LOST,
+        ];
+        // Globals live in a data section; their symbols name them.
+        let elf = object::File::parse(EBPF_OBJECT).expect("ELF");
+        let symbols: HashSet<&str> = object::Object::symbols(&elf)
+            .filter_map(|s| object::ObjectSymbol::name(&s).ok())
+            .collect();
+        for name in used_maps {
+            assert!(
+                obj.maps.contains_key(name) || symbols.contains(name),
+                "map {name} is not in the built object: {:?}",
+                obj.maps.keys().collect::<Vec<_>>()
+            );
+        }
+        let mut known: HashSet<&str> = [
+            programs::LIMIT_WRITE_KPROBE,
+            programs::LIMIT_WRITE_KRETPROBE,
+            programs::CGROUP_MKDIR,
+            programs::CGROUP_RMDIR,
+            programs::OOM_MARK_VICTIM,
+            programs::SIGNAL_GENERATE,
+            programs::OOM_ENTER_FENTRY,
+            programs::OOM_ENTER_KPROBE,
+            programs::FUTEX_ENTER,
+            programs::FUTEX_WAITV_ENTER,
+            programs::FUTEX_EXIT,
+            programs::GO_FATAL_REGS,
+            programs::GO_THROW_REGS,
+            programs::GO_FATAL_STACK,
+            programs::GO_THROW_STACK,
+            programs::PROCESS_EXEC,
+            programs::CPU_SAMPLE,
+            programs::SCHED_SWITCH,
+            programs::SCHED_SWITCH_COMPAT,
+            programs::LOCK_DIAG,
+        ]
+        .into_iter()
+        .collect();
+        known.extend(programs::SYSCALL_WRITES.map(|(p, _)| p));
+        known.extend(programs::SYSCALL_WRITES_COMPAT.map(|(p, _)| p));
+        known.extend(programs::BENCH_EMPTY.map(|(p, _)| p));
+        known.extend(LimitFile::ALL.map(LimitFile::fexit_program));
+        let built: HashSet<&str> = obj.programs.keys().map(String::as_str).collect();
+        let missing: Vec<_> = known.difference(&built).collect();
+        assert!(missing.is_empty(), "not in the built object: {missing:?}");
+        let unknown: Vec<_> = built.difference(&known).collect();
+        assert!(
+            unknown.is_empty(),
+            "built but unknown to the agent: {unknown:?}"
+        );
+    }
+}

@@ -1,0 +1,10 @@
+//! Everything that touches BPF: the loader (typed capabilities and modes), the kernel struct
+//! offsets from BTF, decoding of the programs' records, the rings, the Go uprobes, and the
+//! inotify fallback for limit writes without BPF.
+
+pub mod btf;
+pub mod decode;
+pub mod go;
+pub mod inotify;
+pub mod loader;
+pub mod rings;

@@ -1,0 +1,316 @@
+//! Cgroup identity: the labels a cgroup carries on every metric, the Kubernetes identity its
+//! path gives (both kubelet cgroup drivers and the common runtimes: the QoS class, the pod UID
+//! and the container ID; names come from elsewhere and are not guessed here), and where an OOM
+//! kill's limit sat relative to its victim.
+
+/// A cgroup's identity labels: its path, and its Kubernetes names (empty outside Kubernetes).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Who {
+    pub cgroup: String,
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+}
+
+impl Who {
+    /// Label names, in the order of [`Self::labels`]: first in every per-cgroup metric.
+    pub const LABELS: [&str; 4] = ["cgroup", "namespace", "pod", "container"];
+
+    /// A cgroup outside Kubernetes (or whose names are unknown).
+    #[cfg(test)]
+    #[must_use]
+    pub fn cgroup(path: &str) -> Self {
+        Self {
+            cgroup: path.to_owned(),
+            ..Self::default()
+        }
+    }
+
+    /// `cgroup`, `namespace`, `pod`, `container`, in the metrics' label order.
+    #[must_use]
+    pub fn labels(&self) -> [&str; 4] {
+        [&self.cgroup, &self.namespace, &self.pod, &self.container]
+    }
+}
+
+/// Where a limit was hit, relative to the victim of an OOM kill.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// The victim's own cgroup, or a Kubernetes container's.
+    Container,
+    /// A pod cgroup, or any other ancestor.
+    Pod,
+    /// A global OOM, or a node-wide cgroup: `kubepods` and its QoS classes.
+    Node,
+}
+
+impl Scope {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Container => "container",
+            Self::Pod => "pod",
+            Self::Node => "node",
+        }
+    }
+
+    /// The scope of a limit hit in `limit_cgroup` (`None`: a global OOM) for a victim in
+    /// `victim_cgroup`.
+    #[must_use]
+    pub fn of(limit_cgroup: Option<&str>, victim_cgroup: &str) -> Self {
+        let Some(limit) = limit_cgroup else {
+            return Self::Node;
+        };
+        match parse(limit) {
+            Some(id) if id.container.is_some() => Self::Container,
+            None if limit == "/" || limit.split('/').any(is_kubepods_level) => Self::Node,
+            None if limit == victim_cgroup => Self::Container,
+            Some(_) | None => Self::Pod,
+        }
+    }
+}
+
+/// `kubepods`, `kubepods.slice`, `kubepods-burstable.slice`, `burstable`... the levels above pods.
+fn is_kubepods_level(part: &str) -> bool {
+    part == "kubepods"
+        || part
+            .strip_prefix("kubepods")
+            .and_then(|rest| rest.strip_suffix(".slice"))
+            .is_some()
+}
+
+/// The pod's QoS class, from its parent cgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Qos {
+    Guaranteed,
+    Burstable,
+    BestEffort,
+}
+
+impl Qos {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Guaranteed => "guaranteed",
+            Self::Burstable => "burstable",
+            Self::BestEffort => "besteffort",
+        }
+    }
+}
+
+/// The container runtime, from the container cgroup's name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runtime {
+    Containerd,
+    CriO,
+    Docker,
+    /// The cgroupfs driver names the cgroup by the bare container id.
+    Unknown,
+}
+
+/// What a cgroup path says about a pod and container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub qos: Qos,
+    /// The pod UID with dashes (the systemd driver writes it with underscores).
+    pub pod_uid: String,
+    /// Set when the path reaches a container's cgroup (or below it).
+    pub container: Option<Container>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Container {
+    pub id: String,
+    pub runtime: Runtime,
+}
+
+/// Parses a cgroup v2 path (relative to the mount, leading `/`), returning `None` for paths
+/// outside Kubernetes' pod hierarchy.
+///
+/// systemd driver: `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope`
+/// cgroupfs driver: `/kubepods/burstable/pod<uid>/<id>`; Guaranteed pods sit right under `kubepods`.
+#[must_use]
+pub fn parse(path: &str) -> Option<Identity> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    // The hierarchy may sit under another one (kubelet's --cgroup-root, kind, nested nodes).
+    let start = parts.iter().position(|p| {
+        *p == "kubepods" || *p == "kubepods.slice" || p.ends_with("-kubepods.slice")
+    })?;
+    let mut rest = parts[start + 1..].iter();
+    let mut next = rest.next()?;
+    let qos = match qos_of(next) {
+        Some(q) => {
+            next = rest.next()?;
+            q
+        }
+        None => Qos::Guaranteed,
+    };
+    let pod_uid = pod_uid_of(next)?;
+    let container = rest.next().and_then(|c| container_of(c));
+    Some(Identity {
+        qos,
+        pod_uid,
+        container,
+    })
+}
+
+/// `burstable`, `besteffort` (cgroupfs) or `kubepods-burstable.slice` (systemd).
+fn qos_of(part: &str) -> Option<Qos> {
+    let name = part
+        .strip_suffix(".slice")
+        .map_or(part, |s| s.rsplit('-').next().unwrap_or(s));
+    match name {
+        "burstable" => Some(Qos::Burstable),
+        "besteffort" => Some(Qos::BestEffort),
+        _ => None,
+    }
+}
+
+/// `pod<uid>` (cgroupfs) or `kubepods[-<qos>]-pod<uid_with_underscores>.slice` (systemd).
+fn pod_uid_of(part: &str) -> Option<String> {
+    let name = part.strip_suffix(".slice").unwrap_or(part);
+    let at = name.rfind("pod")?;
+    if at != 0 && !name[..at].ends_with('-') {
+        return None;
+    }
+    let uid = &name[at + 3..];
+    let valid = !uid.is_empty()
+        && uid
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_');
+    valid.then(|| uid.replace('_', "-"))
+}
+
+/// `cri-containerd-<id>.scope`, `crio-<id>.scope`, `docker-<id>.scope` (systemd), or
+/// `<id>`, `crio-<id>`, `cri-containerd-<id>` (cgroupfs). CRI-O's `crio-conmon-<id>` is the
+/// monitor process, not the container.
+fn container_of(part: &str) -> Option<Container> {
+    let name = part.strip_suffix(".scope").unwrap_or(part);
+    if name.starts_with("crio-conmon-") {
+        return None;
+    }
+    let (runtime, id) = if let Some(id) = name.strip_prefix("cri-containerd-") {
+        (Runtime::Containerd, id)
+    } else if let Some(id) = name.strip_prefix("crio-") {
+        (Runtime::CriO, id)
+    } else if let Some(id) = name.strip_prefix("docker-") {
+        (Runtime::Docker, id)
+    } else {
+        (Runtime::Unknown, name)
+    };
+    let valid = id.len() >= 12 && id.chars().all(|c| c.is_ascii_hexdigit());
+    valid.then(|| Container {
+        id: id.to_owned(),
+        runtime,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "3f9a1c2e-7b4d-4e8f-9a0b-1c2d3e4f5a6b";
+    const ID: &str = "4c01db0b339c2c4e3a1f0d9e8b7a6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b";
+
+    fn container(path: &str) -> (Qos, String, Option<(String, Runtime)>) {
+        let i = parse(path).unwrap_or_else(|| panic!("no identity in {path}"));
+        (i.qos, i.pod_uid, i.container.map(|c| (c.id, c.runtime)))
+    }
+
+    #[test]
+    fn systemd_driver_paths() {
+        let u = UID.replace('-', "_");
+        for (runtime_prefix, runtime) in [
+            ("cri-containerd-", Runtime::Containerd),
+            ("crio-", Runtime::CriO),
+            ("docker-", Runtime::Docker),
+        ] {
+            let p = format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/{runtime_prefix}{ID}.scope"
+            );
+            assert_eq!(
+                container(&p),
+                (
+                    Qos::Burstable,
+                    UID.to_owned(),
+                    Some((ID.to_owned(), runtime))
+                )
+            );
+        }
+        let guaranteed = format!("/kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{ID}.scope");
+        assert_eq!(container(&guaranteed).0, Qos::Guaranteed);
+        let besteffort =
+            format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice");
+        assert_eq!(
+            container(&besteffort),
+            (Qos::BestEffort, UID.to_owned(), None)
+        );
+        // CRI-O's monitor is not a container.
+        let conmon = format!("/kubepods.slice/kubepods-pod{u}.slice/crio-conmon-{ID}.scope");
+        assert_eq!(container(&conmon).2, None);
+        // kind and other nested nodes put the hierarchy under kubelet's own slice.
+        let kind = format!(
+            "/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod{u}.slice/cri-containerd-{ID}.scope"
+        );
+        assert_eq!(container(&kind).0, Qos::Burstable);
+        assert_eq!(container(&kind).1, UID);
+    }
+
+    #[test]
+    fn cgroupfs_driver_paths() {
+        assert_eq!(
+            container(&format!("/kubepods/burstable/pod{UID}/{ID}")),
+            (
+                Qos::Burstable,
+                UID.to_owned(),
+                Some((ID.to_owned(), Runtime::Unknown))
+            )
+        );
+        assert_eq!(
+            container(&format!("/kubepods/pod{UID}/crio-{ID}")),
+            (
+                Qos::Guaranteed,
+                UID.to_owned(),
+                Some((ID.to_owned(), Runtime::CriO))
+            )
+        );
+        assert_eq!(
+            container(&format!("/kubepods/besteffort/pod{UID}")),
+            (Qos::BestEffort, UID.to_owned(), None)
+        );
+    }
+
+    #[test]
+    fn scopes() {
+        let pod = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f1e2d3c_4b5a_6978_8796_a5b4c3d2e1f0.slice";
+        let ctr = format!("{pod}/cri-containerd-{}.scope", "ab".repeat(32));
+        assert_eq!(Scope::of(Some(&ctr), &ctr), Scope::Container);
+        assert_eq!(Scope::of(Some(pod), &ctr), Scope::Pod);
+        assert_eq!(
+            Scope::of(Some("/kubepods.slice/kubepods-burstable.slice"), &ctr),
+            Scope::Node
+        );
+        assert_eq!(Scope::of(None, &ctr), Scope::Node);
+        assert_eq!(
+            Scope::of(Some("/app/worker"), "/app/worker"),
+            Scope::Container
+        );
+        assert_eq!(Scope::of(Some("/app"), "/app/worker"), Scope::Pod);
+    }
+
+    #[test]
+    fn other_paths_have_no_identity() {
+        for p in [
+            "/",
+            "/system.slice/containerd.service",
+            "/kubepods",
+            "/kubepods.slice/kubepods-burstable.slice",
+            "/user.slice/user-1000.slice/session-2.scope",
+            "/kubepods/burstable/notapod",
+        ] {
+            assert_eq!(parse(p), None, "{p}");
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! What the agent observes (capabilities), how each is attached (modes), and why a mode could
+//! not be used: reported by `nodewarden check`, the start-up log and `nodewarden_probe_info`.
+
+use std::fmt;
+
+/// Something the agent observes, each attached (or not) on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Capability {
+    LimitWrites,
+    OomKills,
+    OomVictims,
+    OomLimits,
+    CgroupChanges,
+    FutexWaits,
+    CpuSamples,
+    OffCpu,
+    GoFatalErrors,
+}
+
+impl Capability {
+    /// Every capability, in the order `nodewarden check` lists them.
+    pub const ALL: [Self; 9] = [
+        Self::FutexWaits,
+        Self::CpuSamples,
+        Self::OffCpu,
+        Self::GoFatalErrors,
+        Self::LimitWrites,
+        Self::OomLimits,
+        Self::OomVictims,
+        Self::OomKills,
+        Self::CgroupChanges,
+    ];
+
+    /// The stable name (a metric label value).
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::LimitWrites => "limit_writes",
+            Self::OomKills => "oom_kills",
+            Self::OomVictims => "oom_victims",
+            Self::OomLimits => "oom_limits",
+            Self::CgroupChanges => "cgroup_changes",
+            Self::FutexWaits => "futex_waits",
+            Self::CpuSamples => "cpu_samples",
+            Self::OffCpu => "off_cpu",
+            Self::GoFatalErrors => "go_fatal_errors",
+        }
+    }
+}
+
+impl fmt::Display for Capability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a capability is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProbeMode {
+    Fexit,
+    Fentry,
+    Kprobe,
+    /// Tracepoints on the write syscalls.
+    Syscalls,
+    Tracepoint,
+    RawTp,
+    PerfEvent,
+    Uprobe,
+    /// No BPF: inotify on the cgroup directories, and polling.
+    Inotify,
+    /// No probe: derived in userspace from `memory.events.local`.
+    MemoryEvents,
+    Unavailable,
+}
+
+impl ProbeMode {
+    /// The stable name (a metric label value).
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Fexit => "fexit",
+            Self::Fentry => "fentry",
+            Self::Kprobe => "kprobe",
+            Self::Syscalls => "syscalls",
+            Self::Tracepoint => "tracepoint",
+            Self::RawTp => "raw_tp",
+            Self::PerfEvent => "perf_event",
+            Self::Uprobe => "uprobe",
+            Self::Inotify => "inotify",
+            Self::MemoryEvents => "memory.events",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl fmt::Display for ProbeMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a mode could not be used, or could not attach to one of its hooks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// The mode that failed; `None` for a reason that holds for every mode (the capability is
+    /// off in the configuration, the kernel's BTF lacks a field...).
+    pub mode: Option<ProbeMode>,
+    pub message: String,
+}
+
+impl Failure {
+    #[must_use]
+    pub fn of(mode: ProbeMode, message: impl Into<String>) -> Self {
+        Self {
+            mode: Some(mode),
+            message: message.into(),
+        }
+    }
+
+    #[must_use]
+    pub fn general(message: impl Into<String>) -> Self {
+        Self {
+            mode: None,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.mode {
+            Some(m) => write!(f, "{m}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// One capability and how it went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeStatus {
+    pub capability: Capability,
+    /// How it is attached, or [`ProbeMode::Unavailable`].
+    pub mode: ProbeMode,
+    /// The kernel hooks it attached to.
+    pub hooks: Vec<String>,
+    /// Why hooks of the chosen mode (or, when unavailable, of every mode) could not attach.
+    pub errors: Vec<Failure>,
+    /// Why preferred modes were passed over for the one in use.
+    pub fallbacks: Vec<Failure>,
+}
+
+impl ProbeStatus {
+    /// A capability not attached, for `why`.
+    #[must_use]
+    pub fn unavailable(capability: Capability, why: Failure) -> Self {
+        Self {
+            capability,
+            mode: ProbeMode::Unavailable,
+            hooks: Vec::new(),
+            errors: vec![why],
+            fallbacks: Vec::new(),
+        }
+    }
+
+    #[must_use]
+    pub fn attached(&self) -> bool {
+        self.mode != ProbeMode::Unavailable
+    }
+}
+
+impl fmt::Display for ProbeStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.attached() {
+            write!(
+                f,
+                "{:<14} {:<11} attached: {}",
+                self.capability.as_str(),
+                self.mode.as_str(),
+                self.hooks.join(", ")
+            )?;
+        } else {
+            write!(f, "{:<14} UNAVAILABLE", self.capability.as_str())?;
+        }
+        for e in &self.errors {
+            write!(f, "\n{:<17}{e}", "")?;
+        }
+        for e in &self.fallbacks {
+            write!(f, "\n{:<17}(passed over) {e}", "")?;
+        }
+        Ok(())
+    }
+}

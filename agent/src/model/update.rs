@@ -1,0 +1,56 @@
+//! What the pipeline hands the outputs: records (events for everyone), and changes to the
+//! state the gauges show.
+
+use agent_common::LimitFile;
+
+use super::{cgroup::Who, limit::LimitValue, record::Record};
+
+/// Why the limit state was read again from cgroupfs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResyncReason {
+    /// At start-up.
+    Start,
+    /// Events that change limits or cgroups were lost: the state may be stale.
+    EventsLost,
+    /// An event named a cgroup id the agent could not resolve.
+    UnknownCgroup,
+    /// The periodic poll of the limit files (limit writes seen without BPF).
+    Poll,
+}
+
+impl ResyncReason {
+    pub const ALL: [Self; 4] = [
+        Self::Start,
+        Self::EventsLost,
+        Self::UnknownCgroup,
+        Self::Poll,
+    ];
+
+    /// The label value.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::EventsLost => "events_lost",
+            Self::UnknownCgroup => "unknown_cgroup",
+            Self::Poll => "poll",
+        }
+    }
+}
+
+/// One output of the pipeline.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Update {
+    /// An event: fed, counted, logged, traced.
+    Record(Record),
+    /// A cgroup's limit is now `value` (a write, a scan, a new cgroup's default).
+    Limit {
+        who: Who,
+        limit: LimitFile,
+        value: LimitValue,
+    },
+    /// A cgroup removed `metrics.deleted_cgroup_ttl_s` ago: its series go.
+    Expired(String),
+    /// The limit state was read again from cgroupfs.
+    Resynced(ResyncReason),
+}

@@ -1,0 +1,560 @@
+//! Prometheus metrics: one place defines every name, label and help text. Event counts and
+//! limit gauges are the client library's vectors; what other parts of the agent own (losses,
+//! cache evictions, contention) is read at scrape time by registered collectors. The library
+//! encodes everything.
+
+use agent_common::{LimitFile, LossKind};
+use prometheus::{
+    IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    core::{Collector, Desc, MetricVec, MetricVecBuilder},
+    proto::{Counter, LabelPair, Metric, MetricFamily, MetricType},
+};
+
+use std::sync::{Arc, Mutex};
+
+use crate::model::{
+    cache::{Cache, Evictions},
+    cgroup::Who,
+    contention::Published,
+    limit::LimitValue,
+    loss::Losses,
+    probe::ProbeStatus,
+    update::ResyncReason,
+};
+
+/// The series of `vec` with these label values; a wrong count of values (a bug) is logged
+/// instead of panicking as `with_label_values` would.
+pub fn labelled<T: MetricVecBuilder>(vec: &MetricVec<T>, values: &[&str]) -> Option<T::M> {
+    vec.get_metric_with_label_values(values)
+        .map_err(|e| tracing::error!("metric {:?}: {e}", vec.desc().first().map(|d| &d.fq_name)))
+        .ok()
+}
+
+/// What the agent's own threads share with the metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Shared {
+    pub losses: Losses,
+    pub evictions: Evictions,
+    /// Contention, as its readers last published it.
+    pub contention: Arc<Mutex<Published>>,
+}
+
+/// The agent's metrics, registered in their own registry.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Processes killed by the OOM killer, by the victim's cgroup and the scope of the limit.
+    pub oom_kills: IntCounterVec,
+    /// Limit hits (one however many processes were killed), by the limiting cgroup and scope.
+    pub oom_incidents: IntCounterVec,
+    /// Go programs that hit a fatal error, by reason.
+    pub go_fatal_errors: IntCounterVec,
+    /// Writes to cgroup limit files.
+    pub limit_writes: IntCounterVec,
+    /// 1 for each capability, labelled with the mode it runs in.
+    pub probe_info: IntGaugeVec,
+    /// Current memory limits in bytes (`max` is +Inf).
+    pub limit_bytes: prometheus::GaugeVec,
+    /// Current pids.max.
+    pub pids_limit: prometheus::GaugeVec,
+    /// Current cpu.max as cores (quota / period; `max` is +Inf).
+    pub cpu_limit_cores: prometheus::GaugeVec,
+    /// Rescans of the hierarchy, by why.
+    pub resyncs: IntCounterVec,
+    /// Worker threads that panicked (the agent then stops).
+    pub worker_panics: IntCounterVec,
+    pub shared: Shared,
+}
+
+const OOM_LABELS: [&str; 5] = ["cgroup", "namespace", "pod", "container", "scope"];
+const GO_FATAL_LABELS: [&str; 5] = ["cgroup", "namespace", "pod", "container", "reason"];
+const LIMIT_LABELS: [&str; 5] = ["cgroup", "namespace", "pod", "container", "limit"];
+const LIMIT_WRITE_LABELS: [&str; 7] = [
+    "cgroup",
+    "namespace",
+    "pod",
+    "container",
+    "limit",
+    "writer",
+    "result",
+];
+
+impl Metrics {
+    /// Creates and registers every metric.
+    #[must_use]
+    pub fn new(shared: Shared) -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("static metric definition");
+            registry
+                .register(Box::new(OmitEmptyLabels(c.clone())))
+                .expect("metric names are unique");
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = prometheus::GaugeVec::new(Opts::new(name, help), labels)
+                .expect("static metric definition");
+            registry
+                .register(Box::new(OmitEmptyLabels(g.clone())))
+                .expect("metric names are unique");
+            g
+        };
+        let m = Self {
+            oom_kills: counter(
+                "nodewarden_oom_kills_total",
+                "Processes killed by the kernel's OOM killer, by the victim's cgroup and where the limit was hit (scope: container, pod, node).",
+                &OOM_LABELS,
+            ),
+            oom_incidents: counter(
+                "nodewarden_oom_incidents_total",
+                "OOM limit hits, counted once however many processes were killed, by the cgroup whose limit was hit (/ for the node) and scope.",
+                &OOM_LABELS,
+            ),
+            go_fatal_errors: counter(
+                "nodewarden_go_fatal_errors_total",
+                "Go processes that hit a fatal error (concurrent map writes...), by reason and cgroup.",
+                &GO_FATAL_LABELS,
+            ),
+            limit_writes: counter(
+                "nodewarden_cgroup_limit_writes_total",
+                "Writes to cgroup limit files, by target cgroup, limit file, writer comm and result.",
+                &LIMIT_WRITE_LABELS,
+            ),
+            resyncs: counter(
+                "nodewarden_resyncs_total",
+                "Reads of every cgroup's limit files, by why: start, events_lost, unknown_cgroup, poll.",
+                &["reason"],
+            ),
+            worker_panics: counter(
+                "nodewarden_worker_panics_total",
+                "Agent threads that panicked, by thread (the agent then exits with an error).",
+                &["worker"],
+            ),
+            limit_bytes: gauge(
+                "nodewarden_cgroup_limit_bytes",
+                "Current memory limits of each cgroup (memory.max, .high, .low, .min, .swap.max); max is +Inf.",
+                &LIMIT_LABELS,
+            ),
+            pids_limit: gauge(
+                "nodewarden_cgroup_pids_limit",
+                "Current pids.max of each cgroup; max is +Inf.",
+                &Who::LABELS,
+            ),
+            cpu_limit_cores: gauge(
+                "nodewarden_cgroup_cpu_limit_cores",
+                "Current cpu.max of each cgroup as cores (quota / period); max is +Inf.",
+                &Who::LABELS,
+            ),
+            probe_info: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "nodewarden_probe_info",
+                        "Always 1; mode says how each capability is attached (unavailable: not at all).",
+                    ),
+                    &["capability", "mode"],
+                )
+                .expect("static metric definition");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("metric names are unique");
+                g
+            },
+            registry,
+            shared,
+        };
+        for r in ResyncReason::ALL {
+            m.resyncs.with_label_values(&[r.as_str()]);
+        }
+        m.registry
+            .register(Box::new(LossCollector::new(m.shared.losses.clone())))
+            .expect("metric names are unique");
+        m.registry
+            .register(Box::new(EvictionCollector::new(m.shared.evictions.clone())))
+            .expect("metric names are unique");
+        m.registry
+            .register(Box::new(super::contention::ContentionCollector::new(
+                m.shared.contention.clone(),
+            )))
+            .expect("metric names are unique");
+        m
+    }
+
+    /// Sets `nodewarden_probe_info` for each capability's status.
+    pub fn probes(&self, status: &[ProbeStatus]) {
+        for s in status {
+            if let Some(g) = labelled(&self.probe_info, &[s.capability.as_str(), s.mode.as_str()]) {
+                g.set(1);
+            }
+        }
+    }
+
+    /// Sets the gauge of one limit of one cgroup; `who` is the cgroup's identity labels.
+    pub fn set_limit(&self, who: &Who, limit: LimitFile, value: LimitValue) {
+        let v = value.as_f64();
+        let w = who.labels();
+        let gauge = match limit {
+            LimitFile::PidsMax => labelled(&self.pids_limit, &w),
+            LimitFile::CpuMax => labelled(&self.cpu_limit_cores, &w),
+            _ => labelled(
+                &self.limit_bytes,
+                &[w[0], w[1], w[2], w[3], limit.file_name()],
+            ),
+        };
+        if let Some(g) = gauge {
+            g.set(v);
+        }
+    }
+
+    /// Drops the limit gauges of a removed cgroup, whatever names they carry: a removed cgroup
+    /// has no limits. Its counters stay (see [`Self::forget_cgroup_counters`]).
+    pub fn forget_cgroup(&self, cgroup: &str) {
+        remove_series(&self.limit_bytes, &LIMIT_LABELS, cgroup);
+        remove_series(&self.pids_limit, &Who::LABELS, cgroup);
+        remove_series(&self.cpu_limit_cores, &Who::LABELS, cgroup);
+    }
+
+    /// Drops the counters of a cgroup removed long enough ago (`metrics.deleted_cgroup_ttl_s`).
+    pub fn forget_cgroup_counters(&self, cgroup: &str) {
+        remove_series(&self.oom_kills, &OOM_LABELS, cgroup);
+        remove_series(&self.oom_incidents, &OOM_LABELS, cgroup);
+        remove_series(&self.go_fatal_errors, &GO_FATAL_LABELS, cgroup);
+        remove_series(&self.limit_writes, &LIMIT_WRITE_LABELS, cgroup);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    #[must_use]
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+    }
+
+    /// Every metric name the registry exports (for the documentation test).
+    #[cfg(test)]
+    #[must_use]
+    pub fn names(&self) -> Vec<String> {
+        self.registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_owned())
+            .collect()
+    }
+}
+
+/// Removes every series of `vec` whose `cgroup` label is `cgroup`; `names` are its labels in
+/// definition order.
+fn remove_series<T: MetricVecBuilder>(vec: &MetricVec<T>, names: &[&str], cgroup: &str) {
+    for family in vec.collect() {
+        for m in family.get_metric() {
+            // Label pairs come sorted by name; removal wants definition order.
+            let label = |n: &str| {
+                m.get_label()
+                    .iter()
+                    .find(|l| l.name() == n)
+                    .map_or("", |l| l.value())
+            };
+            if label("cgroup") != cgroup {
+                continue;
+            }
+            let values: Vec<&str> = names.iter().map(|n| label(n)).collect();
+            let _ = vec.remove_label_values(&values);
+        }
+    }
+}
+
+/// A vector whose series leave out labels with empty values: Prometheus treats an empty label
+/// as absent, and the Kubernetes labels are empty outside Kubernetes, so a host's series stay
+/// short.
+#[derive(Debug)]
+struct OmitEmptyLabels<C>(C);
+
+impl<C: Collector> Collector for OmitEmptyLabels<C> {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut families = self.0.collect();
+        for f in &mut families {
+            for m in f.mut_metric() {
+                let kept: Vec<LabelPair> = m
+                    .get_label()
+                    .iter()
+                    .filter(|l| !l.value().is_empty())
+                    .cloned()
+                    .collect();
+                m.set_label(kept);
+            }
+        }
+        families
+    }
+}
+
+/// The description of a family a collector serves.
+pub fn desc(name: &str, help: &str, labels: &[&str]) -> Desc {
+    Desc::new(
+        name.to_owned(),
+        help.to_owned(),
+        labels.iter().map(|l| (*l).to_owned()).collect(),
+        std::collections::HashMap::new(),
+    )
+    .expect("static metric definition")
+}
+
+/// A label pair.
+pub fn label(name: &str, value: &str) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.to_owned());
+    l.set_value(value.to_owned());
+    l
+}
+
+/// A counter family from (labels, value) series.
+pub fn counter_family(
+    name: &str,
+    help: &str,
+    series: impl Iterator<Item = (Vec<LabelPair>, u64)>,
+) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_owned());
+    f.set_help(help.to_owned());
+    f.set_field_type(MetricType::COUNTER);
+    for (labels, value) in series {
+        let mut c = Counter::default();
+        #[expect(clippy::cast_precision_loss, reason = "counts exposed as floats")]
+        c.set_value(value as f64);
+        let mut m = Metric::default();
+        m.set_label(labels);
+        m.set_counter(c);
+        f.mut_metric().push(m);
+    }
+    f
+}
+
+/// `nodewarden_events_lost_total{kind,reason}`: what the kernel and the agent could not record.
+#[derive(Debug)]
+struct LossCollector {
+    losses: Losses,
+    desc: Desc,
+}
+
+const LOST: &str = "nodewarden_events_lost_total";
+const LOST_HELP: &str = "Events the agent could not record, by what (kind) and why (reason): ring buffer or map full, stack map collisions, slots taken, undecodable records, queues full. Counted in the kernel per CPU and in the agent; a loss of limit writes or cgroup changes is followed by a resync.";
+
+impl LossCollector {
+    fn new(losses: Losses) -> Self {
+        Self {
+            losses,
+            desc: desc(LOST, LOST_HELP, &["kind", "reason"]),
+        }
+    }
+}
+
+impl Collector for LossCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let series = LossKind::ALL.into_iter().flat_map(|kind| {
+            kind.reasons().iter().map(move |reason| {
+                (
+                    vec![
+                        label("kind", kind.as_str()),
+                        label("reason", reason.as_str()),
+                    ],
+                    self.losses.get(kind, *reason),
+                )
+            })
+        });
+        vec![counter_family(LOST, LOST_HELP, series)]
+    }
+}
+
+/// `nodewarden_cache_evictions_total{cache}`.
+#[derive(Debug)]
+struct EvictionCollector {
+    evictions: Evictions,
+    desc: Desc,
+}
+
+const EVICTIONS: &str = "nodewarden_cache_evictions_total";
+const EVICTIONS_HELP: &str = "Entries the agent's bounded caches pushed out to stay within their caps, by cache: a cap too small for this node shows here.";
+
+impl EvictionCollector {
+    fn new(evictions: Evictions) -> Self {
+        Self {
+            evictions,
+            desc: desc(EVICTIONS, EVICTIONS_HELP, &["cache"]),
+        }
+    }
+}
+
+impl Collector for EvictionCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let series = Cache::ALL
+            .into_iter()
+            .map(|c| (vec![label("cache", c.as_str())], self.evictions.get(c)));
+        vec![counter_family(EVICTIONS, EVICTIONS_HELP, series)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::LossReason;
+
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_gauges_without_empty_labels() {
+        let m = Metrics::new(Shared::default());
+        m.oom_kills
+            .with_label_values(&["/a", "", "", "", "container"])
+            .inc();
+        m.oom_incidents
+            .with_label_values(&["/b", "", "", "", "pod"])
+            .inc();
+        m.limit_writes
+            .with_label_values(&["/a", "", "", "", "memory.max", "sh", "ok"])
+            .inc_by(2);
+        let a = Who::cgroup("/a");
+        for limit in LimitFile::ALL {
+            m.set_limit(&a, limit, LimitValue::Count(1));
+        }
+        m.set_limit(&a, LimitFile::MemoryMax, LimitValue::Max);
+        m.set_limit(
+            &a,
+            LimitFile::CpuMax,
+            LimitValue::Cpu {
+                quota_us: Some(50_000),
+                period_us: 100_000,
+            },
+        );
+        let text = m.render();
+        // The library writes infinity as Rust prints it; Prometheus reads it as +Inf.
+        assert!(
+            text.contains("nodewarden_cgroup_limit_bytes{cgroup=\"/a\",limit=\"memory.max\"} inf"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nodewarden_cgroup_cpu_limit_cores{cgroup=\"/a\"} 0.5"),
+            "{text}"
+        );
+        m.forget_cgroup("/a");
+        assert!(!m.render().contains("nodewarden_cgroup_limit_bytes{"));
+        assert!(
+            text.contains("nodewarden_oom_kills_total{cgroup=\"/a\",scope=\"container\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nodewarden_oom_incidents_total{cgroup=\"/b\",scope=\"pod\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "nodewarden_cgroup_limit_writes_total{cgroup=\"/a\",limit=\"memory.max\",result=\"ok\",writer=\"sh\"} 2"
+            ),
+            "{text}"
+        );
+        // Counters go only when asked (a removed cgroup's, after the configured time).
+        assert!(m.render().contains("nodewarden_oom_kills_total{"));
+        m.forget_cgroup_counters("/a");
+        let text = m.render();
+        assert!(!text.contains("nodewarden_oom_kills_total{"), "{text}");
+        assert!(
+            !text.contains("nodewarden_cgroup_limit_writes_total{"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nodewarden_oom_incidents_total{cgroup=\"/b\""),
+            "{text}"
+        );
+    }
+
+    /// docs/metrics.md names every metric the agent exports.
+    #[test]
+    fn every_metric_is_documented() {
+        let shared = Shared::default();
+        let m = Metrics::new(shared.clone());
+        let who = ["/a", "", "", ""];
+        m.oom_kills
+            .with_label_values(&[&who[..], &["pod"]].concat());
+        m.oom_incidents
+            .with_label_values(&[&who[..], &["pod"]].concat());
+        m.go_fatal_errors
+            .with_label_values(&[&who[..], &["x"]].concat());
+        m.limit_writes
+            .with_label_values(&[&who[..], &["memory.max", "sh", "ok"]].concat());
+        m.worker_panics.with_label_values(&["go"]);
+        m.probe_info.with_label_values(&["limit_writes", "fexit"]);
+        for limit in LimitFile::ALL {
+            m.set_limit(&Who::cgroup("/a"), limit, LimitValue::Max);
+        }
+        {
+            let mut p = shared.contention.lock().expect("lock");
+            p.futex.push((
+                crate::model::contention::FutexLabels {
+                    comm: "c".into(),
+                    who: Who::cgroup("/a"),
+                },
+                crate::model::contention::FutexCounts::default(),
+            ));
+            let mut cpu = crate::model::contention::ProcessCpu::empty(1, "c".into(), "/a".into());
+            cpu.off_cpu = Some(crate::model::contention::OffCpuFigures {
+                watched_seconds: 1.0,
+                cpu_seconds: 1.0,
+                lock_seconds: 0.0,
+                total_seconds: 0.0,
+                lock_share: 0.0,
+                lock_call_site: None,
+            });
+            p.snapshot.cpu.push(cpu);
+        }
+        let docs = include_str!("../../../docs/metrics.md");
+        let names = m.names();
+        assert_eq!(names.len(), 17, "{names:?}");
+        for name in names {
+            assert!(
+                docs.contains(&format!("`{name}`")),
+                "{name} is not in docs/metrics.md"
+            );
+        }
+    }
+
+    #[test]
+    fn losses_and_evictions_are_exported_from_zero() {
+        let shared = Shared::default();
+        let m = Metrics::new(shared.clone());
+        let text = m.render();
+        assert!(
+            text.contains(
+                "nodewarden_events_lost_total{kind=\"limit_write\",reason=\"ring_full\"} 0"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("nodewarden_cache_evictions_total{cache=\"cgroup_paths\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nodewarden_resyncs_total{reason=\"events_lost\"} 0"),
+            "{text}"
+        );
+        shared.losses.add(LossKind::Exec, LossReason::QueueFull, 3);
+        shared.evictions.add(Cache::Stacks, 2);
+        let text = m.render();
+        assert!(
+            text.contains("nodewarden_events_lost_total{kind=\"exec\",reason=\"queue_full\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nodewarden_cache_evictions_total{cache=\"stacks\"} 2"),
+            "{text}"
+        );
+    }
+}

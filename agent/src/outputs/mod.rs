@@ -1,0 +1,140 @@
+//! Where the pipeline's updates go: Prometheus metrics, the log, OpenTelemetry spans, and the
+//! live event feed. Each sink takes what it needs from each update.
+
+pub mod contention;
+pub mod feed;
+pub mod http;
+pub mod logs;
+pub mod metrics;
+pub mod traces;
+
+use crate::model::{
+    cache::{Bounded, Cache, Evictions},
+    cgroup::Who,
+    contention::Episode,
+    record::{OomKill, Record},
+    update::Update,
+};
+
+use self::{
+    feed::Feed,
+    metrics::{Metrics, labelled},
+    traces::{IncidentTrace, Traces},
+};
+
+/// Incidents whose traces are open at once, at most (the pipeline closes them a second after
+/// their last kill, and caps how many are open too).
+const MAX_OPEN_TRACES: usize = 1024;
+
+/// The sinks.
+#[derive(Debug)]
+pub struct Outputs {
+    pub metrics: Metrics,
+    traces: Traces,
+    feed: Feed,
+    /// The root spans of the incidents still open, by incident id.
+    incidents: Bounded<String, IncidentTrace>,
+}
+
+impl Outputs {
+    #[must_use]
+    pub fn new(metrics: Metrics, traces: Traces, feed: Feed, evictions: &Evictions) -> Self {
+        Self {
+            metrics,
+            traces,
+            feed,
+            incidents: Bounded::new(Cache::OomIncidents, MAX_OPEN_TRACES, evictions.clone()),
+        }
+    }
+
+    /// Takes updates to every sink, in order.
+    pub fn apply_all(&mut self, updates: Vec<Update>) {
+        for u in updates {
+            self.apply(u);
+        }
+    }
+
+    /// Takes one update to every sink.
+    pub fn apply(&mut self, update: Update) {
+        match update {
+            Update::Record(r) => self.record(&r),
+            Update::Limit { who, limit, value } => self.metrics.set_limit(&who, limit, value),
+            Update::Expired(cgroup) => self.metrics.forget_cgroup_counters(&cgroup),
+            Update::Resynced(reason) => {
+                tracing::info!(
+                    reason = reason.as_str(),
+                    "limit state read again from cgroupfs"
+                );
+                if let Some(c) = labelled(&self.metrics.resyncs, &[reason.as_str()]) {
+                    c.inc();
+                }
+            }
+        }
+    }
+
+    fn record(&mut self, record: &Record) {
+        self.feed.publish(record);
+        logs::record(record);
+        let count = |vec: &prometheus::IntCounterVec, who: &Who, extra: &[&str]| {
+            let mut values = who.labels().to_vec();
+            values.extend_from_slice(extra);
+            if let Some(c) = labelled(vec, &values) {
+                c.inc();
+            }
+        };
+        match record {
+            Record::LimitWrite(r) => {
+                let writer = r.writer.as_ref().map_or("unknown", |w| w.comm.as_str());
+                count(
+                    &self.metrics.limit_writes,
+                    &Who::of(&r.cgroup, r.k8s.as_ref()),
+                    &[r.limit.file_name(), writer, &r.result],
+                );
+                self.traces.limit_write(r);
+            }
+            Record::OomKill(r) => self.oom_kill(r),
+            Record::OomIncident(r) => {
+                Traces::incident_closed(r, self.incidents.remove(&r.id));
+            }
+            Record::GoFatal(r) => {
+                count(
+                    &self.metrics.go_fatal_errors,
+                    &Who::of(&r.cgroup, r.k8s.as_ref()),
+                    &[&r.reason],
+                );
+                self.traces.go_fatal(r);
+            }
+            Record::CgroupCreated(_) => {}
+            Record::CgroupRemoved(r) => self.metrics.forget_cgroup(&r.cgroup),
+        }
+    }
+
+    /// A kill: the first of an incident counts the incident and starts its trace.
+    fn oom_kill(&mut self, r: &OomKill) {
+        let scope = r.limit.scope.as_str();
+        if r.opens_incident {
+            let who = Who::of(&r.limit.cgroup, r.limit.k8s.as_ref());
+            let mut values = who.labels().to_vec();
+            values.push(scope);
+            if let Some(c) = labelled(&self.metrics.oom_incidents, &values) {
+                c.inc();
+            }
+            let trace = self.traces.incident_opened(r);
+            self.incidents.put(r.incident.clone(), trace);
+        }
+        let who = Who::of(&r.cgroup, r.k8s.as_ref());
+        let mut values = who.labels().to_vec();
+        values.push(scope);
+        if let Some(c) = labelled(&self.metrics.oom_kills, &values) {
+            c.inc();
+        }
+        self.traces.oom_kill(r, self.incidents.peek(&r.incident));
+    }
+
+    /// A futex word with a new long wait (see `contention`).
+    pub fn contention_episode(&self, e: &Episode) {
+        let l = &e.lock;
+        tracing::debug!(pid = l.pid, comm = %l.comm, max_wait_ns = l.max_ns, "futex contention");
+        self.traces.contention(e);
+    }
+}

@@ -1,0 +1,442 @@
+//! From decoded events to updates: enrich (cgroup paths, Kubernetes identity, the writer), move
+//! the state (limits, OOM incidents, crashed Go processes), and say what changed. Pure but for
+//! its sources (traits): the outputs consume what it returns.
+
+pub mod clock;
+mod oom;
+#[cfg(test)]
+mod tests;
+
+use self::clock::Clock;
+use crate::{
+    enrich::{
+        Cgroups, Names, Procs,
+        cgroupfs::Scan,
+        k8s,
+        paths::{CgroupPaths, Resolved},
+    },
+    model::{
+        cache::{Bounded, Cache, Evictions},
+        cgroup::Who,
+        event::{CgroupChange, Event, GoFatal, LimitWrite, Observed, Task},
+        limit,
+        record::{self, K8s, Process, Record, SeenBy},
+        update::{ResyncReason, Update},
+    },
+    state::{
+        go_crashes::GoCrashes,
+        incidents::Incidents,
+        limits::{LimitState, Recorded},
+        memory_events::MemoryEvents,
+    },
+};
+
+/// Label value for a cgroup whose path could not be found.
+pub const UNKNOWN_CGROUP: &str = "unknown";
+
+/// Removed cgroups whose series are kept until they expire.
+const MAX_REMOVED: usize = 65_536;
+
+/// What the pipeline asks of the node.
+pub struct Sources {
+    pub cgroups: Box<dyn Cgroups + Send>,
+    pub procs: Box<dyn Procs + Send>,
+    pub names: Box<dyn Names + Send>,
+    pub clock: Box<dyn Clock + Send>,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sources").finish_non_exhaustive()
+    }
+}
+
+/// How the pipeline runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// How the probes see limit writes (what their records say).
+    pub limit_writes: SeenBy,
+    /// How long a removed cgroup's series stay, in ns.
+    pub deleted_ttl_ns: u64,
+    /// The kernel's page size (memory limits are kept in pages).
+    pub page_size: u64,
+}
+
+/// Enriches decoded events into records and keeps the state they move.
+#[derive(Debug)]
+pub struct Pipeline {
+    sources: Sources,
+    settings: Settings,
+    paths: CgroupPaths,
+    limits: LimitState,
+    memory_events: MemoryEvents,
+    incidents: Incidents<record::OomIncident>,
+    crashes: GoCrashes,
+    /// Removed cgroups' paths and when (monotonic ns): their series go after the TTL.
+    removed: Bounded<String, u64>,
+    /// Why the limit state must be read again, if it must.
+    resync: Option<ResyncReason>,
+}
+
+impl Pipeline {
+    #[must_use]
+    pub fn new(sources: Sources, settings: Settings, evictions: &Evictions) -> Self {
+        Self {
+            sources,
+            settings,
+            paths: CgroupPaths::new(evictions),
+            limits: LimitState::new(settings.page_size, evictions),
+            memory_events: MemoryEvents::default(),
+            incidents: Incidents::new(evictions),
+            crashes: GoCrashes::new(evictions),
+            removed: Bounded::new(Cache::RemovedCgroups, MAX_REMOVED, evictions.clone()),
+            resync: None,
+        }
+    }
+
+    /// Handles one decoded event.
+    pub fn handle(&mut self, event: Event, out: &mut Vec<Update>) {
+        match event {
+            Event::LimitWrite(w) => self.limit_write(&w, out),
+            Event::OomKill(k) => self.oom_kill(&k, out),
+            Event::Cgroup(c) => self.cgroup_change(c, out),
+            Event::GoFatal(g) => self.go_fatal(&g, out),
+        }
+    }
+
+    /// Events that change limits or cgroups were lost: the state must be read again before
+    /// anything relies on it.
+    pub fn events_lost(&mut self) {
+        self.resync = Some(ResyncReason::EventsLost);
+    }
+
+    /// The periodic poll of the limit files (limit writes seen without BPF): a scan, unless
+    /// one is wanted already.
+    pub fn poll(&mut self) {
+        self.resync.get_or_insert(ResyncReason::Poll);
+    }
+
+    /// Why the limit state should be read again (a scan off the event loop), if it should.
+    /// Taking it says a scan starts now: the time to give [`Self::apply_scan`].
+    pub fn take_resync(&mut self) -> Option<(ResyncReason, u64)> {
+        self.resync.take().map(|r| (r, self.scan_starts()))
+    }
+
+    /// The time a scan starting now gives [`Self::apply_scan`].
+    #[must_use]
+    pub fn scan_starts(&self) -> u64 {
+        self.sources.clock.monotonic_ns()
+    }
+
+    /// A scan of the hierarchy that started at `since` (monotonic ns): values events changed
+    /// after it are newer and kept; every other difference is a change the agent missed
+    /// (reported, seen by `reason`), a cgroup it did not know of, or one it missed the removal
+    /// of.
+    pub fn apply_scan(
+        &mut self,
+        scan: &Scan,
+        since: u64,
+        reason: ResyncReason,
+        out: &mut Vec<Update>,
+    ) {
+        let now = self.sources.clock.monotonic_ns();
+        let time = self.sources.clock.unix_nano(now);
+        let scanned: std::collections::HashSet<u64> = scan.cgroups.iter().map(|c| c.id).collect();
+        for c in &scan.cgroups {
+            self.paths.insert(c.id, c.path.clone());
+            if let Some(n) = c.oom
+                && (reason == ResyncReason::Start || !self.limits.knows(c.id))
+            {
+                self.memory_events.seed(&c.path, n);
+            }
+            let k8s = k8s::identity(&c.path, self.sources.names.as_mut());
+            let who = Who::of(&c.path, k8s.as_ref());
+            for (limit, text) in &c.limits {
+                let Ok(value) = limit::parse(*limit, text) else {
+                    tracing::warn!(cgroup = %c.path, limit = limit.file_name(), "unparsable value {text:?}");
+                    continue;
+                };
+                let Some((old, changed)) = self.limits.set_read(c.id, *limit, value, since) else {
+                    continue;
+                };
+                if !changed {
+                    continue;
+                }
+                out.push(Update::Limit {
+                    who: who.clone(),
+                    limit: *limit,
+                    value,
+                });
+                // A change to a cgroup already known is a write the agent did not see.
+                if let Some(old) = old
+                    && reason != ResyncReason::Start
+                {
+                    let seen_by = match reason {
+                        ResyncReason::Poll => SeenBy::Poll,
+                        _ => SeenBy::Resync,
+                    };
+                    let write = UnattributedWrite {
+                        time_unix_nano: time,
+                        cgroup: &c.path,
+                        limit: *limit,
+                        text,
+                        old: Some(old),
+                        now: value,
+                    };
+                    out.push(write.record(k8s.clone(), seen_by));
+                }
+            }
+        }
+        // Cgroups gone while their removal went unseen (and not recreated meanwhile).
+        let gone: Vec<u64> = self
+            .limits
+            .ids()
+            .filter(|id| !scanned.contains(id) && !self.limits.changed_since(*id, since))
+            .collect();
+        for id in gone {
+            let path = self.paths.known(id).unwrap_or(UNKNOWN_CGROUP).to_owned();
+            self.removed_cgroup(id, path, time, out);
+        }
+        out.push(Update::Resynced(reason));
+    }
+
+    /// A limit file seen modified without BPF (inotify); reported when its value differs from
+    /// the one known.
+    pub fn observed(&mut self, o: &Observed, out: &mut Vec<Update>) {
+        let Ok(value) = limit::parse(o.limit, &o.value) else {
+            tracing::warn!(cgroup = %o.path, limit = o.limit.file_name(), "unparsable value {:?}", o.value);
+            return;
+        };
+        // Without the writer's syscall only changes can be told apart: a cgroup not known yet
+        // is new, so it starts from the kernel's defaults.
+        let at = self.sources.clock.monotonic_ns();
+        if !self.limits.knows(o.id) {
+            self.paths.insert(o.id, o.path.clone());
+            self.limits.seed_defaults(o.id, at);
+        }
+        if self.limits.get(o.id, o.limit) == Some(value) {
+            return;
+        }
+        let k8s = k8s::identity(&o.path, self.sources.names.as_mut());
+        let Recorded::Moved { old, now } = self.limits.record(o.id, o.limit, value, at) else {
+            return;
+        };
+        out.push(Update::Limit {
+            who: Who::of(&o.path, k8s.as_ref()),
+            limit: o.limit,
+            value: now,
+        });
+        let time = self.sources.clock.unix_nano(at);
+        let write = UnattributedWrite {
+            time_unix_nano: time,
+            cgroup: &o.path,
+            limit: o.limit,
+            text: &o.value,
+            old,
+            now,
+        };
+        out.push(write.record(k8s, SeenBy::Inotify));
+    }
+
+    /// Time-driven work: incidents whose kills stopped are reported, and the series of cgroups
+    /// removed longer ago than the configured time expire. Call it every few hundred ms.
+    pub fn tick(&mut self, out: &mut Vec<Update>) {
+        let now = self.sources.clock.monotonic_ns();
+        for done in self.incidents.close_quiet(now) {
+            self.incident_closed(done.data, out);
+        }
+        let ttl = self.settings.deleted_ttl_ns;
+        let expired: Vec<String> = self
+            .removed
+            .iter()
+            .filter(|(_, at)| now.saturating_sub(**at) >= ttl)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in expired {
+            self.removed.remove(&path);
+            out.push(Update::Expired(path));
+        }
+    }
+
+    /// At shutdown: reports the incidents still open.
+    pub fn finish(&mut self, out: &mut Vec<Update>) {
+        for done in self.incidents.close_all() {
+            self.incident_closed(done.data, out);
+        }
+    }
+
+    /// The label of cgroup `id`: its path, or [`UNKNOWN_CGROUP`] (and a scan is asked for,
+    /// which finds a cgroup whose creation went unseen).
+    fn cgroup_label(&mut self, id: u64) -> String {
+        let now = self.sources.clock.monotonic_ns();
+        match self.paths.path(id, self.sources.cgroups.as_ref(), now) {
+            Resolved::Path(p) => p,
+            Resolved::NewlyUnknown => {
+                self.resync.get_or_insert(ResyncReason::UnknownCgroup);
+                UNKNOWN_CGROUP.to_owned()
+            }
+            Resolved::Unknown => UNKNOWN_CGROUP.to_owned(),
+        }
+    }
+
+    /// The Kubernetes identity of a cgroup path.
+    fn k8s(&mut self, path: &str) -> Option<K8s> {
+        k8s::identity(path, self.sources.names.as_mut())
+    }
+
+    /// A task as a record's process: its executable asked of `/proc` (the writer may be gone
+    /// already, a shell's `echo`: then it is unknown).
+    fn process(&mut self, t: &Task) -> Process {
+        Process {
+            pid: t.tgid,
+            tid: t.pid,
+            comm: t.comm.clone(),
+            exe: self.sources.procs.exe(t.tgid),
+            cgroup: self.cgroup_label(t.cgroup_id),
+        }
+    }
+
+    fn limit_write(&mut self, w: &LimitWrite, out: &mut Vec<Update>) {
+        let cgroup = self.cgroup_label(w.target_cgroup_id);
+        let result = match w.result {
+            Ok(_) => "ok".to_owned(),
+            Err(errno) => errno_name(errno),
+        };
+        let k8s = self.k8s(&cgroup);
+        // A write the kernel refused leaves the limit as it was; one older than the value
+        // known (it waited in the ring while a scan read the file) leaves it too, and its
+        // previous value is unknown.
+        let (old, new) = match (w.result, limit::parse(w.limit, &w.value)) {
+            (Ok(_), Ok(v)) => {
+                match self
+                    .limits
+                    .record(w.target_cgroup_id, w.limit, v, w.timestamp_ns)
+                {
+                    Recorded::Moved { old, now } => {
+                        out.push(Update::Limit {
+                            who: Who::of(&cgroup, k8s.as_ref()),
+                            limit: w.limit,
+                            value: now,
+                        });
+                        (old, Some(now))
+                    }
+                    Recorded::Older => (None, Some(self.limits.stored(w.limit, v))),
+                }
+            }
+            _ => (self.limits.get(w.target_cgroup_id, w.limit), None),
+        };
+        let writer = self.process(&w.writer);
+        out.push(Update::Record(Record::LimitWrite(Box::new(
+            record::LimitWrite {
+                time_unix_nano: self.sources.clock.unix_nano(w.timestamp_ns),
+                k8s,
+                cgroup,
+                limit: w.limit,
+                value: w.value.clone(),
+                old: old.map(|v| v.to_string()),
+                new: new.map(|v| v.to_string()),
+                result,
+                writer: Some(writer),
+                seen_by: self.settings.limit_writes,
+            },
+        ))));
+    }
+
+    fn cgroup_change(&mut self, c: CgroupChange, out: &mut Vec<Update>) {
+        let time = self.sources.clock.unix_nano(c.timestamp_ns);
+        if !c.created {
+            self.removed_cgroup(c.id, c.path, time, out);
+            return;
+        }
+        let k8s = self.k8s(&c.path);
+        let who = Who::of(&c.path, k8s.as_ref());
+        for (limit, value) in self.limits.seed_defaults(c.id, c.timestamp_ns) {
+            out.push(Update::Limit {
+                who: who.clone(),
+                limit,
+                value,
+            });
+        }
+        self.memory_events.created(&c.path);
+        // A new cgroup at the path of a removed one continues its series.
+        self.removed.remove(&c.path);
+        self.paths.insert(c.id, c.path.clone());
+        out.push(Update::Record(Record::CgroupCreated(
+            record::CgroupChange {
+                time_unix_nano: time,
+                cgroup: c.path,
+            },
+        )));
+    }
+
+    /// Cgroup `id` at `path` is gone: its limits go, its counters stay until they expire. Its
+    /// path stays known, for events still in flight.
+    fn removed_cgroup(&mut self, id: u64, path: String, time: u64, out: &mut Vec<Update>) {
+        self.limits.forget(id);
+        self.memory_events.removed(&path);
+        self.removed
+            .put(path.clone(), self.sources.clock.monotonic_ns());
+        out.push(Update::Record(Record::CgroupRemoved(
+            record::CgroupChange {
+                time_unix_nano: time,
+                cgroup: path,
+            },
+        )));
+    }
+
+    /// A Go fatal error; nothing for the same process's second one (several goroutines can
+    /// hit the same race; the process dies once).
+    fn go_fatal(&mut self, g: &GoFatal, out: &mut Vec<Update>) {
+        if !self.crashes.first(g.task.tgid, g.timestamp_ns) {
+            return;
+        }
+        let process = self.process(&g.task);
+        let cgroup = process.cgroup.clone();
+        // The reason is a label: cut, so a long message cannot make a long series.
+        let reason: String = g.message.chars().take(80).collect();
+        out.push(Update::Record(Record::GoFatal(Box::new(record::GoFatal {
+            time_unix_nano: self.sources.clock.unix_nano(g.timestamp_ns),
+            k8s: self.k8s(&cgroup),
+            cgroup,
+            process,
+            reason,
+            function: g.function.name().to_owned(),
+        }))));
+    }
+}
+
+/// A successful write found by its effect (a scan or inotify), without its writer.
+struct UnattributedWrite<'a> {
+    time_unix_nano: u64,
+    cgroup: &'a str,
+    limit: agent_common::LimitFile,
+    text: &'a str,
+    old: Option<limit::LimitValue>,
+    now: limit::LimitValue,
+}
+
+impl UnattributedWrite<'_> {
+    fn record(self, k8s: Option<K8s>, seen_by: SeenBy) -> Update {
+        Update::Record(Record::LimitWrite(Box::new(record::LimitWrite {
+            time_unix_nano: self.time_unix_nano,
+            cgroup: self.cgroup.to_owned(),
+            k8s,
+            limit: self.limit,
+            value: self.text.to_owned(),
+            old: self.old.map(|v| v.to_string()),
+            new: Some(self.now.to_string()),
+            result: "ok".to_owned(),
+            writer: None,
+            seen_by,
+        })))
+    }
+}
+
+/// The symbolic name of an errno ("EINVAL"), or its number when it has none.
+#[must_use]
+pub fn errno_name(errno: i32) -> String {
+    match nix::errno::Errno::from_raw(errno) {
+        nix::errno::Errno::UnknownErrno => format!("errno{errno}"),
+        e => format!("{e:?}"),
+    }
+}
