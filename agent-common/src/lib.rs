@@ -287,12 +287,31 @@ pub struct LimitWriteEvent {
     pub reserved: u32,
     /// Bytes of `value` that hold the value (without the NUL).
     pub value_len: u32,
+    /// Who wrote, as the kernel knew them at the write: the trusted writers are told by this,
+    /// never by comm.
+    pub writer: WriterIdentity,
     /// The written file's name (`kn->name`), NUL-terminated: says which limit it is.
     pub file_name: [u8; FILE_NAME_LEN],
     /// The value as the kernel parsed it (whitespace stripped), NUL-terminated.
     pub value: [u8; VALUE_LEN],
 }
-const _: () = assert!(size_of::<LimitWriteEvent>() == 48 + 24 + FILE_NAME_LEN + VALUE_LEN);
+const _: () = assert!(size_of::<LimitWriteEvent>() == 48 + 24 + 40 + FILE_NAME_LEN + VALUE_LEN);
+
+/// A writer's executable and parentage, read from its task in the kernel at the write.
+/// A key is all zero when it could not be read (a kernel thread has no executable).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterIdentity {
+    /// The writer's executable (`current->mm->exe_file`).
+    pub exe: ExecKey,
+    /// Its parent's executable (`current->real_parent->mm->exe_file`).
+    pub parent_exe: ExecKey,
+    /// Its parent's tgid (0 when unknown).
+    pub parent_tgid: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+const _: () = assert!(size_of::<WriterIdentity>() == 40);
 
 /// A cgroup was created or removed: keeps the agent's id-to-path map current without rescans.
 #[repr(C)]
@@ -324,7 +343,7 @@ const _: () = assert!(size_of::<ExecEvent>() == 48 + 16);
 
 /// An executable file: the kernel's `s_dev` of its filesystem and its inode number.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ExecKey {
     /// `super_block.s_dev` (the kernel's encoding: major << 20 | minor).
     pub dev: u32,
@@ -357,6 +376,8 @@ pub enum LossKind {
     OffCpu = 12,
     /// A ring buffer record userspace could not decode.
     Record = 13,
+    /// Userspace: a remediation decision the executor had no room for.
+    Decision = 14,
 }
 
 /// Why: the second index of [`LossCounts::counts`].
@@ -386,7 +407,7 @@ pub enum LossReason {
 }
 
 /// Number of [`LossKind`]s.
-pub const LOSS_KINDS: usize = 14;
+pub const LOSS_KINDS: usize = 15;
 /// Number of [`LossReason`]s.
 pub const LOSS_REASONS: usize = 10;
 
@@ -407,6 +428,7 @@ impl LossKind {
         Self::CpuSample,
         Self::OffCpu,
         Self::Record,
+        Self::Decision,
     ];
 
     /// The label value.
@@ -427,6 +449,7 @@ impl LossKind {
             Self::CpuSample => "cpu_sample",
             Self::OffCpu => "off_cpu",
             Self::Record => "record",
+            Self::Decision => "decision",
         }
     }
 
@@ -458,6 +481,7 @@ impl LossKind {
                 R::StackMissing,
             ],
             Self::Record => &[R::Decode],
+            Self::Decision => &[R::QueueFull],
         }
     }
 
@@ -876,10 +900,14 @@ pub struct KernelOffsets {
     pub inode_i_ino: u32,
     /// `super_block.s_dev`.
     pub super_block_s_dev: u32,
+    /// `mm_struct.exe_file` (the executable a process runs).
+    pub mm_exe_file: u32,
+    /// `task_struct.real_parent`.
+    pub task_real_parent: u32,
     /// Reserved, [`OFFSET_UNKNOWN`]; keeps the size a multiple of 8.
     pub reserved: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 144);
+const _: () = assert!(size_of::<KernelOffsets>() == 152);
 
 /// Marks a field the running kernel does not have.
 pub const OFFSET_UNKNOWN: u32 = u32::MAX;
@@ -922,6 +950,8 @@ impl KernelOffsets {
         linux_binprm_file: OFFSET_UNKNOWN,
         inode_i_ino: OFFSET_UNKNOWN,
         super_block_s_dev: OFFSET_UNKNOWN,
+        mm_exe_file: OFFSET_UNKNOWN,
+        task_real_parent: OFFSET_UNKNOWN,
         reserved: OFFSET_UNKNOWN,
     };
 
@@ -964,6 +994,20 @@ impl KernelOffsets {
     #[must_use]
     pub const fn has_exec_file(&self) -> bool {
         self.linux_binprm_file != OFFSET_UNKNOWN
+            && self.file_f_inode != OFFSET_UNKNOWN
+            && self.inode_i_ino != OFFSET_UNKNOWN
+            && self.inode_i_sb != OFFSET_UNKNOWN
+            && self.super_block_s_dev != OFFSET_UNKNOWN
+    }
+
+    /// Whether a writer's executable and its parent's can be read (`task->mm->exe_file`,
+    /// `task->real_parent`), to tell trusted writers by executable.
+    #[must_use]
+    pub const fn has_writer_identity(&self) -> bool {
+        self.task_mm != OFFSET_UNKNOWN
+            && self.mm_exe_file != OFFSET_UNKNOWN
+            && self.task_real_parent != OFFSET_UNKNOWN
+            && self.task_tgid != OFFSET_UNKNOWN
             && self.file_f_inode != OFFSET_UNKNOWN
             && self.inode_i_ino != OFFSET_UNKNOWN
             && self.inode_i_sb != OFFSET_UNKNOWN

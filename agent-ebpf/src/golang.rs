@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    kernel::{current_header, read_field},
+    kernel::{current_header, file_key, read_field},
     maps::{EVENTS, EXEC_SEEN, EXECS, Lost, OFFSETS, counted},
 };
 
@@ -151,12 +151,6 @@ unsafe fn exec_key(bprm: *const u8) -> Result<ExecKey, i32> {
     let off = OFFSETS.load();
     unsafe {
         let file: *const u8 = read_field(bprm, off.linux_binprm_file)?;
-        let inode: *const u8 = read_field(file, off.file_f_inode)?;
-        let sb: *const u8 = read_field(inode, off.inode_i_sb)?;
-        Ok(ExecKey {
-            dev: read_field(sb, off.super_block_s_dev)?,
-            reserved: 0,
-            ino: read_field(inode, off.inode_i_ino)?,
-        })
+        file_key(&off, file)
     }
 }

@@ -1,9 +1,9 @@
 //! Reads of kernel structs at offsets taken from BTF (Rust eBPF has no CO-RE).
 
-use agent_common::{COMM_LEN, EventHeader, KernelOffsets, OFFSET_UNKNOWN};
+use agent_common::{COMM_LEN, EventHeader, ExecKey, KernelOffsets, OFFSET_UNKNOWN, WriterIdentity};
 use aya_ebpf::helpers::{
-    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-    bpf_probe_read_kernel,
+    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+    bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
 };
 use aya_ebpf::{EbpfContext as _, programs::TracePointContext};
 
@@ -63,6 +63,59 @@ pub fn current_header(kind: u32) -> EventHeader {
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
     }
+}
+
+/// A file's (device, inode): `file->f_inode->{i_sb->s_dev, i_ino}`.
+///
+/// # Safety
+/// `file` must point to a `struct file`.
+#[inline]
+pub unsafe fn file_key(off: &KernelOffsets, file: *const u8) -> Result<ExecKey, i32> {
+    unsafe {
+        let inode: *const u8 = read_field(file, off.file_f_inode)?;
+        let sb: *const u8 = read_field(inode, off.inode_i_sb)?;
+        Ok(ExecKey {
+            dev: read_field(sb, off.super_block_s_dev)?,
+            reserved: 0,
+            ino: read_field(inode, off.inode_i_ino)?,
+        })
+    }
+}
+
+/// The executable a task runs: `task->mm->exe_file`'s key (fails for a kernel thread).
+///
+/// # Safety
+/// `task` must point to a `struct task_struct`.
+#[inline]
+unsafe fn task_exe(off: &KernelOffsets, task: *const u8) -> Result<ExecKey, i32> {
+    unsafe {
+        let mm: *const u8 = read_field(task, off.task_mm)?;
+        let file: *const u8 = read_field(mm, off.mm_exe_file)?;
+        file_key(off, file)
+    }
+}
+
+/// The current task's executable and its parent's, as they are now (at the write). What
+/// cannot be read stays zero: the writer is then not trusted.
+#[inline]
+pub fn current_writer() -> WriterIdentity {
+    let off = crate::maps::OFFSETS.load();
+    let mut who = WriterIdentity::default();
+    // SAFETY: the helper returns the running task.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    // SAFETY: `task` is the current `struct task_struct`; offsets come from BTF.
+    unsafe {
+        if let Ok(exe) = task_exe(&off, task) {
+            who.exe = exe;
+        }
+        if let Ok(parent) = read_field::<*const u8>(task, off.task_real_parent) {
+            who.parent_tgid = read_field(parent, off.task_tgid).unwrap_or(0);
+            if let Ok(exe) = task_exe(&off, parent) {
+                who.parent_exe = exe;
+            }
+        }
+    }
+    who
 }
 
 /// An 8-byte field of a syscall tracepoint's record, loaded directly: a helper call per field

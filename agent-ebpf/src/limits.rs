@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    kernel::{current_header, read_field},
+    kernel::{current_header, current_writer, read_field},
     maps::{EVENTS, LIMIT_WRITE_ARGS, Lost, OFFSETS, counted},
 };
 
@@ -120,6 +120,7 @@ pub fn emit_for_node(
         (*event).target_cgroup_id = target_cgroup_id;
         (*event).result = result;
         (*event).reserved = 0;
+        (*event).writer = current_writer();
         (*event).file_name = [0; FILE_NAME_LEN];
         let _ = bpf_probe_read_kernel_str_bytes(name, &mut (*event).file_name);
         (*event).value = [0; VALUE_LEN];

@@ -29,13 +29,7 @@ pub enum ConfigError {
     },
 }
 
-/// What the agent does about what it sees. Only `observe` exists until the rule engine lands.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// Watch, count and trace; never write a cgroup.
-    Observe,
-}
+pub use crate::model::heal::Mode;
 
 /// How limit writes are probed: `auto` picks the best the kernel allows; the others force a mode
 /// (for tests, and for kernels whose preferred probe misbehaves).
@@ -217,11 +211,122 @@ fn default_deleted_cgroup_ttl_s() -> u64 {
     3600
 }
 
+/// A trusted writer, as configured: its changes to limits are taken as the new desired values.
+/// Every condition given must hold.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedWriterConfig {
+    /// The name decisions give it.
+    pub name: String,
+    /// Paths of the executables it runs (absolute; those that do not exist are skipped).
+    pub exe: Vec<PathBuf>,
+    /// Paths of the executables its parent may run; absent: any parent.
+    #[serde(default)]
+    pub parent_exe: Option<Vec<PathBuf>>,
+    /// Globs of the cgroups it may run in; absent: any.
+    #[serde(default)]
+    pub cgroup: Option<Vec<String>>,
+    /// The process id it must have (1 for systemd); absent: any.
+    #[serde(default)]
+    pub pid: Option<u32>,
+}
+
+/// The trusted writers every node has: kubelet, the OCI runtimes under their shims and
+/// monitors, and systemd as PID 1.
+pub const BUILTIN_TRUSTED_WRITERS: &str = include_str!("trusted-writers.toml");
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrustedWritersFile {
+    trusted_writers: Vec<TrustedWriterConfig>,
+}
+
+/// The self-healing half: its guardrails and records.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemediationConfig {
+    /// Every so often (seconds), every watched limit is read and compared with its desired
+    /// value.
+    pub reconcile_interval_s: u64,
+    /// Least time between two restores of one limit (milliseconds).
+    pub cooldown_ms: u64,
+    /// At most this many restores of one limit per `window_s`.
+    pub max_restores: u32,
+    pub window_s: u64,
+    /// A fight: this many bad rewrites, each within `fight_within_ms` of a restore. The agent
+    /// then leaves the cgroup alone for `fight_backoff_s`.
+    pub fight_rewrites: u32,
+    pub fight_within_ms: u64,
+    pub fight_backoff_s: u64,
+    /// Values written in a new cgroup's first moments (milliseconds), by any writer, are its
+    /// first-seen values (a container runtime sets them right after creating it).
+    pub creation_grace_ms: u64,
+    /// The audit log: one JSON line per decision; empty disables it.
+    pub audit_log: PathBuf,
+    /// Rotated when it reaches this size; `audit_log_files` files are kept in all.
+    pub audit_log_max_bytes: u64,
+    pub audit_log_files: u32,
+    /// Where desired values are kept across restarts; empty disables it.
+    pub state_file: PathBuf,
+}
+
+impl Default for RemediationConfig {
+    fn default() -> Self {
+        Self {
+            reconcile_interval_s: 30,
+            cooldown_ms: 1000,
+            max_restores: 5,
+            window_s: 600,
+            fight_rewrites: 3,
+            fight_within_ms: 2000,
+            fight_backoff_s: 600,
+            creation_grace_ms: 5000,
+            audit_log: PathBuf::from("/var/log/nodewarden/audit.jsonl"),
+            audit_log_max_bytes: 10 << 20,
+            audit_log_files: 5,
+            state_file: PathBuf::from("/var/lib/nodewarden/desired.json"),
+        }
+    }
+}
+
+/// Whether the API server is asked about this node's pods.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum KubernetesApi {
+    /// In a cluster (a kubeconfig, or the pod's service account), used; elsewhere skipped
+    /// with one log line, and looked for again every minute.
+    #[default]
+    Auto,
+    Off,
+}
+
+/// The Kubernetes API as a source of desired limits and names.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    pub api: KubernetesApi,
+    /// This node's name as the API server knows it; empty takes `$NODE_NAME` (the downward
+    /// API), else the host name.
+    pub node_name: String,
+}
+
 /// The whole configuration file, as written.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     mode: Mode,
+    /// The rules file; empty for the embedded default rules.
+    #[serde(default)]
+    rules: String,
+    #[serde(default)]
+    remediation: RemediationConfig,
+    #[serde(default)]
+    kubernetes: KubernetesConfig,
+    /// Whether the built-in trusted writers apply (besides `trusted_writers`).
+    #[serde(default = "yes")]
+    builtin_trusted_writers: bool,
+    #[serde(default)]
+    trusted_writers: Vec<TrustedWriterConfig>,
     metrics: MetricsConfig,
     /// Longest time spent draining events and flushing traces at shutdown, in milliseconds.
     shutdown_drain_ms: u64,
@@ -266,6 +371,12 @@ pub struct Config {
     pub deleted_cgroup_ttl: Duration,
     pub events_socket: Option<PathBuf>,
     pub kubelet_log_dir: PathBuf,
+    /// The rules file; `None` for the embedded default rules.
+    pub rules: Option<PathBuf>,
+    pub remediation: RemediationConfig,
+    pub kubernetes: KubernetesConfig,
+    /// The built-in trusted writers (unless turned off), then the configured ones.
+    pub trusted_writers: Vec<TrustedWriterConfig>,
 }
 
 impl Config {
@@ -284,6 +395,10 @@ impl Config {
     }
 
     /// Parses and validates `text`; `origin` names it in errors.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "every key checked, every problem listed"
+    )]
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
             origin: origin.to_owned(),
@@ -365,6 +480,22 @@ impl Config {
                 raw.cgroup_root
             ));
         }
+        let rules = (!raw.rules.is_empty()).then(|| PathBuf::from(&raw.rules));
+        if rules.as_ref().is_some_and(|p| !p.is_absolute()) {
+            problems.push(format!("rules = {:?}: must be an absolute path", raw.rules));
+        }
+        validate_remediation(&raw.remediation, &mut problems);
+        let mut trusted_writers = Vec::new();
+        if raw.builtin_trusted_writers {
+            match toml::from_str::<TrustedWritersFile>(BUILTIN_TRUSTED_WRITERS) {
+                Ok(f) => trusted_writers.extend(f.trusted_writers),
+                Err(e) => problems.push(format!("the built-in trusted writers: {e}")),
+            }
+        }
+        for w in &raw.trusted_writers {
+            validate_trusted_writer(w, &mut problems);
+        }
+        trusted_writers.extend(raw.trusted_writers);
         match metrics_listen {
             Some(metrics_listen) if problems.is_empty() => Ok(Self {
                 mode: raw.mode,
@@ -377,6 +508,10 @@ impl Config {
                 deleted_cgroup_ttl: Duration::from_secs(raw.metrics.deleted_cgroup_ttl_s),
                 events_socket,
                 kubelet_log_dir: PathBuf::from(raw.kubelet_log_dir),
+                rules,
+                remediation: raw.remediation,
+                kubernetes: raw.kubernetes,
+                trusted_writers,
             }),
             _ => Err(ConfigError::Invalid {
                 origin: origin.to_owned(),
@@ -386,9 +521,105 @@ impl Config {
     }
 }
 
+/// The guardrails' bounds: each must be able to act, and none may run away.
+fn validate_remediation(r: &RemediationConfig, problems: &mut Vec<String>) {
+    let mut within = |name: &str, v: u64, lo: u64, hi: u64| {
+        if v < lo || v > hi {
+            problems.push(format!(
+                "remediation.{name} = {v}: must be between {lo} and {hi}"
+            ));
+        }
+    };
+    within("reconcile_interval_s", r.reconcile_interval_s, 1, 86_400);
+    within("cooldown_ms", r.cooldown_ms, 0, 3_600_000);
+    within("max_restores", u64::from(r.max_restores), 1, 10_000);
+    within("window_s", r.window_s, 1, 86_400);
+    within("fight_rewrites", u64::from(r.fight_rewrites), 1, 1000);
+    within("fight_within_ms", r.fight_within_ms, 1, 3_600_000);
+    within("fight_backoff_s", r.fight_backoff_s, 1, 86_400 * 7);
+    within("creation_grace_ms", r.creation_grace_ms, 0, 600_000);
+    within("audit_log_max_bytes", r.audit_log_max_bytes, 4096, 1 << 40);
+    within("audit_log_files", u64::from(r.audit_log_files), 1, 100);
+    for (name, p) in [("audit_log", &r.audit_log), ("state_file", &r.state_file)] {
+        if !p.as_os_str().is_empty() && !p.is_absolute() {
+            problems.push(format!(
+                "remediation.{name} = \"{}\": must be an absolute path (or empty to disable)",
+                p.display()
+            ));
+        }
+    }
+}
+
+fn validate_trusted_writer(w: &TrustedWriterConfig, problems: &mut Vec<String>) {
+    let name = &w.name;
+    if name.trim().is_empty() {
+        problems.push("trusted_writers: an entry has an empty name".to_owned());
+    }
+    if w.exe.is_empty() {
+        problems.push(format!(
+            "trusted_writers {name:?}: `exe` names no executable (trust is by executable)"
+        ));
+    }
+    for p in w.exe.iter().chain(w.parent_exe.iter().flatten()) {
+        if !p.is_absolute() {
+            problems.push(format!(
+                "trusted_writers {name:?}: \"{}\" is not an absolute path",
+                p.display()
+            ));
+        }
+    }
+    for g in w.cgroup.iter().flatten() {
+        if let Err(e) = Pattern::new(g) {
+            problems.push(format!("trusted_writers {name:?}: cgroup {g:?}: {e}"));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remediation_and_trusted_writers_are_validated_whole() {
+        let base =
+            "mode = \"enforce\"\nshutdown_drain_ms = 100\n[metrics]\nlisten = \"127.0.0.1:1\"\n";
+        let c = Config::parse(base, "t").expect("valid");
+        assert_eq!(c.remediation, RemediationConfig::default());
+        assert_eq!(
+            c.trusted_writers
+                .iter()
+                .map(|w| w.name.as_str())
+                .collect::<Vec<_>>(),
+            ["kubelet", "oci-runtime", "systemd"],
+            "the built-in ones"
+        );
+        let text = format!(
+            "rules = \"rules.toml\"\nbuiltin_trusted_writers = false\n{base}[remediation]\ncooldown_ms = 0\nmax_restores = 0\naudit_log = \"audit\"\n\n[[trusted_writers]]\nname = \"ops\"\nexe = [\"bin/ops\"]\ncgroup = [\"/x/[\"]\n"
+        );
+        let Err(ConfigError::Invalid { problems, .. }) = Config::parse(&text, "t") else {
+            panic!("invalid");
+        };
+        assert_eq!(problems.len(), 5, "{problems:#?}");
+        for needle in [
+            "rules = \"rules.toml\": must be an absolute path",
+            "remediation.max_restores = 0",
+            "remediation.audit_log",
+            "\"bin/ops\" is not an absolute path",
+            "cgroup \"/x/[\"",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(needle)),
+                "{needle}: {problems:#?}"
+            );
+        }
+        let text = format!("builtin_trusted_writers = false\n{base}");
+        assert!(
+            Config::parse(&text, "t")
+                .expect("valid")
+                .trusted_writers
+                .is_empty()
+        );
+    }
 
     #[test]
     fn default_config_is_observe_on_loopback() {
@@ -475,6 +706,8 @@ mod tests {
         let k8s = include_str!("../../deploy/kubernetes/config.toml");
         let c = Config::parse(k8s, "deploy/kubernetes/config.toml").expect("valid");
         assert_eq!(c.metrics_listen.port(), 9717);
+        assert_eq!(c.kubernetes.api, KubernetesApi::Auto);
+        assert!(c.remediation.audit_log.starts_with("/var/lib/nodewarden"));
     }
 
     #[test]
@@ -501,8 +734,12 @@ mod tests {
     #[test]
     fn unknown_keys_and_modes_are_refused() {
         let base = "shutdown_drain_ms = 100\n[metrics]\nlisten = \"127.0.0.1:1\"\n";
-        let err = Config::parse(&format!("mode = \"enforce\"\n{base}"), "t").expect_err("enforce");
-        assert!(err.to_string().contains("enforce"), "{err}");
+        for mode in ["observe", "dry-run", "enforce"] {
+            let c = Config::parse(&format!("mode = \"{mode}\"\n{base}"), "t").expect("a mode");
+            assert_eq!(c.mode.as_str(), mode);
+        }
+        let err = Config::parse(&format!("mode = \"heal\"\n{base}"), "t").expect_err("heal");
+        assert!(err.to_string().contains("heal"), "{err}");
         let err = Config::parse(&format!("mode = \"observe\"\ncolour = 1\n{base}"), "t")
             .expect_err("unknown key");
         assert!(err.to_string().contains("colour"), "{err}");

@@ -8,10 +8,12 @@ mod config;
 mod contention;
 mod daemon;
 mod enrich;
+mod executor;
 mod kernel;
 mod model;
 mod outputs;
 mod pipeline;
+mod rules;
 mod state;
 
 use std::{
@@ -23,7 +25,7 @@ use std::{
 use clap::{Parser, Subcommand};
 
 use crate::{
-    cli::{bench, check, diagnose, events, latency, top},
+    cli::{bench, check, desired, diagnose, events, latency, restore_bench, top},
     config::Config,
     model::{pattern::Pattern, record::RecordKind},
     outputs::{logs, traces::Traces},
@@ -132,6 +134,49 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         exec_rate: u32,
     },
+    /// Time bad memory.max writes from their return until the desired value is back, polling
+    /// the files (used by `cargo xtask bench`).
+    #[command(hide = true)]
+    BenchRestore {
+        /// The directory holding the cgroups.
+        #[arg(long)]
+        root: PathBuf,
+        /// Their names' common start.
+        #[arg(long)]
+        prefix: String,
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+        /// The bad value written, and the value waited for.
+        #[arg(long)]
+        bad: String,
+        #[arg(long)]
+        good: String,
+        /// The agent's event socket, for its own figures.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Waits before each bad write, spread over [0, N) ms (for a periodic restorer).
+        #[arg(long, default_value_t = 0)]
+        jitter_ms: u64,
+    },
+    /// Every watched limit, its desired value and where that value comes from (the running
+    /// agent's state file, `remediation.state_file`).
+    Desired {
+        /// Configuration file (TOML), for the state file's path; the embedded default when
+        /// absent.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Only cgroups whose path matches this glob (`*` matches across `/`).
+        #[arg(long, value_parser = parse_glob)]
+        cgroup: Option<Pattern>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rules files: validate one, or print their JSON Schema.
+    Rules {
+        #[command(subcommand)]
+        cmd: RulesCmd,
+    },
     /// Validate a configuration file and print it as understood.
     CheckConfig {
         /// Configuration file (TOML); the embedded default when absent.
@@ -140,10 +185,22 @@ enum Cmd {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum RulesCmd {
+    /// Check a rules file whole: every problem, with its line and column.
+    Validate {
+        /// The rules file (TOML).
+        file: PathBuf,
+    },
+    /// Print the JSON Schema of rules files.
+    Schema,
+}
+
 fn parse_glob(s: &str) -> Result<Pattern, String> {
     Pattern::new(s).map_err(|e| e.to_string())
 }
 
+#[expect(clippy::too_many_lines, reason = "one arm per command")]
 fn main() -> ExitCode {
     logs::init();
     match Cli::parse().cmd {
@@ -185,6 +242,18 @@ fn main() -> ExitCode {
         Cmd::DiagnoseLocks { pid, seconds } => {
             exit(diagnose::run(pid, seconds).map(|report| print!("{report}")))
         }
+        Cmd::Desired {
+            config,
+            cgroup,
+            json,
+        } => match load_config(config.as_deref()) {
+            Ok(c) => exit(desired::run(
+                &c.remediation.state_file,
+                cgroup.as_ref(),
+                json,
+            )),
+            Err(code) => code,
+        },
         Cmd::Check { config } => match load_config(config.as_deref()) {
             Ok(c) => exit(check::check(&c.probes, &c.contention)),
             Err(code) => code,
@@ -205,6 +274,32 @@ fn main() -> ExitCode {
             writes,
             exec_rate,
         } => exit(latency::run(&socket, &cgroup, writes, exec_rate)),
+        Cmd::BenchRestore {
+            root,
+            prefix,
+            count,
+            bad,
+            good,
+            socket,
+            jitter_ms,
+        } => exit(restore_bench::run(
+            &root,
+            &prefix,
+            count,
+            &bad,
+            &good,
+            socket.as_deref(),
+            Duration::from_millis(jitter_ms),
+        )),
+        Cmd::Rules {
+            cmd: RulesCmd::Validate { file },
+        } => exit(cli::rules::validate(&file)),
+        Cmd::Rules {
+            cmd: RulesCmd::Schema,
+        } => {
+            cli::rules::schema();
+            ExitCode::SUCCESS
+        }
         Cmd::CheckConfig { config } => match load_config(config.as_deref()) {
             Ok(c) => {
                 println!("{c:#?}");

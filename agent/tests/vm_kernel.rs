@@ -4,17 +4,81 @@
 mod common;
 
 use std::{
+    io::BufRead as _,
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
+
+use serde_json::Value;
 
 use common::{Agent, otlp};
 
+#[path = "vm_kernel/heal.rs"]
+mod heal;
 #[path = "vm_kernel/lossless.rs"]
 mod lossless;
 #[path = "vm_kernel/oom.rs"]
 mod oom;
+
+/// The agent's live event feed, collected in the background.
+pub(crate) struct Feed {
+    records: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Feed {
+    pub(crate) fn connect(agent: &Agent) -> Self {
+        let socket = Agent::events_socket_for(agent.metrics);
+        let stream = UnixStream::connect(&socket)
+            .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&records);
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stream).lines() {
+                let Ok(line) = line else { return };
+                let v: Value =
+                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+                sink.lock().expect("lock").push(v);
+            }
+        });
+        Self { records }
+    }
+
+    /// Every record so far.
+    pub(crate) fn records(&self) -> Vec<Value> {
+        self.records.lock().expect("lock").clone()
+    }
+
+    /// Waits for `n` records of `kind` with `pred`, and returns them.
+    pub(crate) fn wait(&self, kind: &str, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let found: Vec<Value> = self
+                .records
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter(|r| r["kind"] == kind && pred(r))
+                .cloned()
+                .collect();
+            if found.len() >= n {
+                return found;
+            }
+            assert!(
+                start.elapsed() < FEED_WAIT,
+                "{} of {n} {kind} records within {FEED_WAIT:?}; all records: {:#?}",
+                found.len(),
+                self.records.lock().expect("lock")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// How long the feed is waited on for records.
+const FEED_WAIT: Duration = Duration::from_secs(20);
 
 /// Set by `cargo xtask test` in the guest's environment.
 const IN_VM: &str = "NODEWARDEN_IN_VM";
@@ -422,7 +486,7 @@ fn limit_writes_in_mode(mode: &str) {
 
     drop(cg);
     // Removal drops the cgroup's gauges; its counters stay.
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     while common::scrape(agent.metrics).is_some_and(|b| b.contains(&gauge("memory.max"))) {
         assert!(
             start.elapsed() < wait,
@@ -513,7 +577,7 @@ fn events_cli_streams_filtered_events() {
     };
     let (json, human) = (output(&mut json), output(&mut human));
 
-    let lines: Vec<serde_json::Value> = json
+    let lines: Vec<Value> = json
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
         .collect();
@@ -657,7 +721,7 @@ fn pod_selector_picks_the_pods_processes() {
         "nodewarden_futex_waits_total{{comm=\"nw-mutex\",cgroup=\"/{}\",namespace=\"shop\",pod=\"cart-7d9f\",container=\"app\",outcome=\"woken\"}}",
         pod.container
     );
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     loop {
         let body = common::scrape(agent.metrics).unwrap_or_default();
         if common::sample(&body, &series).is_some_and(|v| v > 0.0) {
@@ -670,7 +734,7 @@ fn pod_selector_picks_the_pods_processes() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let snapshot = common::http_get(agent.metrics, "/contention").unwrap_or_default();
-    let snapshot: serde_json::Value = serde_json::from_str(&snapshot).expect("json");
+    let snapshot: Value = serde_json::from_str(&snapshot).expect("json");
     let pids: Vec<u64> = snapshot["processes"]
         .as_array()
         .map(|l| l.iter().filter_map(|p| p["pid"].as_u64()).collect())

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{bench_contention, bench_latency, build, setup, vm};
+use crate::{bench_contention, bench_latency, bench_restore, build, setup, vm};
 
 /// Rounds of the three configurations, interleaved so drift hits them alike.
 const ROUNDS: usize = 7;
@@ -21,12 +21,51 @@ const CONFIGS: [(&str, &str); 5] = [
     ("syscalls", "100"),
 ];
 
-pub fn main(baseline: Option<&str>) -> Result<i32> {
+/// The parts of the benchmark, for running one alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// The syscalls-mode probe's cost on write(2).
+    Write,
+    /// What the agent costs contended programs.
+    Contention,
+    /// Event latency, with and without an exec storm (in the VM).
+    Latency,
+    /// Restore latency (in the VM).
+    Restore,
+}
+
+pub fn main(baseline: Option<&str>, only: Option<Part>) -> Result<i32> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark loads eBPF programs and needs root");
     }
     let bin = build::agent(build::Profile::Release)?;
+    if let Some(part) = only {
+        let md = match part {
+            Part::Write => write_part(&bin)?,
+            Part::Contention => bench_contention::run(&bin)?,
+            Part::Latency => bench_latency::run(&bin, &agents(baseline, &bin)?)?,
+            Part::Restore => bench_restore::run(&bin)?,
+        };
+        print!("{md}");
+        return Ok(0);
+    }
+    let mut md = write_part(&bin)?;
+    md.push_str(&bench_contention::run(&bin)?);
+    md.push_str(&bench_latency::run(&bin, &agents(baseline, &bin)?)?);
+    md.push_str(&bench_restore::run(&bin)?);
+    let path = vm::workspace_root().join("docs/benchmarks.md");
+    std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
+    print!("{md}");
+    eprintln!("xtask: wrote {}", path.display());
+    Ok(0)
+}
+
+/// The agents whose event latency is measured: the baseline's (built), then this build.
+fn agents(
+    baseline: Option<&str>,
+    bin: &std::path::Path,
+) -> Result<Vec<(String, std::path::PathBuf)>> {
     let mut agents = Vec::new();
     if let Some(rev) = baseline {
         agents.push((
@@ -34,7 +73,12 @@ pub fn main(baseline: Option<&str>) -> Result<i32> {
             bench_latency::build_revision(rev)?,
         ));
     }
-    agents.push(("this build".to_owned(), bin.clone()));
+    agents.push(("this build".to_owned(), bin.to_owned()));
+    Ok(agents)
+}
+
+/// The write(2) part: rounds of the five configurations, interleaved.
+fn write_part(bin: &std::path::Path) -> Result<String> {
     let mut samples: [Vec<f64>; CONFIGS.len()] = Default::default();
     setup::step(
         &format!(
@@ -45,7 +89,7 @@ pub fn main(baseline: Option<&str>) -> Result<i32> {
             for _ in 0..ROUNDS {
                 for (i, (config, open_files)) in CONFIGS.iter().enumerate() {
                     let out = setup::output(
-                        Command::new(&bin)
+                        Command::new(bin)
                             .args([
                                 "bench-write",
                                 "--attached",
@@ -68,14 +112,7 @@ pub fn main(baseline: Option<&str>) -> Result<i32> {
         },
     )?;
     let [none, empty, syscalls, none_many, syscalls_many] = samples.map(|mut s| median(&mut s));
-    let mut md = report(none, empty, syscalls, none_many, syscalls_many)?;
-    md.push_str(&bench_contention::run(&bin)?);
-    md.push_str(&bench_latency::run(&bin, &agents)?);
-    let path = vm::workspace_root().join("docs/benchmarks.md");
-    std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
-    print!("{md}");
-    eprintln!("xtask: wrote {}", path.display());
-    Ok(0)
+    report(none, empty, syscalls, none_many, syscalls_many)
 }
 
 /// docs/benchmarks.md from the medians (ns per write).

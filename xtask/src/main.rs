@@ -3,6 +3,7 @@
 mod bench;
 mod bench_contention;
 mod bench_latency;
+mod bench_restore;
 mod build;
 mod lint;
 mod programs;
@@ -51,6 +52,9 @@ enum Cmd {
         /// change), in the same VM run.
         #[arg(long)]
         baseline: Option<String>,
+        /// Run one part only and print it, leaving docs/benchmarks.md as it is.
+        #[arg(long, value_enum)]
+        only: Option<bench::Part>,
     },
     /// Build the C and Go programs the tests run, for x86_64 and aarch64 (`cargo xtask test`
     /// does this first).
@@ -87,7 +91,7 @@ fn try_main() -> Result<i32> {
         Cmd::Run { profile, args } => run::main(profile, &args),
         Cmd::Test(args) => test::main(&args),
         Cmd::Lint => lint::main().map(|()| 0),
-        Cmd::Bench { baseline } => bench::main(baseline.as_deref()),
+        Cmd::Bench { baseline, only } => bench::main(baseline.as_deref(), only),
         Cmd::TestPrograms => programs::build().map(|()| 0),
         Cmd::Vm(args) => vm::main(&args),
         Cmd::Dist { target } => {

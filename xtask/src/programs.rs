@@ -29,6 +29,7 @@ pub fn build() -> Result<()> {
             ("nw-pingpong", "pingpong.c"),
             ("nw-futexbench", "futexbench.c"),
             ("nw-switchbench", "switchbench.c"),
+            ("nw-hold", "hold.c"),
         ] {
             setup::run(
                 Command::new(cc)

@@ -154,6 +154,9 @@ fn test_executable(name: &str) -> Result<PathBuf> {
 /// Longest a single VM test may run before it is killed (they take 5 to 60 s under TCG).
 const VM_TEST_TIMEOUT_S: u32 = 240;
 
+/// Longest a whole VM suite may run (about 10 minutes under TCG).
+const VM_SUITE_TIMEOUT_S: u64 = 1800;
+
 /// Runs the ignored (kernel) tests of `exe` inside a VM booted on `kernel`, each in its own
 /// process under a timeout: one test that hangs fails alone, by name, in bounded time. A test
 /// killed by the timeout is run once more and said so (a hang seen once under emulation, that
@@ -189,7 +192,13 @@ done
 exit $rc"#
     );
     let argv = ["sh".to_owned(), "-c".to_owned(), script];
-    let status = vm::run(kernel, &vm::RunOptions::default(), &argv)?;
+    // 2 GiB: the self-healing tests run a workload of 700 MiB beside the agent.
+    let opts = vm::RunOptions {
+        memory_mib: 2048,
+        timeout: std::time::Duration::from_secs(VM_SUITE_TIMEOUT_S),
+        ..vm::RunOptions::default()
+    };
+    let status = vm::run(kernel, &opts, &argv)?;
     if status != 0 {
         bail!("tests in the VM exited with status {status}");
     }

@@ -56,8 +56,27 @@ fn keep(filter: &Filter, r: &Record) -> bool {
         && filter.cgroup.as_ref().is_none_or(|g| g.matches(r.cgroup()))
 }
 
+/// What the executor did, in words.
+fn outcome(o: &crate::model::heal::Outcome) -> String {
+    use crate::model::heal::Outcome;
+    match o {
+        Outcome::Restored {
+            read_back,
+            latency_seconds,
+        } => format!(
+            "restored to {read_back} in {:.1} ms",
+            latency_seconds * 1000.0
+        ),
+        Outcome::Failed { error } => format!("restore failed: {error}"),
+        Outcome::Checked => "checked, not written".to_owned(),
+        Outcome::NotWritten { reason } => format!("not written: {}", reason.as_str()),
+        Outcome::Recorded => "recorded".to_owned(),
+    }
+}
+
 /// One readable line.
 #[must_use]
+#[expect(clippy::too_many_lines, reason = "one arm per kind of record")]
 pub fn human(record: &Record) -> String {
     let mut s = format!(
         "{} {:<14} {}",
@@ -135,6 +154,40 @@ pub fn human(record: &Record) -> String {
             );
         }
         Record::CgroupCreated(_) | Record::CgroupRemoved(_) => {}
+        Record::Decision(r) => {
+            let _ = write!(
+                s,
+                " {} = {:?}: {} by rule {} ({})",
+                r.limit.file_name(),
+                r.value,
+                r.verdict.as_str(),
+                r.rule,
+                r.mode.as_str()
+            );
+            if let Some(reason) = r.reason {
+                let _ = write!(s, ", {}", reason.as_str());
+            }
+            if let (Some(d), Some(src)) = (&r.desired, r.desired_source) {
+                let _ = write!(s, "; desired {d} ({})", src.as_str());
+            }
+            match (&r.writer, &r.trusted_writer) {
+                (Some(w), Some(t)) => {
+                    let _ = write!(s, "; written by {} (trusted: {t})", process(w));
+                }
+                (Some(w), None) => {
+                    let _ = write!(s, "; written by {}", process(w));
+                }
+                (None, _) => {
+                    let _ = write!(s, "; found by a scan");
+                }
+            }
+            if let Some(o) = &r.outcome {
+                let _ = write!(s, "; {}", outcome(o));
+            }
+            if r.repeated > 0 {
+                let _ = write!(s, " (and {} more like it)", r.repeated);
+            }
+        }
     }
     if let Some(k) = record.k8s() {
         match (&k.namespace, &k.pod) {

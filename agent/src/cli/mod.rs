@@ -3,7 +3,10 @@
 
 pub mod bench;
 pub mod check;
+pub mod desired;
 pub mod diagnose;
 pub mod events;
 pub mod latency;
+pub mod restore_bench;
+pub mod rules;
 pub mod top;

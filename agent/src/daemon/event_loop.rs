@@ -20,6 +20,7 @@ use tokio::{
 };
 
 use crate::{
+    config::Config,
     enrich::cgroupfs::{CgroupFs, Scan},
     kernel::{
         decode::{decode, decode_exec},
@@ -27,9 +28,15 @@ use crate::{
         inotify::Watcher,
         rings::{LossMap, Rings},
     },
-    model::{contention::Episode, event::Exec, loss::Losses, update::ResyncReason},
-    outputs::Outputs,
+    model::{
+        contention::Episode, event::Exec, loss::Losses, trust::TrustSet, update::ResyncReason,
+    },
+    outputs::{
+        Outputs,
+        metrics::{Metrics, labelled},
+    },
     pipeline::Pipeline,
+    rules::{Ruleset, file::RulesError},
 };
 
 /// How often the inotify mode rereads every limit file, to catch what inotify missed.
@@ -41,6 +48,81 @@ const TICK_EVERY: Duration = Duration::from_millis(250);
 
 /// Records handled per wake-up at most, so that a flood on one ring cannot starve the rest.
 const BATCH: usize = 4096;
+
+/// How often the rules file is looked at for a change.
+const RULES_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// The signals the loop answers.
+#[derive(Debug)]
+pub struct Signals {
+    pub sigterm: Signal,
+    pub sigint: Signal,
+    /// Reloads the rules file.
+    pub sighup: Signal,
+}
+
+/// What a reload task found.
+#[derive(Debug)]
+enum Reloaded {
+    /// The rules file, read and validated (or refused whole), and its stamp.
+    Rules(Option<Stamp>, Result<Ruleset, RulesError>),
+    /// The rules file did not change.
+    Unchanged,
+    /// The trusted writers' executables, resolved again.
+    Trust(TrustSet),
+}
+
+type Stamp = (u64, u64, i64, i64);
+
+/// Reloads of the rules file and the trusted writers, run off the loop one at a time.
+#[derive(Debug)]
+pub struct Reload {
+    config: Config,
+    metrics: Metrics,
+    /// The rules file as last loaded.
+    stamp: Option<Stamp>,
+    task: Option<JoinHandle<Reloaded>>,
+}
+
+impl Reload {
+    #[must_use]
+    pub fn new(config: Config, metrics: Metrics) -> Self {
+        let stamp = config.rules.as_deref().and_then(super::heal::stamp);
+        Self {
+            config,
+            metrics,
+            stamp,
+            task: None,
+        }
+    }
+
+    /// Reads the rules file again if it changed (or whatever, when `forced`: SIGHUP).
+    fn rules(&mut self, forced: bool) {
+        if self.task.is_some() {
+            return;
+        }
+        let path = self.config.rules.clone();
+        let known = self.stamp;
+        self.task = Some(tokio::task::spawn_blocking(move || {
+            let now = path.as_deref().and_then(super::heal::stamp);
+            if !forced && now == known {
+                return Reloaded::Unchanged;
+            }
+            Reloaded::Rules(now, super::heal::rules(path.as_deref()))
+        }));
+    }
+
+    /// Resolves the trusted writers' executables again, keeping the keys `before` had.
+    fn trust(&mut self, before: TrustSet) {
+        if self.task.is_some() {
+            return;
+        }
+        let config = self.config.clone();
+        self.task = Some(tokio::task::spawn_blocking(move || {
+            Reloaded::Trust(super::heal::trust(&config, &before))
+        }));
+    }
+}
 
 /// Why the loop ended.
 #[derive(Debug)]
@@ -100,6 +182,8 @@ pub fn start_watcher(root: &Path) -> Result<Watcher> {
 
 /// What the loop owns.
 pub struct EventLoop {
+    /// From the Kubernetes API watcher, when it runs.
+    pub pods: Option<tokio::sync::mpsc::Receiver<crate::model::pods::PodChange>>,
     pub pipeline: Pipeline,
     pub outputs: Outputs,
     pub losses: Losses,
@@ -114,6 +198,7 @@ pub struct EventLoop {
     pub panics: UnboundedReceiver<&'static str>,
     /// The scan running off the loop: why, when it started (monotonic ns), and its task.
     pub scan: Option<(ResyncReason, u64, JoinHandle<Scan>)>,
+    pub reload: Reload,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -128,15 +213,23 @@ impl EventLoop {
         &mut self,
         rings: &mut Option<AsyncRings>,
         mut watcher: Option<AsyncFd<Watcher>>,
-        mut sigterm: Signal,
-        mut sigint: Signal,
+        signals: Signals,
     ) -> Exit {
+        let Signals {
+            mut sigterm,
+            mut sigint,
+            mut sighup,
+        } = signals;
         let (mut events, mut execs) = match rings.as_mut() {
             Some(r) => (Some(&mut r.events), Some(&mut r.execs)),
             None => (None, None),
         };
         let mut poll = tokio::time::interval(POLL_EVERY);
         let mut tick = tokio::time::interval(TICK_EVERY);
+        let every = Duration::from_secs(self.reload.config.remediation.reconcile_interval_s);
+        let mut reconcile = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut rules_check = tokio::time::interval(RULES_CHECK_EVERY);
+        let watch_rules = self.reload.config.rules.is_some();
         loop {
             tokio::select! {
                 guard = readable(events.as_deref_mut()) => {
@@ -171,6 +264,20 @@ impl EventLoop {
                 _ = poll.tick(), if watcher.is_some() => self.pipeline.poll(),
                 _ = tick.tick() => self.tick(),
                 scan = finished(&mut self.scan) => self.scanned(scan),
+                change = pod_change(self.pods.as_mut()) => match change {
+                    Some(change) => self.pipeline.pods(change),
+                    None => self.pods = None,
+                },
+                _ = reconcile.tick() => {
+                    self.pipeline.reconcile();
+                    self.reload.trust(self.pipeline.trust().clone());
+                }
+                _ = rules_check.tick(), if watch_rules => self.reload.rules(false),
+                _ = sighup.recv() => {
+                    tracing::info!("SIGHUP: reloading the rules");
+                    self.reload.rules(true);
+                }
+                done = reloaded(&mut self.reload.task) => self.reloaded(done),
                 Some(worker) = self.panics.recv() => {
                     return Exit::Failed(anyhow!("the {worker} worker panicked"));
                 }
@@ -181,16 +288,25 @@ impl EventLoop {
         }
     }
 
-    /// Handles up to `max` records of the events ring; `true` when it is empty.
+    /// Handles up to `max` records of the events ring; `true` when it is empty. The kernel's
+    /// loss counts are read after the records and before they are acted on: a record that
+    /// survived a full ring must not be acted on as if nothing after it was lost.
     fn events(&mut self, ring: &mut RingBuf<MapData>, max: usize) -> bool {
-        let mut out = Vec::new();
+        let mut decoded = Vec::new();
         let mut empty = false;
         for _ in 0..max {
             let Some(record) = ring.next() else {
                 empty = true;
                 break;
             };
-            match decode(&record) {
+            decoded.push(decode(&record));
+        }
+        if !decoded.is_empty() {
+            self.kernel_losses();
+        }
+        let mut out = Vec::new();
+        for d in decoded {
+            match d {
                 Ok(e) => self.pipeline.handle(e, &mut out),
                 Err(e) => {
                     // It may have been a limit write or a cgroup change.
@@ -202,6 +318,21 @@ impl EventLoop {
         }
         self.apply(out);
         empty
+    }
+
+    /// The kernel's loss counts: a loss of limit writes or cgroup changes wants a resync
+    /// before anything acts on the limits.
+    fn kernel_losses(&mut self) {
+        if let Some(totals) = self.loss_map.as_ref().and_then(LossMap::totals) {
+            let more = self.losses.set_kernel(&totals);
+            if more.iter().any(|k| k.stales_limits()) {
+                tracing::warn!(
+                    ?more,
+                    "the kernel lost events: the limit state is read again"
+                );
+                self.pipeline.events_lost();
+            }
+        }
     }
 
     /// Passes up to `max` exec records to the Go watcher; `true` when the ring is empty.
@@ -245,18 +376,9 @@ impl EventLoop {
     /// Time-driven work, the kernel's loss counts (a loss of limit writes or cgroup changes
     /// wants a resync), and the contention spans.
     fn tick(&mut self) {
+        self.kernel_losses();
         let mut out = Vec::new();
         self.pipeline.tick(&mut out);
-        if let Some(totals) = self.loss_map.as_ref().and_then(LossMap::totals) {
-            let more = self.losses.set_kernel(&totals);
-            if more.iter().any(|k| k.stales_limits()) {
-                tracing::warn!(
-                    ?more,
-                    "the kernel lost events: the limit state is read again"
-                );
-                self.pipeline.events_lost();
-            }
-        }
         self.apply(out);
         for e in self.episodes.try_iter() {
             self.outputs.contention_episode(&e);
@@ -294,6 +416,30 @@ impl EventLoop {
         }
     }
 
+    fn reloaded(&mut self, done: Result<Reloaded, tokio::task::JoinError>) {
+        let count = |m: &Metrics, result: &str| {
+            if let Some(c) = labelled(&m.rules_reloads, &[result]) {
+                c.inc();
+            }
+        };
+        match done {
+            Ok(Reloaded::Unchanged) => {}
+            Ok(Reloaded::Trust(set)) => self.pipeline.set_trust(set),
+            Ok(Reloaded::Rules(stamp, Ok(rules))) => {
+                tracing::info!(rules = rules.rules.len(), "rules reloaded");
+                self.reload.stamp = stamp;
+                self.pipeline.set_rules(rules);
+                count(&self.reload.metrics, "ok");
+            }
+            Ok(Reloaded::Rules(stamp, Err(e))) => {
+                tracing::error!("rules not reloaded, the previous ones stay: {e}");
+                self.reload.stamp = stamp;
+                count(&self.reload.metrics, "invalid");
+            }
+            Err(e) => tracing::error!("reloading: {e}"),
+        }
+    }
+
     fn apply(&mut self, out: Vec<crate::model::update::Update>) {
         self.outputs.apply_all(out);
     }
@@ -317,6 +463,30 @@ async fn readable<T: AsRawFd>(
 ) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, T>> {
     match fd {
         Some(fd) => fd.readable_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next pod change; never when there is no watcher (`None` once it ended).
+async fn pod_change(
+    rx: Option<&mut tokio::sync::mpsc::Receiver<crate::model::pods::PodChange>>,
+) -> Option<crate::model::pods::PodChange> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The running reload's result when it ends; never when none runs.
+async fn reloaded(
+    task: &mut Option<JoinHandle<Reloaded>>,
+) -> Result<Reloaded, tokio::task::JoinError> {
+    match task {
+        Some(handle) => {
+            let result = handle.await;
+            *task = None;
+            result
+        }
         None => std::future::pending().await,
     }
 }

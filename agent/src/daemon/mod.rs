@@ -4,6 +4,7 @@
 mod attach;
 mod ebpf_logs;
 mod event_loop;
+mod heal;
 mod workers;
 
 use std::{
@@ -41,6 +42,9 @@ const EXEC_QUEUE: usize = 4096;
 /// Contention spans waiting for the event loop.
 const EPISODE_QUEUE: usize = 1024;
 
+/// Pod changes waiting for the event loop (the watcher waits when it is full: nothing lost).
+const POD_QUEUE: usize = 256;
+
 /// Runs until SIGTERM or SIGINT, then stops by `config.shutdown_drain` after it. Returns how it
 /// ended and that deadline, which bounds what the caller still flushes.
 pub async fn run(config: &Config, traces: &Traces) -> (Result<()>, Instant) {
@@ -50,6 +54,10 @@ pub async fn run(config: &Config, traces: &Traces) -> (Result<()>, Instant) {
     (result, deadline)
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "start-up in its order, read top to bottom"
+)]
 async fn run_until_stopped(
     config: &Config,
     traces: &Traces,
@@ -58,6 +66,11 @@ async fn run_until_stopped(
     // First, so that a signal during start-up also stops the agent cleanly.
     let sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    // The rules and the check that enforce can be honoured come before the kernel is touched.
+    let cgroupfs = hierarchy(config);
+    let heal_settings = heal::settings(config)?;
+    heal::preflight(config, cgroupfs.as_ref())?;
     let shared = Shared::default();
     let metrics = Metrics::new(shared.clone());
     let listener = http::bind(config.metrics_listen)
@@ -91,13 +104,24 @@ async fn run_until_stopped(
     .flatten()
     .collect();
 
-    let cgroupfs = hierarchy(config);
-    let mut pipeline = pipeline(config, &attached, cgroupfs.as_ref(), &shared);
+    let mut pipeline = pipeline(config, &attached, cgroupfs.as_ref(), &shared, heal_settings);
     let feed = feed::Feed::new();
+    let (queue, jobs) = crate::executor::queue(&shared.losses);
+    let executor = heal::start_executor(
+        config,
+        cgroupfs.as_ref(),
+        page_size(),
+        jobs,
+        &metrics,
+        feed.clone(),
+        traces.clone(),
+        &panics_tx,
+    )?;
     let mut outputs = Outputs::new(
         metrics.clone(),
         traces.clone(),
         feed.clone(),
+        Some(queue),
         &shared.evictions,
     );
     // The state starts from the hierarchy as it is now.
@@ -119,7 +143,9 @@ async fn run_until_stopped(
         config.metrics_listen
     );
 
+    let pods = kubernetes(config, &metrics);
     let mut event_loop = EventLoop {
+        pods,
         pipeline,
         outputs,
         losses: shared.losses.clone(),
@@ -130,15 +156,22 @@ async fn run_until_stopped(
         episodes,
         panics,
         scan: None,
+        reload: event_loop::Reload::new(config.clone(), metrics.clone()),
     };
     let (mut rings, watcher) = event_loop::register(attached.rings.take(), watcher)?;
-    let exit = event_loop.run(&mut rings, watcher, sigterm, sigint).await;
+    let signals = event_loop::Signals {
+        sigterm,
+        sigint,
+        sighup,
+    };
+    let exit = event_loop.run(&mut rings, watcher, signals).await;
 
     let stop_by = Instant::now() + config.shutdown_drain;
     *deadline = Some(stop_by);
     let stopping = Stopping {
         deadline: stop_by,
         workers,
+        executor,
         attached: &attached,
         stop: stop_tx,
     };
@@ -153,6 +186,8 @@ async fn run_until_stopped(
 struct Stopping<'a> {
     deadline: Instant,
     workers: Vec<workers::Worker>,
+    /// Stopped after the drain: what the drain decides is still carried out and recorded.
+    executor: workers::Worker,
     attached: &'a Attached,
     /// Tells the endpoints to stop.
     stop: watch::Sender<bool>,
@@ -175,13 +210,14 @@ impl Stopping<'_> {
         detach(self.attached, self.deadline);
         let detached = start.elapsed();
         event_loop.drain(rings, self.deadline);
+        self.executor.stop();
         let drained = start.elapsed();
         let _ = self.stop.send(true);
         let left = self.deadline.saturating_duration_since(Instant::now());
         if tokio::time::timeout(left, endpoints).await.is_err() {
             tracing::warn!("the endpoints did not stop within the drain time");
         }
-        for w in self.workers {
+        for w in self.workers.into_iter().chain([self.executor]) {
             w.join(self.deadline);
         }
         tracing::info!(
@@ -228,6 +264,31 @@ fn serve(
         let _ = server.await;
     };
     (stop_tx, endpoints)
+}
+
+/// The pods of this node from the API server, watched by a task of their own.
+fn kubernetes(
+    config: &Config,
+    metrics: &Metrics,
+) -> Option<tokio::sync::mpsc::Receiver<crate::model::pods::PodChange>> {
+    if config.kubernetes.api == crate::config::KubernetesApi::Off {
+        tracing::info!("Kubernetes API: off (kubernetes.api = \"off\")");
+        return None;
+    }
+    let Some(node) = crate::enrich::kube_api::node_name(&config.kubernetes.node_name) else {
+        tracing::warn!(
+            "Kubernetes API: not used: no node name (set kubernetes.node_name or $NODE_NAME)"
+        );
+        return None;
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(POD_QUEUE);
+    tokio::spawn(crate::enrich::kube_api::run(
+        None,
+        node,
+        tx,
+        metrics.kubernetes_api_up.clone(),
+    ));
+    Some(rx)
 }
 
 /// The cgroup v2 hierarchy: configured, or found mounted.
@@ -300,6 +361,7 @@ fn pipeline(
     attached: &Attached,
     cgroupfs: Option<&Arc<CgroupFs>>,
     shared: &Shared,
+    heal: crate::pipeline::HealSettings,
 ) -> Pipeline {
     Pipeline::new(
         Sources {
@@ -319,6 +381,7 @@ fn pipeline(
             deleted_ttl_ns: u64::try_from(config.deleted_cgroup_ttl.as_nanos()).unwrap_or(u64::MAX),
             page_size: page_size(),
         },
+        heal,
         &shared.evictions,
     )
 }

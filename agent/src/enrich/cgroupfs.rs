@@ -158,34 +158,44 @@ impl CgroupFs {
     /// Opens the cgroup `id` by its kernfs handle and reads back its path.
     fn open_by_id(&self, id: u64) -> Option<String> {
         let root_fd = self.root_fd.as_ref()?;
-        let mut handle = KernfsHandle {
-            handle_bytes: 8,
-            handle_type: FILEID_KERNFS,
-            id,
-        };
-        // SAFETY: `handle` is a file_handle with its 8 bytes of payload; the fd returned is
-        // ours to own.
-        let fd = unsafe {
-            libc::open_by_handle_at(
-                root_fd.as_raw_fd(),
-                (&raw mut handle).cast(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            let e = std::io::Error::last_os_error();
-            // No such cgroup (any more): an answer. Anything else: the kernel cannot do it.
-            if !matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOENT)) {
-                tracing::info!("cgroup ids are found by scans: opening by handle: {e}");
-                self.by_handle.store(false, Ordering::Relaxed);
+        let fd = match open_by_id(root_fd, id) {
+            Ok(fd) => fd,
+            Err(e) => {
+                // No such cgroup (any more): an answer. Anything else: the kernel cannot do it.
+                if !matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOENT)) {
+                    tracing::info!("cgroup ids are found by scans: opening by handle: {e}");
+                    self.by_handle.store(false, Ordering::Relaxed);
+                }
+                return None;
             }
-            return None;
-        }
-        // SAFETY: a fresh fd nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        };
         let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
         relative(&self.root, &link)
     }
+}
+
+/// The directory of cgroup `id`, opened by its kernfs handle beneath the mount `root`
+/// (`ESTALE` or `ENOENT`: no such cgroup).
+pub fn open_by_id(root: &impl std::os::fd::AsRawFd, id: u64) -> std::io::Result<OwnedFd> {
+    let mut handle = KernfsHandle {
+        handle_bytes: 8,
+        handle_type: FILEID_KERNFS,
+        id,
+    };
+    // SAFETY: `handle` is a file_handle with its 8 bytes of payload; the fd returned is ours
+    // to own.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            root.as_raw_fd(),
+            (&raw mut handle).cast(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// `link` (a directory's path as the kernel gives it) relative to `root`, with a leading `/`;
@@ -218,6 +228,14 @@ impl Cgroups for CgroupFs {
         // "max" (no limit) has no byte figure.
         let limit = read("memory.max").and_then(|s| s.trim().parse().ok());
         (usage, limit)
+    }
+
+    fn usage(&self, path: &str, file: &str) -> Option<u64> {
+        std::fs::read_to_string(self.dir(path).join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 }
 

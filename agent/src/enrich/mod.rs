@@ -5,9 +5,11 @@
 pub mod cgroupfs;
 pub mod elf;
 pub mod k8s;
+pub mod kube_api;
 pub mod kubelet;
 pub mod paths;
 pub mod procfs;
+pub mod trust;
 
 /// The cgroup v2 hierarchy, as the pipeline asks it (one cgroup, a few small files at most).
 pub trait Cgroups {
@@ -18,6 +20,11 @@ pub trait Cgroups {
     fn oom_count(&self, path: &str) -> Option<u64>;
     /// `memory.current` and `memory.max` of `path`, in bytes (`max`: `None`).
     fn usage_and_limit(&self, path: &str) -> (Option<u64>, Option<u64>);
+    /// A usage file's figure (`memory.current`, `pids.current`...) of `path`.
+    fn usage(&self, path: &str, file: &str) -> Option<u64> {
+        let _ = (path, file);
+        None
+    }
 }
 
 /// Processes and the node, as `/proc` shows them.
@@ -46,5 +53,8 @@ impl<T: Cgroups + ?Sized> Cgroups for std::sync::Arc<T> {
     }
     fn usage_and_limit(&self, path: &str) -> (Option<u64>, Option<u64>) {
         (**self).usage_and_limit(path)
+    }
+    fn usage(&self, path: &str, file: &str) -> Option<u64> {
+        (**self).usage(path, file)
     }
 }

@@ -163,6 +163,8 @@ fn offsets(types: &Types) -> Resolved {
         linux_binprm_file: find("linux_binprm", &["file"]),
         inode_i_ino: find("inode", &["i_ino"]),
         super_block_s_dev: find("super_block", &["s_dev"]),
+        mm_exe_file: find("mm_struct", &["exe_file"]),
+        task_real_parent: find("task_struct", &["real_parent"]),
         reserved: OFFSET_UNKNOWN,
     };
     Resolved { offsets, missing }

@@ -8,9 +8,14 @@ use agent_common::{
 };
 
 use crate::model::event::{
-    CgroupChange, Constraint, Event, Exec, GoFatal, GoFunction, LimitWrite, OomControl, OomKill,
-    Task, VictimMemory, VictimTask,
+    CgroupChange, Constraint, Event, Exec, GoFatal, GoFunction, Identity, LimitWrite, OomControl,
+    OomKill, Task, VictimMemory, VictimTask,
 };
+
+/// A key the kernel could read; all zero means it could not.
+fn key(k: agent_common::ExecKey) -> Option<agent_common::ExecKey> {
+    (k.ino != 0).then_some(k)
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -48,6 +53,11 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             Ok(Event::LimitWrite(LimitWrite {
                 timestamp_ns: header.timestamp_ns,
                 writer: task(&header),
+                identity: Identity {
+                    exe: key(e.writer.exe),
+                    parent_tgid: e.writer.parent_tgid,
+                    parent_exe: key(e.writer.parent_exe),
+                },
                 target_cgroup_id: e.target_cgroup_id,
                 limit,
                 value: String::from_utf8_lossy(&e.value[..len]).trim().to_owned(),
@@ -193,6 +203,15 @@ mod tests {
             result: -22,
             reserved: 0,
             value_len: 3,
+            writer: agent_common::WriterIdentity {
+                exe: agent_common::ExecKey {
+                    dev: 0x0080_0001,
+                    reserved: 0,
+                    ino: 1234,
+                },
+                parent_tgid: 1,
+                ..Default::default()
+            },
             file_name,
             value,
         };
@@ -205,6 +224,9 @@ mod tests {
         assert_eq!(w.result, Err(22));
         assert_eq!(w.target_cgroup_id, 99);
         assert_eq!(w.limit, LimitFile::MemorySwapMax);
+        assert_eq!(w.identity.exe.map(|k| k.ino), Some(1234));
+        assert_eq!(w.identity.parent_tgid, 1);
+        assert_eq!(w.identity.parent_exe, None, "an unread key is no key");
         raw.file_name[..9].copy_from_slice(b"cgroup.pr");
         assert!(matches!(
             decode(&bytes_of(&raw)),

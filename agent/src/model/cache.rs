@@ -37,10 +37,16 @@ pub enum Cache {
     ProcessLabels,
     /// Executables and symbol tables the symbolizer holds open.
     Symbolizer,
+    /// Desired values of limits.
+    DesiredValues,
+    /// The executor's guardrails (restores, rewrites, fights) per limit.
+    Guards,
+    /// Pods of this node, from the API server.
+    Pods,
 }
 
 impl Cache {
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 15] = [
         Self::CgroupPaths,
         Self::UnknownCgroups,
         Self::RemovedCgroups,
@@ -53,6 +59,9 @@ impl Cache {
         Self::Stacks,
         Self::ProcessLabels,
         Self::Symbolizer,
+        Self::DesiredValues,
+        Self::Guards,
+        Self::Pods,
     ];
 
     /// The label value.
@@ -71,6 +80,9 @@ impl Cache {
             Self::Stacks => "stacks",
             Self::ProcessLabels => "process_labels",
             Self::Symbolizer => "symbolizer",
+            Self::DesiredValues => "desired_values",
+            Self::Guards => "guards",
+            Self::Pods => "pods",
         }
     }
 }
@@ -112,6 +124,11 @@ impl<K: Hash + Eq, V> Bounded<K, V> {
     /// The value of `k`, marked as recently used.
     pub fn get(&mut self, k: &K) -> Option<&V> {
         self.lru.get(k)
+    }
+
+    /// The value of `k` to change, marked as recently used.
+    pub fn get_mut(&mut self, k: &K) -> Option<&mut V> {
+        self.lru.get_mut(k)
     }
 
     /// The value of `k`, without marking it used.

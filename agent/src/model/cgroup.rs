@@ -81,7 +81,9 @@ fn is_kubepods_level(part: &str) -> bool {
 }
 
 /// The pod's QoS class, from its parent cgroup.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Qos {
     Guaranteed,

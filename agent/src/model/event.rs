@@ -11,11 +11,23 @@ pub struct Task {
     pub cgroup_id: u64,
 }
 
+/// A writer's executable and parentage, taken in the kernel at the write: what trust is
+/// decided by (a comm is whatever the process chose).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// The writer's executable file; `None` when the kernel could not read it.
+    pub exe: Option<ExecKey>,
+    /// Its parent's tgid (0 when unknown).
+    pub parent_tgid: u32,
+    pub parent_exe: Option<ExecKey>,
+}
+
 /// A write to a cgroup limit file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LimitWrite {
     pub timestamp_ns: u64,
     pub writer: Task,
+    pub identity: Identity,
     pub target_cgroup_id: u64,
     pub limit: LimitFile,
     /// The value as the kernel parsed it (surrounding whitespace stripped).

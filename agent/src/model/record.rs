@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     cgroup::{Qos, Scope, Who},
     event::Constraint,
+    heal::{DesiredSource, Mode, Outcome, Reason, Verdict},
 };
 
 /// A process as seen by a probe.
@@ -131,6 +132,9 @@ pub struct LimitWrite {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writer: Option<Process>,
     pub seen_by: SeenBy,
+    /// The OOM incident the write caused: lowered below usage, the kernel killed inside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incident: Option<String>,
 }
 
 /// How an OOM victim's cgroup was found.
@@ -298,8 +302,76 @@ pub struct GoFatal {
     pub function: String,
 }
 
+/// What led to a decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// A limit write the probes saw.
+    Write,
+    /// A scan of the hierarchy (start-up, reconcile pass, resync after lost events) or inotify
+    /// found the value.
+    Scan,
+    /// Looked at again when a cooldown ended.
+    Retry,
+}
+
+/// A decision about a change to a watched limit, and what the executor made of it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub time_unix_nano: u64,
+    pub cgroup: String,
+    /// The cgroup's id (its directory's inode): the executor writes this cgroup and no other.
+    pub cgroup_id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s: Option<K8s>,
+    #[serde(with = "limit_file")]
+    pub limit: LimitFile,
+    pub rule: String,
+    /// The mode the decision was taken in (the rule's, capped by the global one).
+    pub mode: Mode,
+    pub verdict: Verdict,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    /// The value the change left.
+    pub value: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_source: Option<DesiredSource>,
+    /// Who made the change (a write the probes saw).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<Process>,
+    /// The trusted writer entry it matched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trusted_writer: Option<String>,
+    pub trigger: Trigger,
+    /// When the change happened (`CLOCK_MONOTONIC` ns; the kernel's timestamp of a write):
+    /// restore latency counts from here.
+    pub changed_ns: u64,
+    /// The OOM incident the write caused (kills inside the write itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incident: Option<String>,
+    /// The write's `time_unix_nano` (its `limit_write` record's): ties the decision to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_time_unix_nano: Option<u64>,
+    /// What the executor did; absent until it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+    /// Identical decisions (a fight going on) counted but not recorded since the last one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub repeated: u64,
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "the signature serde calls"
+)]
+const fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// One event, tagged by `kind`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Record {
     // Boxed: these are many times the size of a cgroup change.
@@ -309,6 +381,7 @@ pub enum Record {
     GoFatal(Box<GoFatal>),
     CgroupCreated(CgroupChange),
     CgroupRemoved(CgroupChange),
+    Decision(Box<Decision>),
 }
 
 /// The kinds of [`Record`], as `nodewarden events --kind` names them.
@@ -321,6 +394,7 @@ pub enum RecordKind {
     GoFatal,
     CgroupCreated,
     CgroupRemoved,
+    Decision,
 }
 
 impl RecordKind {
@@ -334,6 +408,7 @@ impl RecordKind {
             Self::GoFatal => "go_fatal",
             Self::CgroupCreated => "cgroup_created",
             Self::CgroupRemoved => "cgroup_removed",
+            Self::Decision => "decision",
         }
     }
 }
@@ -348,6 +423,7 @@ impl Record {
             Self::GoFatal(_) => RecordKind::GoFatal,
             Self::CgroupCreated(_) => RecordKind::CgroupCreated,
             Self::CgroupRemoved(_) => RecordKind::CgroupRemoved,
+            Self::Decision(_) => RecordKind::Decision,
         }
     }
 
@@ -360,6 +436,7 @@ impl Record {
             Self::OomIncident(r) => &r.limit.cgroup,
             Self::GoFatal(r) => &r.cgroup,
             Self::CgroupCreated(r) | Self::CgroupRemoved(r) => &r.cgroup,
+            Self::Decision(r) => &r.cgroup,
         }
     }
 
@@ -371,6 +448,7 @@ impl Record {
             Self::OomKill(r) => r.k8s.as_ref(),
             Self::OomIncident(r) => r.limit.k8s.as_ref(),
             Self::GoFatal(r) => r.k8s.as_ref(),
+            Self::Decision(r) => r.k8s.as_ref(),
             Self::CgroupCreated(_) | Self::CgroupRemoved(_) => None,
         }
     }
@@ -382,6 +460,7 @@ impl Record {
             Self::OomKill(r) => r.time_unix_nano,
             Self::OomIncident(r) => r.time_unix_nano,
             Self::GoFatal(r) => r.time_unix_nano,
+            Self::Decision(r) => r.time_unix_nano,
             Self::CgroupCreated(r) | Self::CgroupRemoved(r) => r.time_unix_nano,
         }
     }
@@ -410,6 +489,7 @@ pub mod tests {
                 cgroup: "/".into(),
             }),
             seen_by: SeenBy::Fexit,
+            incident: None,
         }))
     }
 

@@ -3,7 +3,11 @@
 
 use agent_common::LimitFile;
 
-use super::{cgroup::Who, limit::LimitValue, record::Record};
+use super::{
+    cgroup::Who,
+    limit::LimitValue,
+    record::{Decision, Record},
+};
 
 /// Why the limit state was read again from cgroupfs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,14 +20,17 @@ pub enum ResyncReason {
     UnknownCgroup,
     /// The periodic poll of the limit files (limit writes seen without BPF).
     Poll,
+    /// The reconciler's periodic pass: every watched limit compared with its desired value.
+    Reconcile,
 }
 
 impl ResyncReason {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::Start,
         Self::EventsLost,
         Self::UnknownCgroup,
         Self::Poll,
+        Self::Reconcile,
     ];
 
     /// The label value.
@@ -34,6 +41,7 @@ impl ResyncReason {
             Self::EventsLost => "events_lost",
             Self::UnknownCgroup => "unknown_cgroup",
             Self::Poll => "poll",
+            Self::Reconcile => "reconcile",
         }
     }
 }
@@ -53,4 +61,8 @@ pub enum Update {
     Expired(String),
     /// The limit state was read again from cgroupfs.
     Resynced(ResyncReason),
+    /// A decision about a watched limit, for the executor (which records it).
+    Decision(Box<Decision>),
+    /// The desired values changed: all of them, for the state file.
+    Desired(super::heal::StateFile),
 }

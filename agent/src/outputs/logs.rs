@@ -69,5 +69,21 @@ pub fn record(record: &Record) {
         Record::CgroupCreated(r) | Record::CgroupRemoved(r) => {
             tracing::debug!(cgroup = %r.cgroup, kind = record.kind().as_str(), "cgroup change");
         }
+        Record::Decision(r) => tracing::warn!(
+            cgroup = %r.cgroup,
+            limit = %r.limit.file_name(),
+            rule = %r.rule,
+            mode = %r.mode.as_str(),
+            verdict = %r.verdict.as_str(),
+            reason = r.reason.map_or("", |r| r.as_str()),
+            value = %r.value,
+            desired = r.desired.as_deref().unwrap_or("unknown"),
+            desired_source = r.desired_source.map_or("", |s| s.as_str()),
+            writer = r.writer.as_ref().map_or("unseen", |w| w.comm.as_str()),
+            writer_pid = r.writer.as_ref().map_or(0, |w| w.pid),
+            result = r.outcome.as_ref().map_or("", |o| o.label()),
+            repeated = r.repeated,
+            "remediation decision"
+        ),
     }
 }

@@ -63,6 +63,16 @@ pub struct Metrics {
     pub resyncs: IntCounterVec,
     /// Worker threads that panicked (the agent then stops).
     pub worker_panics: IntCounterVec,
+    /// Decisions about watched limits, by rule, verdict and what the executor made of them.
+    pub remediations: IntCounterVec,
+    /// From a bad change's kernel timestamp to the restored value read back.
+    pub remediation_latency: prometheus::Histogram,
+    /// Fights detected (another writer rewriting a limit after restores), by rule.
+    pub remediation_fights: IntCounterVec,
+    /// Loads of the rules file after start-up (SIGHUP, or the file changed), by result.
+    pub rules_reloads: IntCounterVec,
+    /// 1 while the pods of this node are listed and watched from the API server.
+    pub kubernetes_api_up: prometheus::IntGauge,
     pub shared: Shared,
 }
 
@@ -82,6 +92,7 @@ const LIMIT_WRITE_LABELS: [&str; 7] = [
 impl Metrics {
     /// Creates and registers every metric.
     #[must_use]
+    #[expect(clippy::too_many_lines, reason = "one definition per metric")]
     pub fn new(shared: Shared) -> Self {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
@@ -123,7 +134,7 @@ impl Metrics {
             ),
             resyncs: counter(
                 "nodewarden_resyncs_total",
-                "Reads of every cgroup's limit files, by why: start, events_lost, unknown_cgroup, poll.",
+                "Reads of every cgroup's limit files, by why: start, events_lost, unknown_cgroup, poll, reconcile.",
                 &["reason"],
             ),
             worker_panics: counter(
@@ -131,6 +142,37 @@ impl Metrics {
                 "Agent threads that panicked, by thread (the agent then exits with an error).",
                 &["worker"],
             ),
+            remediations: counter(
+                "nodewarden_remediations_total",
+                "Decisions about watched limits, by rule, action (restore, would_restore, alert, skip, accept) and result (restored, failed, checked, not_written, recorded).",
+                &["rule", "action", "result"],
+            ),
+            remediation_fights: counter(
+                "nodewarden_remediation_fights_total",
+                "Fights detected: another writer put its value back again and again after restores; the agent then leaves the cgroup alone for remediation.fight_backoff_s.",
+                &["rule"],
+            ),
+            rules_reloads: counter(
+                "nodewarden_rules_reloads_total",
+                "Loads of the rules file after start-up (SIGHUP or a change of the file), by result: ok, or invalid (the previous rules stay).",
+                &["result"],
+            ),
+            remediation_latency: {
+                let h = prometheus::Histogram::with_opts(
+                    prometheus::HistogramOpts::new(
+                        "nodewarden_remediation_latency_seconds",
+                        "From a bad limit change (the kernel's timestamp of the write) to the restored value read back.",
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+                    ]),
+                )
+                .expect("static metric definition");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("metric names are unique");
+                h
+            },
             limit_bytes: gauge(
                 "nodewarden_cgroup_limit_bytes",
                 "Current memory limits of each cgroup (memory.max, .high, .low, .min, .swap.max); max is +Inf.",
@@ -146,6 +188,17 @@ impl Metrics {
                 "Current cpu.max of each cgroup as cores (quota / period); max is +Inf.",
                 &Who::LABELS,
             ),
+            kubernetes_api_up: {
+                let g = prometheus::IntGauge::new(
+                    "nodewarden_kubernetes_api_up",
+                    "1 while the pods of this node are listed and watched from the API server (desired limits, names); 0 outside a cluster, when turned off, or while it is unreachable.",
+                )
+                .expect("static metric definition");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("metric names are unique");
+                g
+            },
             probe_info: {
                 let g = IntGaugeVec::new(
                     Opts::new(
@@ -165,6 +218,9 @@ impl Metrics {
         };
         for r in ResyncReason::ALL {
             m.resyncs.with_label_values(&[r.as_str()]);
+        }
+        for r in ["ok", "invalid"] {
+            m.rules_reloads.with_label_values(&[r]);
         }
         m.registry
             .register(Box::new(LossCollector::new(m.shared.losses.clone())))
@@ -491,6 +547,9 @@ mod tests {
         m.limit_writes
             .with_label_values(&[&who[..], &["memory.max", "sh", "ok"]].concat());
         m.worker_panics.with_label_values(&["go"]);
+        m.remediations
+            .with_label_values(&["r", "restore", "restored"]);
+        m.remediation_fights.with_label_values(&["r"]);
         m.probe_info.with_label_values(&["limit_writes", "fexit"]);
         for limit in LimitFile::ALL {
             m.set_limit(&Who::cgroup("/a"), limit, LimitValue::Max);
@@ -517,7 +576,7 @@ mod tests {
         }
         let docs = include_str!("../../../docs/metrics.md");
         let names = m.names();
-        assert_eq!(names.len(), 17, "{names:?}");
+        assert_eq!(names.len(), 22, "{names:?}");
         for name in names {
             assert!(
                 docs.contains(&format!("`{name}`")),

@@ -8,6 +8,7 @@ pub mod logs;
 pub mod metrics;
 pub mod traces;
 
+use crate::executor::{Job, Queue};
 use crate::model::{
     cache::{Bounded, Cache, Evictions},
     cgroup::Who,
@@ -34,22 +35,35 @@ pub struct Outputs {
     feed: Feed,
     /// The root spans of the incidents still open, by incident id.
     incidents: Bounded<String, IncidentTrace>,
+    /// Decisions and desired values go to the executor (which records decisions itself).
+    executor: Option<Queue>,
 }
 
 impl Outputs {
     #[must_use]
-    pub fn new(metrics: Metrics, traces: Traces, feed: Feed, evictions: &Evictions) -> Self {
+    pub fn new(
+        metrics: Metrics,
+        traces: Traces,
+        feed: Feed,
+        executor: Option<Queue>,
+        evictions: &Evictions,
+    ) -> Self {
         Self {
             metrics,
             traces,
             feed,
             incidents: Bounded::new(Cache::OomIncidents, MAX_OPEN_TRACES, evictions.clone()),
+            executor,
         }
     }
 
-    /// Takes updates to every sink, in order.
+    /// Takes updates to every sink, in order; decisions first, so that a restore never waits
+    /// behind the records' exports.
     pub fn apply_all(&mut self, updates: Vec<Update>) {
-        for u in updates {
+        let (decisions, rest): (Vec<Update>, Vec<Update>) = updates
+            .into_iter()
+            .partition(|u| matches!(u, Update::Decision(_)));
+        for u in decisions.into_iter().chain(rest) {
             self.apply(u);
         }
     }
@@ -60,6 +74,18 @@ impl Outputs {
             Update::Record(r) => self.record(&r),
             Update::Limit { who, limit, value } => self.metrics.set_limit(&who, limit, value),
             Update::Expired(cgroup) => self.metrics.forget_cgroup_counters(&cgroup),
+            Update::Decision(d) => {
+                if let Some(q) = &self.executor {
+                    q.submit(Job::Decide(d));
+                } else {
+                    tracing::warn!(cgroup = %d.cgroup, "no executor: a decision is dropped");
+                }
+            }
+            Update::Desired(s) => {
+                if let Some(q) = &self.executor {
+                    q.submit(Job::Keep(s));
+                }
+            }
             Update::Resynced(reason) => {
                 tracing::info!(
                     reason = reason.as_str(),
@@ -90,7 +116,8 @@ impl Outputs {
                     &Who::of(&r.cgroup, r.k8s.as_ref()),
                     &[r.limit.file_name(), writer, &r.result],
                 );
-                self.traces.limit_write(r);
+                let incident = r.incident.as_ref().and_then(|i| self.incidents.peek(i));
+                self.traces.limit_write(r, incident);
             }
             Record::OomKill(r) => self.oom_kill(r),
             Record::OomIncident(r) => {
@@ -104,7 +131,7 @@ impl Outputs {
                 );
                 self.traces.go_fatal(r);
             }
-            Record::CgroupCreated(_) => {}
+            Record::CgroupCreated(_) | Record::Decision(_) => {}
             Record::CgroupRemoved(r) => self.metrics.forget_cgroup(&r.cgroup),
         }
     }

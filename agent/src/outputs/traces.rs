@@ -6,9 +6,14 @@
 
 use std::time::{Duration, SystemTime};
 
+use std::hash::{Hash as _, Hasher as _};
+
 use opentelemetry::{
     Context, KeyValue,
-    trace::{Span as _, SpanKind, TraceContextExt as _, TraceId, Tracer as _, TracerProvider as _},
+    trace::{
+        Span as _, SpanContext, SpanId, SpanKind, TraceContextExt as _, TraceFlags, TraceId,
+        TraceState, Tracer as _, TracerProvider as _,
+    },
 };
 use opentelemetry_sdk::{
     Resource,
@@ -17,8 +22,30 @@ use opentelemetry_sdk::{
 
 use crate::model::{
     contention::Episode,
-    record::{GoFatal, K8s, LimitWrite, OomIncident, OomKill, OomLimit, Process},
+    record::{Decision, GoFatal, K8s, LimitWrite, OomIncident, OomKill, OomLimit, Process},
 };
+
+/// The trace and span ids of a limit write's span, from what both its record and a decision
+/// about it carry: the decision's span becomes its child without anything passed between the
+/// threads. A write that caused an OOM incident is in the incident's trace.
+fn write_ids(
+    cgroup: &str,
+    limit: &str,
+    time_unix_nano: u64,
+    incident: Option<&str>,
+) -> (TraceId, SpanId) {
+    let hash = |salt: u8| {
+        let mut h = std::hash::DefaultHasher::new();
+        (salt, cgroup, limit, time_unix_nano).hash(&mut h);
+        h.finish()
+    };
+    let trace = incident
+        .and_then(|i| TraceId::from_hex(i).ok())
+        .unwrap_or_else(|| {
+            TraceId::from_bytes(((u128::from(hash(1)) << 64) | u128::from(hash(2))).to_be_bytes())
+        });
+    (trace, SpanId::from_bytes(hash(3).to_be_bytes()))
+}
 
 /// The root span of an incident's trace while the incident is open (nothing without an
 /// exporter).
@@ -68,6 +95,16 @@ impl Traces {
             provider: Some(provider),
             tracer: Some(tracer),
         })
+    }
+
+    /// No exporter: spans cost nothing (tests).
+    #[cfg(test)]
+    #[must_use]
+    pub fn disabled() -> Self {
+        Self {
+            provider: None,
+            tracer: None,
+        }
     }
 
     /// Records an instantaneous span: a kernel event that happened at `at`.
@@ -162,7 +199,12 @@ fn int(v: u64) -> i64 {
 }
 
 impl Traces {
-    pub fn limit_write(&self, r: &LimitWrite) {
+    /// A limit write: a span whose ids decisions about it find again; in its incident's trace
+    /// (a child of its root) when it caused one.
+    pub fn limit_write(&self, r: &LimitWrite, incident: Option<&IncidentTrace>) {
+        let Some(tracer) = &self.tracer else {
+            return;
+        };
         let unknown = || "unknown".to_owned();
         let mut a = vec![
             KeyValue::new("cgroup.path", r.cgroup.clone()),
@@ -176,8 +218,96 @@ impl Traces {
         if let Some(w) = &r.writer {
             a.extend(process_attributes("process", w));
         }
+        if let Some(i) = &r.incident {
+            a.push(KeyValue::new("oom.incident.id", i.clone()));
+        }
         a.extend(k8s_attributes(r.k8s.as_ref()));
-        self.event_span("cgroup.limit_write", at(r.time_unix_nano), a);
+        let (trace_id, span_id) = write_ids(
+            &r.cgroup,
+            r.limit.file_name(),
+            r.time_unix_nano,
+            r.incident.as_deref(),
+        );
+        let when = at(r.time_unix_nano);
+        let builder = tracer
+            .span_builder("cgroup.limit_write")
+            .with_kind(SpanKind::Internal)
+            .with_start_time(when)
+            .with_trace_id(trace_id)
+            .with_span_id(span_id)
+            .with_attributes(a);
+        let parent = incident
+            .and_then(|t| t.span.as_ref())
+            .map_or_else(Context::new, |root| {
+                Context::new().with_remote_span_context(root.span_context().clone())
+            });
+        let mut span = tracer.build_with_context(builder, &parent);
+        span.end_with_timestamp(when);
+    }
+
+    /// A decision about a watched limit: a child of the write's span when a write led to it
+    /// (and so in its incident's trace), else a span of its own.
+    pub fn decision(&self, d: &Decision) {
+        let Some(tracer) = &self.tracer else {
+            return;
+        };
+        let mut a = vec![
+            KeyValue::new("cgroup.path", d.cgroup.clone()),
+            KeyValue::new("cgroup.limit", d.limit.file_name()),
+            KeyValue::new("cgroup.limit.value", d.value.clone()),
+            KeyValue::new("remediation.rule", d.rule.clone()),
+            KeyValue::new("remediation.mode", d.mode.as_str()),
+            KeyValue::new("remediation.verdict", d.verdict.as_str()),
+        ];
+        if let Some(r) = d.reason {
+            a.push(KeyValue::new("remediation.reason", r.as_str()));
+        }
+        if let (Some(v), Some(s)) = (&d.desired, d.desired_source) {
+            a.push(KeyValue::new("remediation.desired", v.clone()));
+            a.push(KeyValue::new("remediation.desired_source", s.as_str()));
+        }
+        if let Some(o) = &d.outcome {
+            a.push(KeyValue::new("remediation.result", o.label()));
+            match o {
+                crate::model::heal::Outcome::Restored {
+                    read_back,
+                    latency_seconds,
+                } => {
+                    a.push(KeyValue::new("remediation.read_back", read_back.clone()));
+                    a.push(KeyValue::new(
+                        "remediation.latency_seconds",
+                        *latency_seconds,
+                    ));
+                }
+                crate::model::heal::Outcome::Failed { error } => {
+                    a.push(KeyValue::new("remediation.error", error.clone()));
+                }
+                _ => {}
+            }
+        }
+        if let Some(i) = &d.incident {
+            a.push(KeyValue::new("oom.incident.id", i.clone()));
+        }
+        a.extend(k8s_attributes(d.k8s.as_ref()));
+        let start = at(d.time_unix_nano);
+        let builder = tracer
+            .span_builder("cgroup.limit_remediation")
+            .with_kind(SpanKind::Internal)
+            .with_start_time(start)
+            .with_attributes(a);
+        let parent = d.write_time_unix_nano.map_or_else(Context::new, |t| {
+            let (trace_id, span_id) =
+                write_ids(&d.cgroup, d.limit.file_name(), t, d.incident.as_deref());
+            Context::new().with_remote_span_context(SpanContext::new(
+                trace_id,
+                span_id,
+                TraceFlags::SAMPLED,
+                true,
+                TraceState::default(),
+            ))
+        });
+        let mut span = tracer.build_with_context(builder, &parent);
+        span.end_with_timestamp(SystemTime::now());
     }
 
     pub fn go_fatal(&self, r: &GoFatal) {

@@ -3,16 +3,18 @@
 //! its sources (traits): the outputs consume what it returns.
 
 pub mod clock;
+mod heal;
 mod oom;
 #[cfg(test)]
 mod tests;
 
-use self::clock::Clock;
+pub use self::heal::HealSettings;
+use self::{clock::Clock, heal::Heal};
 use crate::{
     enrich::{
         Cgroups, Names, Procs,
         cgroupfs::Scan,
-        k8s,
+        k8s, kubelet,
         paths::{CgroupPaths, Resolved},
     },
     model::{
@@ -28,8 +30,34 @@ use crate::{
         incidents::Incidents,
         limits::{LimitState, Recorded},
         memory_events::MemoryEvents,
+        pods::Pods,
     },
 };
+
+/// Names from the API server's pods first, kubelet's directories second.
+struct PodNames<'a> {
+    pods: &'a Pods,
+    kubelet: &'a mut (dyn Names + Send),
+}
+
+impl Names for PodNames<'_> {
+    fn names(&mut self, pod_uid: &str, container_id: Option<&str>) -> Option<kubelet::Names> {
+        let Some(pod) = self.pods.get(pod_uid) else {
+            return self.kubelet.names(pod_uid, container_id);
+        };
+        let container = match container_id.map(|id| pod.container(id)) {
+            Some(Some(c)) => c.name.clone(),
+            // Not in the pod's status yet.
+            Some(None) => return self.kubelet.names(pod_uid, container_id),
+            None => String::new(),
+        };
+        Some(kubelet::Names {
+            namespace: pod.namespace.clone(),
+            pod: pod.name.clone(),
+            container,
+        })
+    }
+}
 
 /// Label value for a cgroup whose path could not be found.
 pub const UNKNOWN_CGROUP: &str = "unknown";
@@ -76,12 +104,21 @@ pub struct Pipeline {
     removed: Bounded<String, u64>,
     /// Why the limit state must be read again, if it must.
     resync: Option<ResyncReason>,
+    /// The pods of this node, from the API server.
+    pods: Pods,
+    heal: Heal,
 }
 
 impl Pipeline {
     #[must_use]
-    pub fn new(sources: Sources, settings: Settings, evictions: &Evictions) -> Self {
+    pub fn new(
+        sources: Sources,
+        settings: Settings,
+        heal: HealSettings,
+        evictions: &Evictions,
+    ) -> Self {
         Self {
+            heal: Heal::new(heal, evictions),
             sources,
             settings,
             paths: CgroupPaths::new(evictions),
@@ -91,6 +128,7 @@ impl Pipeline {
             crashes: GoCrashes::new(evictions),
             removed: Bounded::new(Cache::RemovedCgroups, MAX_REMOVED, evictions.clone()),
             resync: None,
+            pods: Pods::new(evictions),
         }
     }
 
@@ -108,6 +146,13 @@ impl Pipeline {
     /// anything relies on it.
     pub fn events_lost(&mut self) {
         self.resync = Some(ResyncReason::EventsLost);
+        let now = self.sources.clock.monotonic_ns();
+        self.heal_lost(now);
+    }
+
+    /// The reconciler's pass: every watched limit read and compared with its desired value.
+    pub fn reconcile(&mut self) {
+        self.resync.get_or_insert(ResyncReason::Reconcile);
     }
 
     /// The periodic poll of the limit files (limit writes seen without BPF): a scan, unless
@@ -142,6 +187,7 @@ impl Pipeline {
         let now = self.sources.clock.monotonic_ns();
         let time = self.sources.clock.unix_nano(now);
         let scanned: std::collections::HashSet<u64> = scan.cgroups.iter().map(|c| c.id).collect();
+        self.heal_scan_applies(since);
         for c in &scan.cgroups {
             self.paths.insert(c.id, c.path.clone());
             if let Some(n) = c.oom
@@ -159,6 +205,11 @@ impl Pipeline {
                 let Some((old, changed)) = self.limits.set_read(c.id, *limit, value, since) else {
                     continue;
                 };
+                if reason == ResyncReason::Start || old.is_none() {
+                    self.heal_first_seen(c.id, &c.path, *limit, value);
+                }
+                // Every watched limit is compared with its desired value (the reconciler).
+                self.heal_found(c.id, &c.path, k8s.as_ref(), *limit, value, since, out);
                 if !changed {
                     continue;
                 }
@@ -197,6 +248,7 @@ impl Pipeline {
             let path = self.paths.known(id).unwrap_or(UNKNOWN_CGROUP).to_owned();
             self.removed_cgroup(id, path, time, out);
         }
+        self.heal_scanned();
         out.push(Update::Resynced(reason));
     }
 
@@ -235,7 +287,8 @@ impl Pipeline {
             old,
             now,
         };
-        out.push(write.record(k8s, SeenBy::Inotify));
+        out.push(write.record(k8s.clone(), SeenBy::Inotify));
+        self.heal_found(o.id, &o.path, k8s.as_ref(), o.limit, now, at, out);
     }
 
     /// Time-driven work: incidents whose kills stopped are reported, and the series of cgroups
@@ -256,13 +309,16 @@ impl Pipeline {
             self.removed.remove(&path);
             out.push(Update::Expired(path));
         }
+        self.heal_tick(out);
     }
 
-    /// At shutdown: reports the incidents still open.
+    /// At shutdown: reports the incidents still open, and offers the desired values to the
+    /// state file.
     pub fn finish(&mut self, out: &mut Vec<Update>) {
         for done in self.incidents.close_all() {
             self.incident_closed(done.data, out);
         }
+        self.heal_keep(out);
     }
 
     /// The label of cgroup `id`: its path, or [`UNKNOWN_CGROUP`] (and a scan is asked for,
@@ -279,9 +335,16 @@ impl Pipeline {
         }
     }
 
-    /// The Kubernetes identity of a cgroup path.
+    /// The Kubernetes identity of a cgroup path, named by the API server's pods, else by
+    /// kubelet's directories.
     fn k8s(&mut self, path: &str) -> Option<K8s> {
-        k8s::identity(path, self.sources.names.as_mut())
+        k8s::identity(
+            path,
+            &mut PodNames {
+                pods: &self.pods,
+                kubelet: self.sources.names.as_mut(),
+            },
+        )
     }
 
     /// A task as a record's process: its executable asked of `/proc` (the writer may be gone
@@ -306,6 +369,8 @@ impl Pipeline {
         // A write the kernel refused leaves the limit as it was; one older than the value
         // known (it waited in the ring while a scan read the file) leaves it too, and its
         // previous value is unknown.
+        let writer = self.process(&w.writer);
+        let mut moved = None;
         let (old, new) = match (w.result, limit::parse(w.limit, &w.value)) {
             (Ok(_), Ok(v)) => {
                 match self
@@ -318,6 +383,7 @@ impl Pipeline {
                             limit: w.limit,
                             value: now,
                         });
+                        moved = Some(now);
                         (old, Some(now))
                     }
                     Recorded::Older => (None, Some(self.limits.stored(w.limit, v))),
@@ -325,21 +391,40 @@ impl Pipeline {
             }
             _ => (self.limits.get(w.target_cgroup_id, w.limit), None),
         };
-        let writer = self.process(&w.writer);
+        let by = self.writer_of(w.writer.tgid, &w.identity, &writer.cgroup);
+        let incident = moved.and_then(|_| self.incident_of(w.writer.pid, w.timestamp_ns));
         out.push(Update::Record(Record::LimitWrite(Box::new(
             record::LimitWrite {
                 time_unix_nano: self.sources.clock.unix_nano(w.timestamp_ns),
-                k8s,
-                cgroup,
+                k8s: k8s.clone(),
+                cgroup: cgroup.clone(),
                 limit: w.limit,
                 value: w.value.clone(),
                 old: old.map(|v| v.to_string()),
                 new: new.map(|v| v.to_string()),
                 result,
-                writer: Some(writer),
+                writer: Some(writer.clone()),
                 seen_by: self.settings.limit_writes,
+                incident: incident.clone(),
             },
         ))));
+        if let Some(value) = moved {
+            let written = heal::Written {
+                process: &writer,
+                at_ns: w.timestamp_ns,
+                incident,
+            };
+            self.heal_write(
+                w.target_cgroup_id,
+                &cgroup,
+                k8s.as_ref(),
+                w.limit,
+                value,
+                by,
+                written,
+                out,
+            );
+        }
     }
 
     fn cgroup_change(&mut self, c: CgroupChange, out: &mut Vec<Update>) {
@@ -358,6 +443,7 @@ impl Pipeline {
             });
         }
         self.memory_events.created(&c.path);
+        self.heal_created(c.id, c.timestamp_ns);
         // A new cgroup at the path of a removed one continues its series.
         self.removed.remove(&c.path);
         self.paths.insert(c.id, c.path.clone());
@@ -373,6 +459,7 @@ impl Pipeline {
     /// path stays known, for events still in flight.
     fn removed_cgroup(&mut self, id: u64, path: String, time: u64, out: &mut Vec<Update>) {
         self.limits.forget(id);
+        self.heal_removed(id);
         self.memory_events.removed(&path);
         self.removed
             .put(path.clone(), self.sources.clock.monotonic_ns());
@@ -428,6 +515,7 @@ impl UnattributedWrite<'_> {
             result: "ok".to_owned(),
             writer: None,
             seen_by,
+            incident: None,
         })))
     }
 }

@@ -73,6 +73,11 @@ impl<T> Incidents<T> {
         (&mut self.open[last], pushed_out)
     }
 
+    /// The incidents open.
+    pub fn iter(&self) -> impl Iterator<Item = &Open<T>> {
+        self.open.iter()
+    }
+
     /// Removes and returns the incidents whose last victim is [`QUIET_NS`] before `now_ns`.
     pub fn close_quiet(&mut self, now_ns: u64) -> Vec<Open<T>> {
         let (done, open) = std::mem::take(&mut self.open)

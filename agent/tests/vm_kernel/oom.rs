@@ -3,17 +3,14 @@
 //! kernel's own record of it: `memory.events` and dmesg's `oom-kill:` and `Killed process` lines.
 
 use std::{
-    io::BufRead as _,
-    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 
-use super::{CGROUP_ROOT, common, require_vm, traced_agent};
+use super::{CGROUP_ROOT, Feed, common, require_vm, traced_agent};
 use common::{Agent, KillOnDrop, otlp};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -106,55 +103,6 @@ fn wait_procs(cgroup: &str, n: usize) {
         }
         assert!(start.elapsed() < WAIT, "{cgroup} has {procs:?}");
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The agent's live event feed, collected in the background.
-struct Feed {
-    records: Arc<Mutex<Vec<Value>>>,
-}
-
-impl Feed {
-    fn connect(agent: &Agent) -> Self {
-        let socket = Agent::events_socket_for(agent.metrics);
-        let stream = UnixStream::connect(&socket)
-            .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
-        let records = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&records);
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stream).lines() {
-                let Ok(line) = line else { return };
-                let v: Value =
-                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
-                sink.lock().expect("lock").push(v);
-            }
-        });
-        Self { records }
-    }
-
-    /// Waits for `n` records of `kind` with `pred`, and returns them.
-    fn wait(&self, kind: &str, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
-        let start = Instant::now();
-        loop {
-            let found: Vec<Value> = self
-                .records
-                .lock()
-                .expect("lock")
-                .iter()
-                .filter(|r| r["kind"] == kind && pred(r))
-                .cloned()
-                .collect();
-            if found.len() >= n {
-                return found;
-            }
-            assert!(
-                start.elapsed() < WAIT,
-                "{} of {n} {kind} records within {WAIT:?}; all records: {:#?}",
-                found.len(),
-                self.records.lock().expect("lock")
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::{
 
 use agent_common::LimitFile;
 
-use super::{Pipeline, Settings, Sources, UNKNOWN_CGROUP, clock::Clock};
+use super::{HealSettings, Pipeline, Settings, Sources, UNKNOWN_CGROUP, clock::Clock};
 use crate::{
     enrich::{
         Cgroups, Names, Procs,
@@ -19,15 +19,19 @@ use crate::{
         cache::Evictions,
         cgroup::{Scope, Who},
         event::{
-            CgroupChange, Constraint, Event, GoFatal, GoFunction, LimitWrite, Observed, OomControl,
-            OomKill, Task, VictimTask,
+            CgroupChange, Constraint, Event, GoFatal, GoFunction, Identity, LimitWrite, Observed,
+            OomControl, OomKill, Task, VictimTask,
         },
+        heal::Mode,
         limit::LimitValue,
         record::{CgroupSource, FoundBy, Record, SeenBy},
+        trust::TrustSet,
         update::{ResyncReason, Update},
     },
-    state::incidents::QUIET_NS,
+    state::{guards::GuardSettings, incidents::QUIET_NS},
 };
+
+mod heal;
 
 /// The fake node, shared by the fakes and the test.
 #[derive(Default)]
@@ -126,8 +130,33 @@ struct Harness {
 
 const TTL_NS: u64 = 60_000_000_000;
 
+/// Healing as the tests not about it run it: observe, the default rules, nobody trusted.
+fn quiet_heal() -> HealSettings {
+    HealSettings {
+        mode: Mode::Observe,
+        rules: crate::rules::file::default_rules().expect("valid"),
+        trust: TrustSet::default(),
+        guards: GuardSettings {
+            cooldown_ns: 1_000_000_000,
+            window_ns: 600_000_000_000,
+            max_restores: 5,
+            fight_rewrites: 3,
+            fight_within_ns: 2_000_000_000,
+            fight_backoff_ns: 600_000_000_000,
+        },
+        creation_grace_ns: 5_000_000_000,
+        boot_id: "boot".into(),
+        kept: None,
+        keep: false,
+    }
+}
+
 impl Harness {
     fn new() -> Self {
+        Self::healing(quiet_heal())
+    }
+
+    fn healing(heal: HealSettings) -> Self {
         let fake = Fake::default();
         let clock = TestClock::default();
         let evictions = Evictions::default();
@@ -143,6 +172,7 @@ impl Harness {
                 deleted_ttl_ns: TTL_NS,
                 page_size: 4096,
             },
+            heal,
             &evictions,
         );
         Self {
@@ -209,6 +239,7 @@ fn write_at(target: u64, value: &str, result: Result<u64, i32>, at: u64) -> Even
     Event::LimitWrite(LimitWrite {
         timestamp_ns: at,
         writer: task(42, "sh", 1),
+        identity: Identity::default(),
         target_cgroup_id: target,
         limit: LimitFile::MemoryMax,
         value: value.into(),
