@@ -71,7 +71,15 @@ pub struct RunOptions {
     pub timeout: Duration,
     /// Use KVM instead of TCG (only where KVM is real).
     pub kvm: bool,
+    /// QEMU is killed when the command prints nothing for this long (a stalled guest), and
+    /// the run fails with [`Stalled`].
+    pub silence: Option<Duration>,
 }
+
+/// The guest printed nothing for [`RunOptions::silence`]: it stalled, and QEMU was killed.
+#[derive(Debug, thiserror::Error)]
+#[error("the guest printed nothing for {0} s (stalled), QEMU killed")]
+pub struct Stalled(pub u64);
 
 impl Default for RunOptions {
     fn default() -> Self {
@@ -79,6 +87,7 @@ impl Default for RunOptions {
             memory_mib: 1024,
             timeout: Duration::from_secs(600),
             kvm: false,
+            silence: None,
         }
     }
 }
@@ -93,6 +102,7 @@ pub fn main(args: &Args) -> Result<i32> {
         memory_mib: args.memory,
         timeout: Duration::from_secs(args.timeout),
         kvm: args.kvm,
+        silence: None,
     };
     let status = pick_kernel(args).and_then(|kernel| run(kernel, &opts, &args.cmd));
     Ok(status.unwrap_or_else(|e| {
@@ -181,7 +191,7 @@ pub fn run(kernel: &str, opts: &RunOptions, argv: &[String]) -> Result<i32> {
         .with_context(|| format!("writing {}", initrd_path.display()))?;
 
     let mut qemu = qemu_command(&paths, opts, &initrd_path, &project);
-    let result = supervise(&mut qemu, opts.timeout, &start_marker, &exit_marker);
+    let result = supervise(&mut qemu, opts, &start_marker, &exit_marker);
     let _ = fs::remove_file(&initrd_path);
     result.with_context(|| format!("kernel {} ({} {})", paths.id, paths.package, paths.version))
 }
@@ -314,7 +324,8 @@ enum Phase {
 }
 
 /// Runs QEMU, streams the command's output and returns the status from the exit marker.
-fn supervise(qemu: &mut Command, timeout: Duration, start: &str, exit: &str) -> Result<i32> {
+fn supervise(qemu: &mut Command, opts: &RunOptions, start: &str, exit: &str) -> Result<i32> {
+    let timeout = opts.timeout;
     let mut child = qemu.spawn().with_context(|| format!("spawning {qemu:?}"))?;
     let stdout = child.stdout.take().context("no stdout pipe from QEMU")?;
     let (tx, rx) = mpsc::channel();
@@ -341,15 +352,22 @@ fn supervise(qemu: &mut Command, timeout: Duration, start: &str, exit: &str) -> 
     let mut phase = Phase::Booting;
     let mut boot_log = Vec::new();
     let mut out = std::io::stdout().lock();
+    let mut stalled = false;
     let failure = loop {
         let wait = deadline.saturating_duration_since(Instant::now());
-        let line = match rx.recv_timeout(wait) {
+        let quiet = match (&phase, opts.silence) {
+            (Phase::Running, Some(s)) => s.min(wait),
+            _ => wait,
+        };
+        let line = match rx.recv_timeout(quiet) {
             Ok(line) => line,
             Err(mpsc::RecvTimeoutError::Disconnected) => break None,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
+                stalled = quiet < wait;
                 break match phase {
                     Phase::Done(_) => None,
+                    _ if stalled => Some(String::new()),
                     _ => Some(format!(
                         "timed out after {} s, QEMU killed",
                         timeout.as_secs()
@@ -391,6 +409,9 @@ fn supervise(qemu: &mut Command, timeout: Duration, start: &str, exit: &str) -> 
     let _ = out.flush();
     let qemu_status = child.wait().context("waiting for QEMU")?;
     if let Some(why) = failure {
+        if stalled {
+            return Err(Stalled(opts.silence.unwrap_or_default().as_secs()).into());
+        }
         dump_boot_log(&phase, &boot_log);
         bail!(why);
     }

@@ -154,16 +154,26 @@ pub fn futex_waits_agree_with_bpftrace(agent: &Agent) {
         "too few woken waits to compare: {independent:?}"
     );
 
-    // The agent reads the kernel's aggregates every 2 s; wait for the exited program's count.
+    // The agent reads the kernel's aggregates every 2 s; wait for the exited program's final
+    // count: near bpftrace's, and unchanged for longer than a read period.
     let count_series = format!("nodewarden_futex_wait_seconds_count{{comm=\"{comm}\"");
     let start = Instant::now();
+    let mut last: Option<(u64, Instant)> = None;
     let body = loop {
         let body = super::scrape(agent.metrics).unwrap_or_default();
         let count = body
             .lines()
             .find(|l| l.starts_with(&count_series))
             .and_then(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok());
-        if count.is_some_and(|c| c >= independent.count * 9 / 10) {
+        if let Some(c) = count
+            && last.is_none_or(|(n, _)| n != c)
+        {
+            last = Some((c, Instant::now()));
+        }
+        if let Some((c, since)) = last
+            && c >= independent.count * 9 / 10
+            && since.elapsed() > Duration::from_millis(2500)
+        {
             break body;
         }
         assert!(
