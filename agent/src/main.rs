@@ -239,9 +239,9 @@ fn main() -> ExitCode {
             interval,
             once,
         } => exit(top::run(agent, Duration::from_secs(interval.max(1)), once)),
-        Cmd::DiagnoseLocks { pid, seconds } => {
-            exit(diagnose::run(pid, seconds).map(|report| print!("{report}")))
-        }
+        Cmd::DiagnoseLocks { pid, seconds } => exit(
+            diagnose::run(pid, seconds).map(|report| print!("{}", cli::printable(&report, true))),
+        ),
         Cmd::Desired {
             config,
             cgroup,

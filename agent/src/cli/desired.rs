@@ -70,7 +70,7 @@ pub fn run(state_file: &Path, cgroup: Option<&Pattern>, json: bool) -> Result<()
             )?;
         }
     }
-    print!("{out}");
+    print!("{}", super::printable(&out, true));
     Ok(())
 }
 

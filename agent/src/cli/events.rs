@@ -76,8 +76,13 @@ fn outcome(o: &crate::model::heal::Outcome) -> String {
 
 /// One readable line.
 #[must_use]
-#[expect(clippy::too_many_lines, reason = "one arm per kind of record")]
 pub fn human(record: &Record) -> String {
+    super::printable(&line(record), false).into_owned()
+}
+
+/// [`human`] before control characters are escaped.
+#[expect(clippy::too_many_lines, reason = "one arm per kind of record")]
+fn line(record: &Record) -> String {
     let mut s = format!(
         "{} {:<14} {}",
         utc(record.time_unix_nano()),
@@ -340,5 +345,22 @@ mod tests {
         assert!(!keep(&filter("/b*", vec![]), &r));
         assert!(!keep(&filter("*", vec![RecordKind::OomKill]), &r));
         assert!(keep(&filter("*", vec![RecordKind::LimitWrite]), &r));
+    }
+
+    #[test]
+    fn control_characters_are_printed_escaped() {
+        let mut r = crate::model::record::tests::limit_write_example();
+        if let Record::LimitWrite(w) = &mut r {
+            if let Some(p) = &mut w.writer {
+                p.comm = "\u{1b}[2J\u{1b}]0;owned\u{7}sh".into();
+            }
+            w.value = "64M\n".into();
+        }
+        let line = human(&r);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(
+            line.contains(r"\u{1b}[2J\u{1b}]0;owned\u{7}sh[1]"),
+            "{line}"
+        );
     }
 }

@@ -53,8 +53,13 @@ fn fetch(agent: SocketAddr) -> Result<Snapshot> {
     serde_json::from_str(body).context("decoding /contention")
 }
 
-/// The view as text.
+/// The view as text, control characters escaped.
 fn render(s: &Snapshot, agent: SocketAddr) -> String {
+    super::printable(&view(s, agent), true).into_owned()
+}
+
+/// [`render`] before control characters are escaped.
+fn view(s: &Snapshot, agent: SocketAddr) -> String {
     let mut v = String::new();
     let _ = writeln!(
         v,
@@ -176,6 +181,13 @@ mod tests {
             "{v}"
         );
         assert!(v.contains("      worker+0x42"), "{v}");
+        let mut hostile = s.clone();
+        hostile.processes[0].comm = "\u{1b}[31mred".into();
+        let v = render(&hostile, "127.0.0.1:9717".parse().expect("addr"));
+        assert!(
+            !v.chars().any(|c| c.is_control() && c != '\n') && v.contains(r"\u{1b}[31mred"),
+            "{v}"
+        );
         assert!(
             v.contains(
                 "       9 nw-go-rwmutex         100   71.0   42.0   10.0   50.0  main.worker"
