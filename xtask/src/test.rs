@@ -165,7 +165,8 @@ const VM_SILENCE_S: u64 = 300;
 /// process under a timeout: one test that hangs fails alone, by name, in bounded time. A test
 /// killed by the timeout is run once more and said so (a hang seen once under emulation, that
 /// did not come back in isolation); a test that fails is not. A guest that stalls whole (seen
-/// once under TCG, right after the global OOM test, and not again in isolation) is killed after
+/// twice in six suite runs under TCG: every vCPU in a kernel soft lockup, the agent on one,
+/// as a test's agent started) is killed at the kernel's soft-lockup report or after
 /// `VM_SILENCE_S` of silence, and a new VM runs the tests that had not finished, once.
 fn vm_tests(kernel: &str, exe: &Path) -> Result<()> {
     // The guest gets NODEWARDEN_* variables; this one lets the VM tests write cgroups there.

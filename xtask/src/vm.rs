@@ -71,14 +71,19 @@ pub struct RunOptions {
     pub timeout: Duration,
     /// Use KVM instead of TCG (only where KVM is real).
     pub kvm: bool,
-    /// QEMU is killed when the command prints nothing for this long (a stalled guest), and
-    /// the run fails with [`Stalled`].
+    /// QEMU is killed when the command prints nothing for this long, or the guest kernel
+    /// reports a soft lockup (a stalled guest), and the run fails with [`Stalled`].
     pub silence: Option<Duration>,
 }
 
-/// The guest printed nothing for [`RunOptions::silence`]: it stalled, and QEMU was killed.
+/// What the guest kernel prints (at emergency level, which gets through `loglevel=1`) when a
+/// CPU has spun in the kernel for over 20 s.
+const SOFT_LOCKUP: &str = "watchdog: BUG: soft lockup";
+
+/// The guest stalled: it printed nothing for [`RunOptions::silence`], or its kernel reported
+/// a soft lockup. QEMU was killed.
 #[derive(Debug, thiserror::Error)]
-#[error("the guest printed nothing for {0} s (stalled), QEMU killed")]
+#[error("the guest stalled (a soft lockup, or nothing printed for {0} s), QEMU killed")]
 pub struct Stalled(pub u64);
 
 impl Default for RunOptions {
@@ -324,6 +329,10 @@ enum Phase {
 }
 
 /// Runs QEMU, streams the command's output and returns the status from the exit marker.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one loop over the console, read top to bottom"
+)]
 fn supervise(qemu: &mut Command, opts: &RunOptions, start: &str, exit: &str) -> Result<i32> {
     let timeout = opts.timeout;
     let mut child = qemu.spawn().with_context(|| format!("spawning {qemu:?}"))?;
@@ -381,6 +390,15 @@ fn supervise(qemu: &mut Command, opts: &RunOptions, start: &str, exit: &str) -> 
             None => (&line[..], false),
         };
         let text = String::from_utf8_lossy(body);
+        // The guest kernel says a CPU is stuck (seen under TCG: every vCPU spinning for
+        // minutes at a program's attach): the run will not finish.
+        if opts.silence.is_some() && phase == Phase::Running && text.contains(SOFT_LOCKUP) {
+            let _ = out.write_all(body);
+            let _ = out.write_all(b"\n");
+            let _ = child.kill();
+            stalled = true;
+            break Some(String::new());
+        }
         match phase {
             Phase::Booting if text.contains(start) => phase = Phase::Running,
             Phase::Booting => boot_log.push(text.into_owned()),
