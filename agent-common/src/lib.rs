@@ -33,6 +33,18 @@ pub mod maps {
     pub const KILLED: &str = "KILLED";
     /// Limit writes seen at syscall entry, waiting for the syscall's exit (syscalls mode).
     pub const PENDING_WRITES: &str = "PENDING_WRITES";
+    /// The guard's protected limit files, by inode number ([`super::GuardEntry`]).
+    pub const GUARD_FILES: &str = "GUARD_FILES";
+    /// Trusted writers' executables: a bit per trusted writer that may run it.
+    pub const GUARD_EXES: &str = "GUARD_EXES";
+    /// Trusted writers' parents' executables: a bit per trusted writer that may have it.
+    pub const GUARD_PARENTS: &str = "GUARD_PARENTS";
+    /// Tgids trusted writers must have: a bit per trusted writer that must have it.
+    pub const GUARD_PIDS: &str = "GUARD_PIDS";
+    /// Cgroup ids trusted writers must run in: a bit per trusted writer that may run there.
+    pub const GUARD_CGROUPS: &str = "GUARD_CGROUPS";
+    /// The writers with no constraint of each kind, and the agent ([`super::GuardTrust`]).
+    pub const GUARD_TRUST: &str = "GUARD_TRUST";
     /// Arguments of limit writes in flight, keyed by `pid_tgid` (kprobe mode: entry to return).
     pub const LIMIT_WRITE_ARGS: &str = "LIMIT_WRITE_ARGS";
     /// Global with the kernel struct offsets read from BTF at start-up.
@@ -103,6 +115,12 @@ pub mod programs {
         ("bench_empty_enter", "sys_enter_write"),
         ("bench_empty_exit", "sys_exit_write"),
     ];
+    /// BPF LSM program on `file_open`: refuses untrusted opens of protected limit files.
+    pub const GUARD_FILE_OPEN: &str = "guard_file_open";
+    /// An empty BPF LSM program on `file_open`: the guard benchmark's baseline.
+    pub const GUARD_EMPTY: &str = "guard_empty";
+    /// The LSM hook the guard runs on.
+    pub const FILE_OPEN_HOOK: &str = "file_open";
     /// Raw tracepoint `cgroup_mkdir`: a cgroup's id and path as it is created.
     pub const CGROUP_MKDIR: &str = "cgroup_mkdir";
     /// Raw tracepoint `cgroup_rmdir`: a cgroup is removed.
@@ -158,6 +176,9 @@ pub enum EventKind {
     GoFatal = 5,
     /// A process exec'd a program not reported before ([`ExecEvent`], ring `EXECS`).
     Exec = 6,
+    /// The guard refused (or, in dry-run, would have refused) an open of a protected limit
+    /// file for writing ([`GuardEvent`]).
+    GuardDenial = 7,
 }
 
 impl EventKind {
@@ -171,6 +192,7 @@ impl EventKind {
             4 => Some(Self::CgroupRmdir),
             5 => Some(Self::GoFatal),
             6 => Some(Self::Exec),
+            7 => Some(Self::GuardDenial),
             _ => None,
         }
     }
@@ -313,6 +335,71 @@ pub struct WriterIdentity {
 }
 const _: () = assert!(size_of::<WriterIdentity>() == 40);
 
+/// A protected limit file, the value of `GUARD_FILES` (keyed by the file's inode number).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardEntry {
+    /// The cgroup the file belongs to.
+    pub cgroup_id: u64,
+    /// The limit, as its index in [`LimitFile::ALL`].
+    pub limit: u32,
+    /// 1: refuse untrusted opens (enforce); 0: allow them and report a would-deny (dry-run).
+    pub enforce: u32,
+}
+const _: () = assert!(size_of::<GuardEntry>() == 16);
+
+/// The guard's trust, beside its maps: each mask has a bit per trusted writer (at most
+/// [`GUARD_MAX_WRITERS`]). A writer is trusted when one bit survives the AND of its
+/// executable's, its parent's, its tgid's and its cgroup's masks, each OR'd with the writers
+/// that have no constraint of that kind.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardTrust {
+    /// Writers that may have any parent.
+    pub any_parent: u64,
+    /// Writers that may have any tgid.
+    pub any_pid: u64,
+    /// Writers that may run in any cgroup.
+    pub any_cgroup: u64,
+    /// The agent's own tgid: its restores are never refused.
+    pub agent_tgid: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+const _: () = assert!(size_of::<GuardTrust>() == 32);
+
+/// Trusted writers the guard can tell apart: one bit of a `u64` each.
+pub const GUARD_MAX_WRITERS: usize = 64;
+
+impl GuardTrust {
+    /// Whether a writer whose executable, parent, tgid and cgroup have these masks (0 where
+    /// the map has no entry) is trusted. The kernel and the agent's tests use this one rule.
+    #[must_use]
+    pub const fn trusts(&self, exe: u64, parent: u64, pid: u64, cgroup: u64) -> bool {
+        exe & (parent | self.any_parent) & (pid | self.any_pid) & (cgroup | self.any_cgroup) != 0
+    }
+}
+
+/// An open of a protected limit file for writing by an untrusted process, which the guard
+/// refused (`enforced` 1) or let through as a would-deny (dry-run, `enforced` 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GuardEvent {
+    /// Kind [`EventKind::GuardDenial`]; the task is the opener.
+    pub header: EventHeader,
+    /// The cgroup whose limit file it was.
+    pub target_cgroup_id: u64,
+    /// The file's inode number.
+    pub file_ino: u64,
+    /// The limit, as its index in [`LimitFile::ALL`].
+    pub limit: u32,
+    /// 1: the open failed with `EPERM`; 0: it was allowed (dry-run).
+    pub enforced: u32,
+    /// The opener as the kernel knew it at the open.
+    pub writer: WriterIdentity,
+}
+const _: () = assert!(size_of::<GuardEvent>() == 48 + 24 + 40);
+
 /// A cgroup was created or removed: keeps the agent's id-to-path map current without rescans.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -378,6 +465,11 @@ pub enum LossKind {
     Record = 13,
     /// Userspace: a remediation decision the executor had no room for.
     Decision = 14,
+    /// A guard denial's event (the open was refused or allowed all the same).
+    GuardDenial = 15,
+    /// Userspace: a change to the guard's maps the executor had no room for (the guard's
+    /// state is then rebuilt).
+    GuardChange = 16,
 }
 
 /// Why: the second index of [`LossCounts::counts`].
@@ -407,7 +499,7 @@ pub enum LossReason {
 }
 
 /// Number of [`LossKind`]s.
-pub const LOSS_KINDS: usize = 15;
+pub const LOSS_KINDS: usize = 17;
 /// Number of [`LossReason`]s.
 pub const LOSS_REASONS: usize = 10;
 
@@ -429,6 +521,8 @@ impl LossKind {
         Self::OffCpu,
         Self::Record,
         Self::Decision,
+        Self::GuardDenial,
+        Self::GuardChange,
     ];
 
     /// The label value.
@@ -450,6 +544,8 @@ impl LossKind {
             Self::OffCpu => "off_cpu",
             Self::Record => "record",
             Self::Decision => "decision",
+            Self::GuardDenial => "guard_denial",
+            Self::GuardChange => "guard_change",
         }
     }
 
@@ -463,7 +559,7 @@ impl LossKind {
             Self::CgroupMkdir | Self::CgroupRmdir | Self::OomKill => &[R::RingFull, R::ReadFailed],
             Self::OomVictim => &[R::MapFull, R::ReadFailed],
             Self::OomLimit | Self::FutexLock => &[R::MapFull],
-            Self::GoFatal => &[R::RingFull],
+            Self::GoFatal | Self::GuardDenial => &[R::RingFull],
             Self::Exec => &[R::RingFull, R::ReadFailed, R::QueueFull],
             Self::FutexWait => &[R::MapFull, R::SlotTaken],
             Self::FutexStack => &[R::StackCollision, R::StackFailed, R::StackMissing],
@@ -481,7 +577,7 @@ impl LossKind {
                 R::StackMissing,
             ],
             Self::Record => &[R::Decode],
-            Self::Decision => &[R::QueueFull],
+            Self::Decision | Self::GuardChange => &[R::QueueFull],
         }
     }
 
@@ -904,8 +1000,8 @@ pub struct KernelOffsets {
     pub mm_exe_file: u32,
     /// `task_struct.real_parent`.
     pub task_real_parent: u32,
-    /// Reserved, [`OFFSET_UNKNOWN`]; keeps the size a multiple of 8.
-    pub reserved: u32,
+    /// `file.f_mode` (`FMODE_WRITE`: opened for writing).
+    pub file_f_mode: u32,
 }
 const _: () = assert!(size_of::<KernelOffsets>() == 152);
 
@@ -952,7 +1048,7 @@ impl KernelOffsets {
         super_block_s_dev: OFFSET_UNKNOWN,
         mm_exe_file: OFFSET_UNKNOWN,
         task_real_parent: OFFSET_UNKNOWN,
-        reserved: OFFSET_UNKNOWN,
+        file_f_mode: OFFSET_UNKNOWN,
     };
 
     /// Whether a task's cgroup id can be read (`task->cgroups->dfl_cgrp->kn->id`).
@@ -1023,6 +1119,15 @@ impl KernelOffsets {
             && self.kernfs_node_id != OFFSET_UNKNOWN
             && self.kernfs_node_name != OFFSET_UNKNOWN
     }
+
+    /// Whether the guard can tell an open of a cgroup2 file for writing, its inode, and the
+    /// opener (`file->{f_mode, f_inode->{i_ino, i_sb->s_magic}}`, and the writer identity).
+    #[must_use]
+    pub const fn has_guard(&self) -> bool {
+        self.file_f_mode != OFFSET_UNKNOWN
+            && self.super_block_s_magic != OFFSET_UNKNOWN
+            && self.has_writer_identity()
+    }
 }
 
 #[cfg(feature = "user")]
@@ -1049,4 +1154,7 @@ mod pod {
     unsafe impl aya::Pod for super::ExecEvent {}
     unsafe impl aya::Pod for super::ExecKey {}
     unsafe impl aya::Pod for super::LossCounts {}
+    unsafe impl aya::Pod for super::GuardEntry {}
+    unsafe impl aya::Pod for super::GuardTrust {}
+    unsafe impl aya::Pod for super::GuardEvent {}
 }

@@ -7,6 +7,38 @@ use aya_ebpf::helpers::{
 };
 use aya_ebpf::{EbpfContext as _, programs::TracePointContext};
 
+/// `CGROUP2_SUPER_MAGIC` from the kernel's uapi `magic.h`.
+pub const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
+
+/// One field of the kernel offsets (`maps::OFFSETS`), read alone from the frozen `.rodata`: the
+/// verifier then knows it as a constant, which direct BTF-typed loads need.
+macro_rules! offset {
+    ($field:ident) => {
+        // SAFETY: `Global` is a transparent wrapper of an initialized `KernelOffsets`.
+        unsafe {
+            core::ptr::read_volatile(
+                &raw const (*(&raw const crate::maps::OFFSETS)
+                    .cast::<agent_common::KernelOffsets>())
+                .$field,
+            )
+        }
+    };
+}
+pub(crate) use offset;
+
+/// A `T` at `base + offset`, by a direct load the verifier checks against BTF.
+///
+/// # Safety
+/// `base` must be a BTF-typed kernel pointer whose type has a `T` field at `offset`.
+#[expect(
+    clippy::inline_always,
+    reason = "a BPF subprogram call would hide the BTF type and the constant offset from the verifier"
+)]
+#[inline(always)]
+pub unsafe fn load<T>(base: *const u8, offset: usize) -> T {
+    unsafe { base.add(offset).cast::<T>().read() }
+}
+
 /// Reads a `T` at `base + offset`; fails for an unknown offset or a null base.
 ///
 /// # Safety

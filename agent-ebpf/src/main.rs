@@ -12,6 +12,7 @@ mod cgroups;
 mod diagnose;
 mod futex;
 mod golang;
+mod guard;
 mod kernel;
 mod limits;
 mod maps;

@@ -4,12 +4,12 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use agent_common::{
     ExecKey, FUTEX_WAIT_SLOTS, FutexConfig, FutexLock, FutexLockKey, FutexProcess, FutexWait,
-    KernelOffsets, KilledTask, LOSS_SLOTS, LimitWriteArgs, LossCounts, LossKind, LossReason,
-    OffCpu, OffCpuSlot, OomEntry, PendingWrite, SampleKey, WINDOW_BIT,
+    GuardEntry, GuardTrust, KernelOffsets, KilledTask, LOSS_SLOTS, LimitWriteArgs, LossCounts,
+    LossKind, LossReason, OffCpu, OffCpuSlot, OomEntry, PendingWrite, SampleKey, WINDOW_BIT,
 };
 use aya_ebpf::{
     Global,
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
 };
@@ -164,6 +164,37 @@ pub static DIAG_STACKS: StackTrace = StackTrace::with_max_entries(4096, 0);
 /// Lock slow-path entries that could not be counted by stack (no room).
 #[map(name = "DIAG_LOST")]
 pub static DIAG_LOST: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The guard's protected limit files by inode number. Sized by the loader from the
+/// configuration; userspace adds and removes entries as cgroups come and go. The guard's maps
+/// are not preallocated: a node that protects nothing pays nothing for them.
+#[map(name = "GUARD_FILES")]
+pub static GUARD_FILES: HashMap<u64, GuardEntry> =
+    HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
+
+/// Trusted writers' executables (every key each configured path has had): a bit per writer.
+#[map(name = "GUARD_EXES")]
+pub static GUARD_EXES: HashMap<ExecKey, u64> = HashMap::with_max_entries(4096, BPF_F_NO_PREALLOC);
+
+/// Trusted writers' parents' executables: a bit per writer.
+#[map(name = "GUARD_PARENTS")]
+pub static GUARD_PARENTS: HashMap<ExecKey, u64> =
+    HashMap::with_max_entries(4096, BPF_F_NO_PREALLOC);
+
+/// Tgids that trusted writers must have (systemd's 1): a bit per writer.
+#[map(name = "GUARD_PIDS")]
+pub static GUARD_PIDS: HashMap<u32, u64> = HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+/// Cgroups that trusted writers must run in, by id: a bit per writer. Sized by the loader
+/// like `GUARD_FILES`.
+#[map(name = "GUARD_CGROUPS")]
+pub static GUARD_CGROUPS: HashMap<u64, u64> = HashMap::with_max_entries(16_384, BPF_F_NO_PREALLOC);
+
+/// The writers with no constraint of each kind, and the agent's tgid: one entry. All zero (no
+/// one trusted, not even the agent) until userspace writes it, which it does before it
+/// protects any file.
+#[map(name = "GUARD_TRUST")]
+pub static GUARD_TRUST: Array<GuardTrust> = Array::with_max_entries(1, 0);
 
 /// How the futex programs run.
 #[unsafe(no_mangle)]

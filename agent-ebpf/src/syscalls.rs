@@ -2,9 +2,7 @@
 //! follows the fd to its file and keeps only writes to cgroup2 limit files, so ordinary writes
 //! cost a few reads. Catches redirections (`sh` dup2s the fd), `write`, `pwrite64` and `writev`.
 
-use agent_common::{
-    FILE_NAME_LEN, KernelOffsets, LossKind, LossReason, OFFSET_UNKNOWN, PendingWrite, VALUE_LEN,
-};
+use agent_common::{FILE_NAME_LEN, LossKind, LossReason, OFFSET_UNKNOWN, PendingWrite, VALUE_LEN};
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_task_btf,
@@ -15,13 +13,10 @@ use aya_ebpf::{
 };
 
 use crate::{
-    kernel::{read_field, record_field},
+    kernel::{CGROUP2_SUPER_MAGIC, load, offset, read_field, record_field},
     limits::emit_for_node,
     maps::{Lost, OFFSETS, PENDING_WRITES, any_pending, counted, pending_add},
 };
-
-/// `CGROUP2_SUPER_MAGIC` from the kernel's uapi `magic.h`.
-const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
 
 /// Field offsets in the `syscalls/sys_enter_*` records (after the 8-byte common header and the
 /// syscall number): the first three arguments, the same for write, pwrite64 and writev.
@@ -41,18 +36,6 @@ const LIMIT_NAMES: [[u8; FILE_NAME_LEN]; 7] = [
     *b"pids.max\0\0\0\0\0\0\0\0",
     *b"cpu.max\0\0\0\0\0\0\0\0\0",
 ];
-
-/// One field of [`OFFSETS`], read alone: the verifier then knows it as a constant.
-macro_rules! offset {
-    ($field:ident) => {
-        // SAFETY: `Global` is a transparent wrapper of an initialized `KernelOffsets`.
-        unsafe {
-            core::ptr::read_volatile(
-                &raw const (*(&raw const OFFSETS).cast::<KernelOffsets>()).$field,
-            )
-        }
-    };
-}
 
 macro_rules! syscall_enter {
     ($($program:ident => $name:literal, $iov:literal, $btf:literal);* $(;)?) => {$(
@@ -269,19 +252,6 @@ fn cgroup_node_btf(fd: u64) -> Result<Option<*const u8>, i32> {
         }
         Ok(Some(load::<*const u8>(inode, private_off)))
     }
-}
-
-/// A `T` at `base + offset`, by a direct load the verifier checks against BTF.
-///
-/// # Safety
-/// `base` must be a BTF-typed kernel pointer whose type has a `T` field at `offset`.
-#[expect(
-    clippy::inline_always,
-    reason = "a BPF subprogram call would hide the BTF type and the constant offset from the verifier"
-)]
-#[inline(always)]
-unsafe fn load<T>(base: *const u8, offset: usize) -> T {
-    unsafe { base.add(offset).cast::<T>().read() }
 }
 
 /// Slots in `files_struct.fd_array` (`NR_OPEN_DEFAULT`, the bits in a long).

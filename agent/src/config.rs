@@ -68,6 +68,19 @@ pub struct ProbesConfig {
     pub limit_writes: LimitWriteMode,
     #[serde(default)]
     pub oom_limits: OomLimitMode,
+    #[serde(default)]
+    pub guard: GuardChoice,
+}
+
+/// Whether the guard (BPF LSM on `file_open`) is attached: `auto` attaches it in modes dry-run
+/// and enforce where the kernel allows it (rules with `protect` then refuse untrusted
+/// writers); `off` never (such rules fall back to restoring).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuardChoice {
+    #[default]
+    Auto,
+    Off,
 }
 
 /// Lock contention: which processes' futex waits are measured, and how much is kept.
@@ -268,6 +281,8 @@ pub struct RemediationConfig {
     pub audit_log_files: u32,
     /// Where desired values are kept across restarts; empty disables it.
     pub state_file: PathBuf,
+    /// The guard protects at most this many limit files (the size of its kernel map).
+    pub guard_max_files: u32,
 }
 
 impl Default for RemediationConfig {
@@ -285,6 +300,7 @@ impl Default for RemediationConfig {
             audit_log_max_bytes: 10 << 20,
             audit_log_files: 5,
             state_file: PathBuf::from("/var/lib/nodewarden/desired.json"),
+            guard_max_files: 65_536,
         }
     }
 }
@@ -496,6 +512,13 @@ impl Config {
             validate_trusted_writer(w, &mut problems);
         }
         trusted_writers.extend(raw.trusted_writers);
+        if trusted_writers.len() > agent_common::GUARD_MAX_WRITERS {
+            problems.push(format!(
+                "{} trusted writers (built-in ones included): at most {} (the guard gives each a bit)",
+                trusted_writers.len(),
+                agent_common::GUARD_MAX_WRITERS
+            ));
+        }
         match metrics_listen {
             Some(metrics_listen) if problems.is_empty() => Ok(Self {
                 mode: raw.mode,
@@ -540,6 +563,7 @@ fn validate_remediation(r: &RemediationConfig, problems: &mut Vec<String>) {
     within("creation_grace_ms", r.creation_grace_ms, 0, 600_000);
     within("audit_log_max_bytes", r.audit_log_max_bytes, 4096, 1 << 40);
     within("audit_log_files", u64::from(r.audit_log_files), 1, 100);
+    within("guard_max_files", u64::from(r.guard_max_files), 1, 1 << 20);
     for (name, p) in [("audit_log", &r.audit_log), ("state_file", &r.state_file)] {
         if !p.as_os_str().is_empty() && !p.is_absolute() {
             problems.push(format!(
@@ -577,6 +601,8 @@ fn validate_trusted_writer(w: &TrustedWriterConfig, problems: &mut Vec<String>) 
 
 #[cfg(test)]
 mod tests {
+    use std::fmt::Write as _;
+
     use super::*;
 
     #[test]
@@ -619,6 +645,27 @@ mod tests {
                 .trusted_writers
                 .is_empty()
         );
+        // The guard gives each trusted writer a bit of a u64: 64 at most, built-in ones included.
+        let mut many = String::new();
+        for i in 0..62 {
+            let _ = write!(
+                many,
+                "[[trusted_writers]]\nname = \"w{i}\"\nexe = [\"/bin/w{i}\"]\n"
+            );
+        }
+        let Err(ConfigError::Invalid { problems, .. }) =
+            Config::parse(&format!("{base}\n{many}"), "t")
+        else {
+            panic!("65 trusted writers accepted");
+        };
+        assert!(problems[0].contains("65 trusted writers"), "{problems:#?}");
+        assert!(
+            Config::parse(
+                &format!("builtin_trusted_writers = false\n{base}\n{many}"),
+                "t"
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -645,6 +692,9 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(c.probes.oom_limits, OomLimitMode::MemoryEvents);
+        assert_eq!(c.probes.guard, GuardChoice::Auto);
+        let c = Config::parse(&format!("{base}[probes]\nguard = \"off\"\n"), "t").expect("valid");
+        assert_eq!(c.probes.guard, GuardChoice::Off);
         let err = Config::parse(&format!("{base}[probes]\nlimit_writes = \"uprobe\"\n"), "t")
             .expect_err("no such mode");
         assert!(err.to_string().contains("uprobe"), "{err}");

@@ -25,7 +25,7 @@ use std::{
 use clap::{Parser, Subcommand};
 
 use crate::{
-    cli::{bench, check, desired, diagnose, events, latency, restore_bench, top},
+    cli::{bench, check, desired, diagnose, events, guard_bench, latency, restore_bench, top},
     config::Config,
     model::{pattern::Pattern, record::RecordKind},
     outputs::{logs, traces::Traces},
@@ -117,6 +117,22 @@ enum Cmd {
         /// Run the loop in this process (the loader spawns itself with this).
         #[arg(long)]
         loop_only: bool,
+    },
+    /// Time open(2)+close(2) of a file with nothing, an empty LSM program, or the guard on
+    /// `file_open` (used by `cargo xtask bench`).
+    #[command(hide = true)]
+    BenchOpen {
+        /// A regular file to open (the caller puts it on a tmpfs).
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, default_value_t = 200_000)]
+        iterations: u64,
+        /// Rounds of the three configurations, interleaved.
+        #[arg(long, default_value_t = 9)]
+        rounds: usize,
+        /// Made-up protected files put in the guard's map, so that it is not empty.
+        #[arg(long, default_value_t = 1000)]
+        protected: u32,
     },
     /// Time limit writes from their return to their record on a running agent's event feed,
     /// with and without an exec storm (used by `cargo xtask bench`).
@@ -255,7 +271,17 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Cmd::Check { config } => match load_config(config.as_deref()) {
-            Ok(c) => exit(check::check(&c.probes, &c.contention)),
+            Ok(c) => {
+                let guard = match c.probes.guard {
+                    config::GuardChoice::Auto => kernel::loader::GuardAttach::Yes {
+                        max_files: c.remediation.guard_max_files,
+                    },
+                    config::GuardChoice::Off => {
+                        kernel::loader::GuardAttach::No("off in the configuration (probes.guard)")
+                    }
+                };
+                exit(check::check(&c.probes, &c.contention, guard))
+            }
             Err(code) => code,
         },
         Cmd::BenchWrite {
@@ -268,6 +294,12 @@ fn main() -> ExitCode {
         } else {
             bench::bench_write(attached, iterations, open_files)
         }),
+        Cmd::BenchOpen {
+            file,
+            iterations,
+            rounds,
+            protected,
+        } => exit(guard_bench::run(&file, iterations, rounds, protected)),
         Cmd::BenchLatency {
             socket,
             cgroup,

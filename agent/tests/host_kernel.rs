@@ -48,20 +48,26 @@ fn agent_starts_reports_probes_and_stops_on_sigterm() {
     assert!(log.contains("SIGTERM: shutting down"), "{log}");
 }
 
-#[test]
-#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
-fn check_lists_every_probe_with_its_status() {
+/// `nodewarden check`'s report (it must succeed).
+fn check() -> String {
     assert!(is_root(), "{NEEDS_ROOT}");
     let out = Command::new(NODEWARDEN)
         .arg("check")
         .output()
         .expect("run check");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "check failed: {text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    text
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn check_lists_every_probe_with_its_status() {
+    let text = check();
     for capability in [
         "limit_writes",
         "oom_limits",
@@ -79,6 +85,38 @@ fn check_lists_every_probe_with_its_status() {
         );
     }
     assert!(text.contains("kernel BTF: "), "{text}");
+}
+
+/// `nodewarden check` says whether the guard can attach on this kernel, and if not why, and
+/// what rules with `protect` get then.
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn check_says_whether_the_guard_can_attach_and_why_not() {
+    let text = check();
+    let status = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("guard "))
+        .unwrap_or_else(|| panic!("no guard status in:\n{text}"));
+    let summary = text
+        .lines()
+        .find(|l| l.starts_with("guard: "))
+        .unwrap_or_else(|| panic!("no guard summary in:\n{text}"));
+    if status.contains(" attached: file_open") {
+        assert!(summary.starts_with("guard: available"), "{summary}");
+        assert!(summary.contains("fails open"), "{summary}");
+    } else {
+        assert!(status.ends_with("UNAVAILABLE"), "{status}");
+        let why = summary
+            .strip_prefix("guard: unavailable (")
+            .and_then(|r| r.split_once("): "))
+            .unwrap_or_else(|| panic!("no reason: {summary}"));
+        assert!(why.0.len() > 10, "the reason says nothing: {summary}");
+        assert_eq!(
+            why.1, "rules with `protect` fall back to restoring",
+            "{summary}"
+        );
+    }
+    eprintln!("{status}\n{summary}");
 }
 
 /// A real Prometheus server scrapes the agent: the target is up and the probe gauges arrive.

@@ -16,6 +16,8 @@ use serde_json::Value;
 
 use common::{Agent, otlp};
 
+#[path = "vm_kernel/guard.rs"]
+mod guard;
 #[path = "vm_kernel/heal.rs"]
 mod heal;
 #[path = "vm_kernel/lossless.rs"]

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{bench_contention, bench_latency, bench_restore, build, setup, vm};
+use crate::{bench_contention, bench_guard, bench_latency, bench_restore, build, setup, vm};
 
 /// Rounds of the three configurations, interleaved so drift hits them alike.
 const ROUNDS: usize = 7;
@@ -32,6 +32,8 @@ pub enum Part {
     Latency,
     /// Restore latency (in the VM).
     Restore,
+    /// The guard's cost on open(2), in the VM.
+    Guard,
 }
 
 pub fn main(baseline: Option<&str>, only: Option<Part>) -> Result<i32> {
@@ -46,6 +48,7 @@ pub fn main(baseline: Option<&str>, only: Option<Part>) -> Result<i32> {
             Part::Contention => bench_contention::run(&bin)?,
             Part::Latency => bench_latency::run(&bin, &agents(baseline, &bin)?)?,
             Part::Restore => bench_restore::run(&bin)?,
+            Part::Guard => bench_guard::run(&bin)?,
         };
         print!("{md}");
         return Ok(0);
@@ -54,6 +57,7 @@ pub fn main(baseline: Option<&str>, only: Option<Part>) -> Result<i32> {
     md.push_str(&bench_contention::run(&bin)?);
     md.push_str(&bench_latency::run(&bin, &agents(baseline, &bin)?)?);
     md.push_str(&bench_restore::run(&bin)?);
+    md.push_str(&bench_guard::run(&bin)?);
     let path = vm::workspace_root().join("docs/benchmarks.md");
     std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
     print!("{md}");

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_contention;
+mod bench_guard;
 mod bench_latency;
 mod bench_restore;
 mod build;

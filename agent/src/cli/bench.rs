@@ -53,7 +53,12 @@ pub fn bench_write(attached: Attached, iterations: u64, open_files: u32) -> Resu
                 limit_writes: LimitWriteMode::Syscalls,
                 ..ProbesConfig::default()
             };
-            let p = loader::load(&offsets, &choices, &ContentionConfig::default())?;
+            let p = loader::load(
+                &offsets,
+                &choices,
+                &ContentionConfig::default(),
+                loader::GuardAttach::No("not measured here"),
+            )?;
             let s = p
                 .status
                 .iter()
@@ -66,7 +71,7 @@ pub fn bench_write(attached: Attached, iterations: u64, open_files: u32) -> Resu
             Some(p.ebpf)
         }
         Attached::Empty => {
-            let mut ebpf = loader::load_object(&offsets, &ContentionConfig::default())?;
+            let mut ebpf = loader::load_object(&offsets, &ContentionConfig::default(), 1)?;
             for (name, tracepoint) in programs::BENCH_EMPTY {
                 let p: &mut TracePoint = ebpf
                     .program_mut(name)

@@ -8,10 +8,15 @@ use crate::{
     config::{ContentionConfig, ProbesConfig},
     enrich::cgroupfs,
     kernel::{btf, loader},
+    model::probe::{Capability, ProbeStatus},
 };
 
 /// Prints the report; fails only when the eBPF object cannot be loaded at all.
-pub fn check(choices: &ProbesConfig, contention: &ContentionConfig) -> Result<()> {
+pub fn check(
+    choices: &ProbesConfig,
+    contention: &ContentionConfig,
+    guard: loader::GuardAttach,
+) -> Result<()> {
     let uname = uname();
     println!("kernel: {uname}");
 
@@ -45,7 +50,7 @@ pub fn check(choices: &ProbesConfig, contention: &ContentionConfig) -> Result<()
         None => println!("cgroup v2: not mounted"),
     }
 
-    let probes = loader::load(&kernel_offsets, choices, contention)?;
+    let probes = loader::load(&kernel_offsets, choices, contention, guard)?;
     println!("probes:");
     for s in &probes.status {
         println!("  {s}");
@@ -55,7 +60,28 @@ pub fn check(choices: &ProbesConfig, contention: &ContentionConfig) -> Result<()
         "{attached} of {} capabilities can attach",
         probes.status.len()
     );
+    let guard = probes
+        .status
+        .iter()
+        .find(|s| s.capability == Capability::Guard);
+    println!("{}", guard_summary(guard));
     Ok(())
+}
+
+/// What the guard's status means for rules with `protect`.
+fn guard_summary(status: Option<&ProbeStatus>) -> String {
+    match status {
+        Some(s) if s.attached() => "guard: available: rules with `protect` refuse untrusted opens of their limit files for writing (dry-run: recorded as would-deny). It fails open: protection ends when the agent stops or crashes (nothing is pinned).".to_owned(),
+        Some(s) => format!(
+            "guard: unavailable ({}): rules with `protect` fall back to restoring",
+            s.errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+        None => "guard: unavailable: rules with `protect` fall back to restoring".to_owned(),
+    }
 }
 
 /// `uname -r` and machine, e.g. `6.1.0-31-amd64 x86_64`.

@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use crate::model::{
+    guard::GuardResult,
     pattern::Pattern,
     record::{OomLimit, Process, Record, RecordKind},
 };
@@ -192,6 +193,19 @@ fn line(record: &Record) -> String {
             if r.repeated > 0 {
                 let _ = write!(s, " (and {} more like it)", r.repeated);
             }
+        }
+        Record::GuardDenial(r) => {
+            let _ = write!(
+                s,
+                " {}: open for writing {} by rule {}; by {}",
+                r.limit.file_name(),
+                match r.result {
+                    GuardResult::Denied => "refused",
+                    GuardResult::WouldDeny => "would be refused (dry-run)",
+                },
+                r.rule,
+                process(&r.writer)
+            );
         }
     }
     if let Some(k) = record.k8s() {

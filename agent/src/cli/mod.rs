@@ -6,6 +6,7 @@ pub mod check;
 pub mod desired;
 pub mod diagnose;
 pub mod events;
+pub mod guard_bench;
 pub mod latency;
 pub mod restore_bench;
 pub mod rules;

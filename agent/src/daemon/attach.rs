@@ -10,17 +10,19 @@ use agent_common::{ExecKey, KernelOffsets, maps};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 
 use crate::{
-    config::Config,
+    config::{Config, GuardChoice},
     contention::{
         self, futex::FutexMaps, offcpu::OffCpuMaps, samples::SampleMaps, windows::Window,
     },
     kernel::{
         btf,
         go::SharedEbpf,
+        guard::GuardMaps,
         loader::{self, LoadError, take_map},
         rings::{LossMap, Rings},
     },
     model::{
+        heal::Mode,
         probe::{Capability, ProbeMode, ProbeStatus},
         record::SeenBy,
     },
@@ -37,6 +39,8 @@ pub struct Attached {
     pub contention: contention::Maps,
     /// The kernel's record of reported executables, when Go fatal errors are probed.
     pub exec_seen: Option<BpfHashMap<MapData, ExecKey, u8>>,
+    /// The guard's maps, when its program attached (for the executor).
+    pub guard: Option<GuardMaps>,
     /// How limit writes are seen.
     pub limit_mode: ProbeMode,
     pub status: Vec<ProbeStatus>,
@@ -66,7 +70,12 @@ impl Attached {
 /// Loads and attaches the probes, reports how (log, metric), and takes their maps. Without BPF
 /// at all the agent still runs: limit writes are then seen by inotify.
 pub fn attach(config: &Config, metrics: &Metrics) -> Result<Attached, LoadError> {
-    let (ebpf, status) = match loader::load(&kernel_offsets(), &config.probes, &config.contention) {
+    let (ebpf, status) = match loader::load(
+        &kernel_offsets(),
+        &config.probes,
+        &config.contention,
+        guard_attach(config),
+    ) {
         Ok(p) => (Some(p.ebpf), p.status),
         Err(e) => {
             tracing::error!("no eBPF probes: {e}");
@@ -88,6 +97,7 @@ pub fn attach(config: &Config, metrics: &Metrics) -> Result<Attached, LoadError>
         losses: None,
         contention: contention::Maps::default(),
         exec_seen: None,
+        guard: None,
         limit_mode,
         status,
     };
@@ -112,11 +122,27 @@ pub fn attach(config: &Config, metrics: &Metrics) -> Result<Attached, LoadError>
             config.contention.off_cpu_max_processes,
         ));
     }
+    if attached.has(Capability::Guard) {
+        attached.guard = Some(GuardMaps::take(&mut ebpf)?);
+    }
     if attached.contention.samples.is_some() || attached.contention.offcpu.is_some() {
         attached.contention.window = Some(Window::take(&mut ebpf)?);
     }
     attached.ebpf = Arc::new(Mutex::new(Some(ebpf)));
     Ok(attached)
+}
+
+/// Whether the guard is attached: in modes dry-run and enforce, unless turned off.
+fn guard_attach(config: &Config) -> loader::GuardAttach {
+    match (config.mode, config.probes.guard) {
+        (_, GuardChoice::Off) => loader::GuardAttach::No("off in the configuration (probes.guard)"),
+        (Mode::Observe, GuardChoice::Auto) => {
+            loader::GuardAttach::No("mode observe: the guard acts in dry-run and enforce only")
+        }
+        (_, GuardChoice::Auto) => loader::GuardAttach::Yes {
+            max_files: config.remediation.guard_max_files,
+        },
+    }
 }
 
 /// Kernel struct offsets from BTF; missing ones make the probes that need them degrade.

@@ -199,6 +199,8 @@ pub struct EventLoop {
     /// The scan running off the loop: why, when it started (monotonic ns), and its task.
     pub scan: Option<(ResyncReason, u64, JoinHandle<Scan>)>,
     pub reload: Reload,
+    /// Guard changes lost so far (the executor's queue was full), as last acted on.
+    pub guard_changes_lost: u64,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -377,6 +379,16 @@ impl EventLoop {
     /// wants a resync), and the contention spans.
     fn tick(&mut self) {
         self.kernel_losses();
+        let dropped = self
+            .losses
+            .get(LossKind::GuardChange, LossReason::QueueFull);
+        if dropped > self.guard_changes_lost {
+            self.guard_changes_lost = dropped;
+            tracing::warn!("a change to the guard's maps was lost: they are rebuilt");
+            let mut out = Vec::new();
+            self.pipeline.guard_lost(&mut out);
+            self.apply(out);
+        }
         let mut out = Vec::new();
         self.pipeline.tick(&mut out);
         self.apply(out);
@@ -424,7 +436,11 @@ impl EventLoop {
         };
         match done {
             Ok(Reloaded::Unchanged) => {}
-            Ok(Reloaded::Trust(set)) => self.pipeline.set_trust(set),
+            Ok(Reloaded::Trust(set)) => {
+                let mut out = Vec::new();
+                self.pipeline.set_trust(set, &mut out);
+                self.apply(out);
+            }
             Ok(Reloaded::Rules(stamp, Ok(rules))) => {
                 tracing::info!(rules = rules.rules.len(), "rules reloaded");
                 self.reload.stamp = stamp;

@@ -18,6 +18,7 @@ use crate::{
         self, Executor, Job, Sinks,
         audit::AuditLog,
         files::{Attempt, Cgroup2, LimitFiles},
+        guard::Guard,
     },
     model::{
         heal::{Mode, Reason},
@@ -97,6 +98,9 @@ pub fn settings(config: &Config) -> Result<HealSettings> {
         boot_id: executor::boot_id(),
         keep: state_file.is_some(),
         kept,
+        // Set once the probes are attached.
+        guard_active: false,
+        guard_max_files: usize::try_from(r.guard_max_files).unwrap_or(usize::MAX),
     })
 }
 
@@ -181,6 +185,10 @@ impl LimitFiles for NoHierarchy {
     ) -> Attempt {
         Attempt::NotWritten(Reason::Stale)
     }
+
+    fn inode(&self, _: u64, _: agent_common::LimitFile) -> Result<u64, String> {
+        Err("no cgroup v2 hierarchy".to_owned())
+    }
 }
 
 /// The executor's thread.
@@ -194,6 +202,7 @@ pub fn start_executor(
     feed: Feed,
     traces: Traces,
     panics: &workers::Panics,
+    guard: Option<crate::kernel::guard::GuardMaps>,
 ) -> Result<workers::Worker> {
     let files: Box<dyn LimitFiles + Send> = match cgroupfs {
         Some(fs) => Box::new(
@@ -212,7 +221,10 @@ pub fn start_executor(
             .map(|p| AuditLog::new(p, r.audit_log_max_bytes, r.audit_log_files)),
         state_file: path(&r.state_file),
     };
-    let executor = Executor::new(files, sinks);
+    let mut executor = Executor::new(files, sinks);
+    if let Some(maps) = guard {
+        executor = executor.with_guard(Guard::new(Box::new(maps)));
+    }
     Ok(workers::spawn("executor", metrics, panics, move |stop| {
         executor.run(&jobs, stop);
     })?)

@@ -69,7 +69,7 @@ async fn run_until_stopped(
     let sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     // The rules and the check that enforce can be honoured come before the kernel is touched.
     let cgroupfs = hierarchy(config);
-    let heal_settings = heal::settings(config)?;
+    let mut heal_settings = heal::settings(config)?;
     heal::preflight(config, cgroupfs.as_ref())?;
     let shared = Shared::default();
     let metrics = Metrics::new(shared.clone());
@@ -104,6 +104,9 @@ async fn run_until_stopped(
     .flatten()
     .collect();
 
+    let guard_maps = attached.guard.take();
+    heal_settings.guard_active = guard_maps.is_some();
+    guard_report(config, &heal_settings, guard_maps.is_some());
     let mut pipeline = pipeline(config, &attached, cgroupfs.as_ref(), &shared, heal_settings);
     let feed = feed::Feed::new();
     let (queue, jobs) = crate::executor::queue(&shared.losses);
@@ -116,6 +119,7 @@ async fn run_until_stopped(
         feed.clone(),
         traces.clone(),
         &panics_tx,
+        guard_maps,
     )?;
     let mut outputs = Outputs::new(
         metrics.clone(),
@@ -157,6 +161,7 @@ async fn run_until_stopped(
         panics,
         scan: None,
         reload: event_loop::Reload::new(config.clone(), metrics.clone()),
+        guard_changes_lost: 0,
     };
     let (mut rings, watcher) = event_loop::register(attached.rings.take(), watcher)?;
     let signals = event_loop::Signals {
@@ -264,6 +269,24 @@ fn serve(
         let _ = server.await;
     };
     (stop_tx, endpoints)
+}
+
+/// Says at start-up what the rules with `protect` get: the guard, and that it fails open; or
+/// restoring only, and why.
+fn guard_report(config: &Config, heal: &crate::pipeline::HealSettings, attached: bool) {
+    let protecting = heal.rules.rules.iter().filter(|r| r.protect).count();
+    if attached {
+        tracing::info!(
+            mode = config.mode.as_str(),
+            rules = protecting,
+            "guard attached (BPF LSM on file_open): rules with protect refuse untrusted writers; it fails open: protection ends when the agent stops or crashes (nothing is pinned)"
+        );
+    } else if protecting > 0 {
+        tracing::warn!(
+            rules = protecting,
+            "guard not attached (nodewarden check says why): rules with protect fall back to restoring"
+        );
+    }
 }
 
 /// The pods of this node from the API server, watched by a task of their own.

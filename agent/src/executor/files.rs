@@ -40,6 +40,8 @@ pub trait LimitFiles {
     /// Puts `to` into `limit` of cgroup `id` if that raises it (`write`), or checks that it
     /// could (not `write`).
     fn restore(&self, id: u64, limit: LimitFile, to: LimitValue, write: bool) -> Attempt;
+    /// The inode number of `limit`'s file in cgroup `id` (what the guard keys it by).
+    fn inode(&self, id: u64, limit: LimitFile) -> Result<u64, String>;
 }
 
 /// The real hierarchy, through a directory fd on its mount.
@@ -108,6 +110,38 @@ impl Cgroup2 {
 }
 
 impl LimitFiles for Cgroup2 {
+    fn inode(&self, id: u64, limit: LimitFile) -> Result<u64, String> {
+        let dir = self
+            .dir(id)
+            .map_err(|e| format!("opening the cgroup: {}", errno_name(&e)))?;
+        let meta = dir
+            .metadata()
+            .map_err(|e| format!("stat: {}", errno_name(&e)))?;
+        if meta.ino() != id {
+            return Err("the cgroup is gone".to_owned());
+        }
+        let name = std::ffi::CString::new(limit.file_name()).map_err(|e| e.to_string())?;
+        // SAFETY: a directory fd, a NUL-terminated name and a struct to fill.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let rc = unsafe {
+            libc::fstatat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                &raw mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if rc != 0 {
+            return Err(format!(
+                "stat {}: {}",
+                limit.file_name(),
+                errno_name(&std::io::Error::last_os_error())
+            ));
+        }
+        Ok(st.st_ino)
+    }
+
     fn restore(&self, id: u64, limit: LimitFile, to: LimitValue, write: bool) -> Attempt {
         let dir = match self.dir(id) {
             Ok(d) => d,

@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod files;
+pub mod guard;
 
 use std::{
     path::{Path, PathBuf},
@@ -21,13 +22,15 @@ use agent_common::{LossKind, LossReason};
 use self::{
     audit::AuditLog,
     files::{Attempt, LimitFiles},
+    guard::Guard,
 };
 use crate::{
     model::{
+        guard::GuardChange,
         heal::{Mode, Outcome, Reason, StateFile, Verdict},
         limit,
         loss::Losses,
-        record::{Decision, Record, Trigger},
+        record::{Decision, GuardDenial, Record, Trigger},
     },
     outputs::{
         feed::Feed,
@@ -46,6 +49,10 @@ pub enum Job {
     Decide(Box<Decision>),
     /// The desired values, to keep in the state file.
     Keep(StateFile),
+    /// A change to the guard's kernel maps.
+    Guard(GuardChange),
+    /// A guard denial, to record.
+    Denial(Box<GuardDenial>),
 }
 
 /// Where jobs go: a bounded queue that never blocks the sender.
@@ -61,11 +68,30 @@ impl Queue {
         if let Err(mpsc::TrySendError::Full(j) | mpsc::TrySendError::Disconnected(j)) =
             self.tx.try_send(job)
         {
-            if let Job::Decide(d) = j {
-                tracing::warn!(cgroup = %d.cgroup, rule = %d.rule, "the executor's queue is full: a decision is dropped");
+            match j {
+                Job::Decide(d) => {
+                    tracing::warn!(cgroup = %d.cgroup, rule = %d.rule, "the executor's queue is full: a decision is dropped");
+                    self.losses
+                        .add(LossKind::Decision, LossReason::QueueFull, 1);
+                }
+                Job::Denial(_) => {
+                    self.losses
+                        .add(LossKind::GuardDenial, LossReason::QueueFull, 1);
+                }
+                Job::Guard(c) => {
+                    // Counted, and the event loop has the guard's state rebuilt for it.
+                    tracing::warn!(
+                        ?c,
+                        "the executor's queue is full: a guard change is dropped"
+                    );
+                    self.losses
+                        .add(LossKind::GuardChange, LossReason::QueueFull, 1);
+                }
+                Job::Keep(_) => {
+                    self.losses
+                        .add(LossKind::Decision, LossReason::QueueFull, 1);
+                }
             }
-            self.losses
-                .add(LossKind::Decision, LossReason::QueueFull, 1);
         }
     }
 }
@@ -97,6 +123,8 @@ pub struct Sinks {
 pub struct Executor {
     files: Box<dyn LimitFiles + Send>,
     sinks: Sinks,
+    /// The guard's maps, when it is attached.
+    guard: Option<Guard>,
     /// A snapshot to write, and since when it waits.
     pending: Option<(StateFile, Instant)>,
 }
@@ -127,8 +155,16 @@ impl Executor {
         Self {
             files,
             sinks,
+            guard: None,
             pending: None,
         }
+    }
+
+    /// With the guard's maps to keep.
+    #[must_use]
+    pub fn with_guard(mut self, guard: Guard) -> Self {
+        self.guard = Some(guard);
+        self
     }
 
     /// Takes jobs until `stop`, or until the queue's senders are gone; what is queued then is
@@ -158,7 +194,36 @@ impl Executor {
                 let since = self.pending.as_ref().map_or_else(Instant::now, |p| p.1);
                 self.pending = Some((s, since));
             }
+            Job::Guard(c) => self.guard(&c),
+            Job::Denial(d) => self.denial(*d),
         }
+    }
+
+    /// Changes the guard's maps; a failure leaves that file unprotected, counted and said.
+    fn guard(&mut self, change: &GuardChange) {
+        let Some(guard) = &mut self.guard else {
+            return;
+        };
+        if let Err(e) = guard.apply(change, self.files.as_ref()) {
+            self.sinks.metrics.guard_errors.inc();
+            tracing::warn!(?change, "guard: {e}");
+        }
+        self.sinks
+            .metrics
+            .guard_files
+            .set(i64::try_from(guard.files()).unwrap_or(i64::MAX));
+    }
+
+    /// Records a guard denial: metrics, span, audit log, log, feed.
+    fn denial(&mut self, d: GuardDenial) {
+        if let Some(c) = labelled(
+            &self.sinks.metrics.guard_denials,
+            &[&d.rule, d.limit.file_name(), d.result.as_str()],
+        ) {
+            c.inc();
+        }
+        self.sinks.traces.guard_denial(&d);
+        self.write_out(&Record::GuardDenial(Box::new(d)));
     }
 
     /// Writes the pending snapshot when it waited long enough (or `now`).
@@ -227,19 +292,23 @@ impl Executor {
             c.inc();
         }
         self.sinks.traces.decision(&d);
-        let record = Record::Decision(Box::new(d));
+        self.write_out(&Record::Decision(Box::new(d)));
+    }
+
+    /// The audit log's line, the log's and the feed's.
+    fn write_out(&mut self, record: &Record) {
         if let Some(audit) = &mut self.sinks.audit {
-            match serde_json::to_string(&record) {
+            match serde_json::to_string(record) {
                 Ok(line) => {
                     if let Err(e) = audit.append(&line) {
                         tracing::warn!("audit log: {e}");
                     }
                 }
-                Err(e) => tracing::warn!("audit log: encoding a decision: {e}"),
+                Err(e) => tracing::warn!("audit log: encoding a record: {e}"),
             }
         }
-        logs::record(&record);
-        self.sinks.feed.publish(&record);
+        logs::record(record);
+        self.sinks.feed.publish(record);
     }
 }
 

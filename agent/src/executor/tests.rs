@@ -5,16 +5,21 @@ use std::sync::{Arc, Mutex};
 
 use agent_common::LimitFile;
 
+use agent_common::GuardEntry;
+
 use super::{
-    Executor, Sinks,
+    Executor, Job, Sinks,
     audit::AuditLog,
     files::{Attempt, LimitFiles},
+    guard::{Guard, GuardTable},
 };
 use crate::{
     model::{
+        guard::{GuardChange, GuardResult, TrustTables},
         heal::{DesiredSource, Mode, Outcome, Reason, Verdict},
         limit::LimitValue,
         record::{Decision, Trigger},
+        record::{GuardDenial, Process},
     },
     outputs::{
         feed::Feed,
@@ -46,6 +51,49 @@ impl LimitFiles for Fake {
         } else {
             Attempt::Checked
         })
+    }
+
+    /// Cgroup 0 has no files; any other's file is `10 * id + the limit's index`.
+    fn inode(&self, id: u64, limit: LimitFile) -> Result<u64, String> {
+        if id == 0 {
+            return Err("the cgroup is gone".into());
+        }
+        let i = LimitFile::ALL.iter().position(|l| *l == limit).unwrap_or(9);
+        Ok(10 * id + i as u64)
+    }
+}
+
+/// What the guard's maps were asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Table {
+    Put(u64, GuardEntry),
+    Remove(u64),
+    Trust(u32),
+    Cgroup(u64, Option<u64>),
+}
+
+#[derive(Debug, Clone, Default)]
+struct FakeTable(Arc<Mutex<Vec<Table>>>);
+
+impl GuardTable for FakeTable {
+    fn put_file(&mut self, ino: u64, entry: GuardEntry) -> Result<(), String> {
+        self.0.lock().expect("lock").push(Table::Put(ino, entry));
+        Ok(())
+    }
+    fn remove_file(&mut self, ino: u64) -> Result<(), String> {
+        self.0.lock().expect("lock").push(Table::Remove(ino));
+        Ok(())
+    }
+    fn put_trust(&mut self, tables: &TrustTables) -> Result<(), String> {
+        self.0
+            .lock()
+            .expect("lock")
+            .push(Table::Trust(tables.trust.agent_tgid));
+        Ok(())
+    }
+    fn put_cgroup(&mut self, id: u64, mask: Option<u64>) -> Result<(), String> {
+        self.0.lock().expect("lock").push(Table::Cgroup(id, mask));
+        Ok(())
     }
 }
 
@@ -188,4 +236,124 @@ fn a_target_gone_or_already_restored_is_not_written_and_said_why() {
         );
         assert_eq!(metrics.remediation_latency.get_sample_count(), 0);
     }
+}
+
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one sequence of changes, checked in order"
+)]
+fn guard_changes_reach_the_kernel_maps_by_inode_and_denials_are_recorded() {
+    let dir = std::env::temp_dir().join(format!("nw-executor-guard-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let audit = dir.join("audit.jsonl");
+    let fake = Fake::default();
+    let table = FakeTable::default();
+    let (ex, metrics) = executor(&fake, Some(AuditLog::new(audit.clone(), 1 << 20, 2)));
+    let mut ex = ex.with_guard(Guard::new(Box::new(table.clone())));
+    let m = LimitFile::MemoryMax;
+    let tables = TrustTables {
+        trust: agent_common::GuardTrust {
+            agent_tgid: 7,
+            ..Default::default()
+        },
+        ..TrustTables::default()
+    };
+    for c in [
+        GuardChange::Trust(Box::new(tables)),
+        GuardChange::Protect {
+            cgroup_id: 3,
+            limit: m,
+            enforce: true,
+        },
+        GuardChange::Protect {
+            cgroup_id: 3,
+            limit: LimitFile::CpuMax,
+            enforce: false,
+        },
+        GuardChange::Protect {
+            cgroup_id: 0,
+            limit: m,
+            enforce: true,
+        },
+        GuardChange::TrustCgroup {
+            id: 3,
+            mask: Some(2),
+        },
+        GuardChange::Release {
+            cgroup_id: 3,
+            limit: m,
+        },
+        GuardChange::Release {
+            cgroup_id: 9,
+            limit: m,
+        },
+    ] {
+        ex.take(Job::Guard(c));
+    }
+    let entry = |limit: u32, enforce: u32| GuardEntry {
+        cgroup_id: 3,
+        limit,
+        enforce,
+    };
+    assert_eq!(
+        *table.0.lock().expect("lock"),
+        [
+            Table::Trust(7),
+            Table::Put(30, entry(0, 1)),
+            Table::Put(36, entry(6, 0)),
+            Table::Cgroup(3, Some(2)),
+            Table::Remove(30),
+        ],
+        "a cgroup without files is not protected, a file never protected is not released"
+    );
+    assert_eq!(metrics.guard_errors.get(), 1);
+    assert_eq!(metrics.guard_files.get(), 1);
+    ex.take(Job::Guard(GuardChange::Reset));
+    assert_eq!(
+        table.0.lock().expect("lock")[5..],
+        [Table::Remove(36), Table::Cgroup(3, None)],
+        "a reset empties what the kernel holds"
+    );
+    assert_eq!(metrics.guard_files.get(), 0);
+
+    ex.take(Job::Denial(Box::new(GuardDenial {
+        time_unix_nano: 1,
+        cgroup: "/kubepods/pod1/c1".into(),
+        cgroup_id: 3,
+        k8s: None,
+        limit: m,
+        rule: "g".into(),
+        result: GuardResult::Denied,
+        writer: Process {
+            pid: 5,
+            tid: 5,
+            comm: "sh".into(),
+            exe: Some("/bin/dash".into()),
+            cgroup: "/".into(),
+        },
+    })));
+    assert_eq!(
+        metrics
+            .guard_denials
+            .with_label_values(&["g", "memory.max", "denied"])
+            .get(),
+        1
+    );
+    let line: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&audit)
+            .expect("audit log")
+            .lines()
+            .next()
+            .expect("a line"),
+    )
+    .expect("JSON");
+    assert_eq!(line["kind"], "guard_denial");
+    assert_eq!(line["result"], "denied");
+    assert_eq!(line["writer"]["exe"], "/bin/dash");
+    assert!(
+        fake.asked.lock().expect("lock").is_empty(),
+        "no cgroup written"
+    );
+    std::fs::remove_dir_all(&dir).expect("rm");
 }

@@ -165,7 +165,7 @@ fn offsets(types: &Types) -> Resolved {
         super_block_s_dev: find("super_block", &["s_dev"]),
         mm_exe_file: find("mm_struct", &["exe_file"]),
         task_real_parent: find("task_struct", &["real_parent"]),
-        reserved: OFFSET_UNKNOWN,
+        file_f_mode: find("file", &["f_mode"]),
     };
     Resolved { offsets, missing }
 }

@@ -2,19 +2,28 @@
 //! unknown record is an error, never a panic.
 
 use agent_common::{
-    COMM_LEN, CgroupEvent, EventHeader, EventKind, ExecEvent, GO_FATAL, GoFatalEvent, LimitFile,
-    LimitWriteEvent, OOM_CONTROL, OomKillEvent, RSS_ANON, RSS_FILE, RSS_SHMEM, RSS_SWAP,
+    COMM_LEN, CgroupEvent, EventHeader, EventKind, ExecEvent, GO_FATAL, GoFatalEvent, GuardEvent,
+    LimitFile, LimitWriteEvent, OOM_CONTROL, OomKillEvent, RSS_ANON, RSS_FILE, RSS_SHMEM, RSS_SWAP,
     VICTIM_FROM_TASK, VICTIM_MEMORY,
 };
 
 use crate::model::event::{
-    CgroupChange, Constraint, Event, Exec, GoFatal, GoFunction, Identity, LimitWrite, OomControl,
-    OomKill, Task, VictimMemory, VictimTask,
+    CgroupChange, Constraint, Event, Exec, GoFatal, GoFunction, GuardDenial, Identity, LimitWrite,
+    OomControl, OomKill, Task, VictimMemory, VictimTask,
 };
 
 /// A key the kernel could read; all zero means it could not.
 fn key(k: agent_common::ExecKey) -> Option<agent_common::ExecKey> {
     (k.ino != 0).then_some(k)
+}
+
+/// A writer's identity as the kernel read it.
+fn identity(w: &agent_common::WriterIdentity) -> Identity {
+    Identity {
+        exe: key(w.exe),
+        parent_tgid: w.parent_tgid,
+        parent_exe: key(w.parent_exe),
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -25,6 +34,8 @@ pub enum DecodeError {
     UnknownKind(u32),
     #[error("write to {0:?}, which is not a known limit file")]
     UnknownLimit(String),
+    #[error("guard denial of limit number {0}, which is not a known limit file")]
+    UnknownLimitIndex(u32),
     #[error("an exec record in the events ring, or another record in the exec ring")]
     WrongRing,
 }
@@ -53,11 +64,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             Ok(Event::LimitWrite(LimitWrite {
                 timestamp_ns: header.timestamp_ns,
                 writer: task(&header),
-                identity: Identity {
-                    exe: key(e.writer.exe),
-                    parent_tgid: e.writer.parent_tgid,
-                    parent_exe: key(e.writer.parent_exe),
-                },
+                identity: identity(&e.writer),
                 target_cgroup_id: e.target_cgroup_id,
                 limit,
                 value: String::from_utf8_lossy(&e.value[..len]).trim().to_owned(),
@@ -124,6 +131,22 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                     GoFunction::Throw
                 },
                 message: String::from_utf8_lossy(&e.message[..len]).into_owned(),
+            }))
+        }
+        Some(EventKind::GuardDenial) => {
+            let e: GuardEvent = read(bytes)?;
+            let limit = usize::try_from(e.limit)
+                .ok()
+                .and_then(|i| LimitFile::ALL.get(i).copied())
+                .ok_or(DecodeError::UnknownLimitIndex(e.limit))?;
+            Ok(Event::GuardDenial(GuardDenial {
+                timestamp_ns: header.timestamp_ns,
+                task: task(&header),
+                identity: identity(&e.writer),
+                target_cgroup_id: e.target_cgroup_id,
+                limit,
+                file_ino: e.file_ino,
+                enforced: e.enforced != 0,
             }))
         }
         Some(EventKind::Exec) => Err(DecodeError::WrongRing),
@@ -314,6 +337,46 @@ mod tests {
             panic!("wrong kind");
         };
         assert_eq!((k.victim, k.memory, k.control), (None, None, None));
+    }
+
+    #[test]
+    fn decodes_guard_denials_and_refuses_an_unknown_limit() {
+        let mut raw = GuardEvent {
+            header: header(EventKind::GuardDenial),
+            target_cgroup_id: 99,
+            file_ino: 4242,
+            limit: 0,
+            enforced: 1,
+            writer: agent_common::WriterIdentity {
+                exe: agent_common::ExecKey {
+                    dev: 0x0080_0001,
+                    reserved: 0,
+                    ino: 77,
+                },
+                ..Default::default()
+            },
+        };
+        let Event::GuardDenial(d) = decode(&bytes_of(&raw)).expect("decodes") else {
+            panic!("wrong kind");
+        };
+        assert_eq!(d.limit, LimitFile::MemoryMax);
+        assert!(d.enforced);
+        assert_eq!(
+            (d.target_cgroup_id, d.file_ino, d.task.tgid),
+            (99, 4242, 10)
+        );
+        assert_eq!(d.identity.exe.map(|k| k.ino), Some(77));
+        raw.limit = 6;
+        raw.enforced = 0;
+        let Event::GuardDenial(d) = decode(&bytes_of(&raw)).expect("decodes") else {
+            panic!("wrong kind");
+        };
+        assert_eq!((d.limit, d.enforced), (LimitFile::CpuMax, false));
+        raw.limit = 7;
+        assert_eq!(
+            decode(&bytes_of(&raw)),
+            Err(DecodeError::UnknownLimitIndex(7))
+        );
     }
 
     #[test]

@@ -2,11 +2,13 @@
 //! kernel that refuses one still gets the others, and the report says which mode each uses, or
 //! why none could attach.
 
+use std::fmt::Write as _;
+
 use agent_common::{FutexConfig, KernelOffsets, LimitFile, maps, programs};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     programs::{
-        FEntry, FExit, KProbe, PerfEvent, RawTracePoint, TracePoint,
+        FEntry, FExit, KProbe, Lsm, PerfEvent, RawTracePoint, TracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
 };
@@ -40,13 +42,27 @@ pub struct Probes {
     pub status: Vec<ProbeStatus>,
 }
 
+/// Whether the guard is attached, and how large its map of protected files is.
+#[derive(Debug, Clone, Copy)]
+pub enum GuardAttach {
+    /// Attach it (where the kernel allows), protecting at most `max_files` files.
+    Yes { max_files: u32 },
+    /// Not attached, for this reason.
+    No(&'static str),
+}
+
 /// Loads the object with `offsets` set, then loads and attaches every capability it can.
 pub fn load(
     offsets: &KernelOffsets,
     choices: &ProbesConfig,
     contention: &ContentionConfig,
+    guard: GuardAttach,
 ) -> Result<Probes, LoadError> {
-    let mut ebpf = load_object(offsets, contention)?;
+    let max_files = match guard {
+        GuardAttach::Yes { max_files } => max_files,
+        GuardAttach::No(_) => 1,
+    };
+    let mut ebpf = load_object(offsets, contention, max_files)?;
     let go = if offsets.has_exec_file() {
         single(
             Capability::GoFatalErrors,
@@ -105,8 +121,72 @@ pub fn load(
                 Ok(())
             },
         ),
+        attach_guard(&mut ebpf, offsets, guard),
     ];
     Ok(Probes { ebpf, status })
+}
+
+/// Where the kernel lists its active LSMs.
+const ACTIVE_LSMS: &str = "/sys/kernel/security/lsm";
+
+/// The guard: the BPF LSM program on `file_open`, where BPF LSM is active.
+fn attach_guard(ebpf: &mut Ebpf, offsets: &KernelOffsets, guard: GuardAttach) -> ProbeStatus {
+    if let GuardAttach::No(why) = guard {
+        return ProbeStatus::unavailable(Capability::Guard, Failure::general(why));
+    }
+    if !offsets.has_guard() {
+        return ProbeStatus::unavailable(
+            Capability::Guard,
+            Failure::general("kernel BTF lacks the file and task fields the guard reads"),
+        );
+    }
+    // An LSM program attaches even where BPF LSM is not active, and then never runs: the
+    // kernel's list of active LSMs decides.
+    match active_lsms() {
+        Ok(list) if list.trim().split(',').any(|l| l == "bpf") => {}
+        Ok(list) => {
+            return ProbeStatus::unavailable(
+                Capability::Guard,
+                Failure::of(
+                    ProbeMode::Lsm,
+                    format!(
+                        "BPF LSM is not active ({ACTIVE_LSMS}: {}); boot with `bpf` in lsm= to enable it",
+                        list.trim()
+                    ),
+                ),
+            );
+        }
+        Err(e) => {
+            return ProbeStatus::unavailable(
+                Capability::Guard,
+                Failure::of(
+                    ProbeMode::Lsm,
+                    format!("cannot tell whether BPF LSM is active: reading {ACTIVE_LSMS}: {e}"),
+                ),
+            );
+        }
+    }
+    let mut status = single(
+        Capability::Guard,
+        ProbeMode::Lsm,
+        programs::FILE_OPEN_HOOK,
+        || {
+            let btf = Btf::from_sys_fs().map_err(AttachError::from)?;
+            let p: &mut Lsm = program(ebpf, programs::GUARD_FILE_OPEN)?;
+            p.load(programs::FILE_OPEN_HOOK, &btf)
+                .map_err(AttachError::from)?;
+            p.attach().map(drop).map_err(AttachError::from)
+        },
+    );
+    // A refusal to load says little by itself; the lockdown level is the usual suspect.
+    if let Ok(lockdown) = std::fs::read_to_string("/sys/kernel/security/lockdown") {
+        for e in &mut status.errors {
+            if e.message.contains("Operation not permitted") {
+                let _ = write!(e.message, " (kernel lockdown: {})", lockdown.trim());
+            }
+        }
+    }
+    status
 }
 
 /// Loads the object (maps, program definitions) with `offsets` and the contention settings
@@ -114,6 +194,7 @@ pub fn load(
 pub fn load_object(
     offsets: &KernelOffsets,
     contention: &ContentionConfig,
+    guard_max_files: u32,
 ) -> Result<Ebpf, LoadError> {
     raise_memlock_limit();
     ensure_tracefs();
@@ -132,6 +213,8 @@ pub fn load_object(
             maps::FUTEX_LOCKS,
             contention.max_processes.saturating_mul(16),
         )
+        .map_max_entries(maps::GUARD_FILES, guard_max_files)
+        .map_max_entries(maps::GUARD_CGROUPS, guard_max_files)
         .load(EBPF_OBJECT)?)
 }
 
@@ -604,6 +687,7 @@ pub fn unload_all(mut ebpf: Ebpf) {
                     aya::programs::Program::TracePoint(p) => p.unload(),
                     aya::programs::Program::RawTracePoint(p) => p.unload(),
                     aya::programs::Program::PerfEvent(p) => p.unload(),
+                    aya::programs::Program::Lsm(p) => p.unload(),
                     // None of ours: dropped with the object.
                     _ => Ok(()),
                 };
@@ -683,6 +767,34 @@ fn raise_memlock_limit() {
     }
 }
 
+/// The kernel's active LSMs, securityfs mounted at its standard place first where it is not
+/// (what `mount -t securityfs securityfs /sys/kernel/security` does; systemd does it at boot).
+fn active_lsms() -> std::io::Result<String> {
+    match std::fs::read_to_string(ACTIVE_LSMS) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // SAFETY: all arguments are valid NUL-terminated strings; data may be null.
+            let rc = unsafe {
+                libc::mount(
+                    c"securityfs".as_ptr(),
+                    c"/sys/kernel/security".as_ptr(),
+                    c"securityfs".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::other(format!(
+                    "securityfs is not mounted and mounting it failed: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            tracing::info!("mounted securityfs at /sys/kernel/security");
+            std::fs::read_to_string(ACTIVE_LSMS)
+        }
+        other => other,
+    }
+}
+
 /// Where tracepoints are looked up; aya also tries debugfs's `tracing` directory.
 const TRACEFS: &str = "/sys/kernel/tracing";
 
@@ -756,6 +868,12 @@ mod tests {
             maps::DIAG_COUNTS,
             maps::DIAG_STACKS,
             maps::DIAG_LOST,
+            maps::GUARD_FILES,
+            maps::GUARD_EXES,
+            maps::GUARD_PARENTS,
+            maps::GUARD_PIDS,
+            maps::GUARD_CGROUPS,
+            maps::GUARD_TRUST,
         ];
         // Globals live in a data section; their symbols name them.
         let elf = object::File::parse(EBPF_OBJECT).expect("ELF");
@@ -790,6 +908,8 @@ mod tests {
             programs::SCHED_SWITCH,
             programs::SCHED_SWITCH_COMPAT,
             programs::LOCK_DIAG,
+            programs::GUARD_FILE_OPEN,
+            programs::GUARD_EMPTY,
         ]
         .into_iter()
         .collect();

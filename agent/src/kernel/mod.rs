@@ -5,6 +5,7 @@
 pub mod btf;
 pub mod decode;
 pub mod go;
+pub mod guard;
 pub mod inotify;
 pub mod loader;
 pub mod rings;

@@ -43,10 +43,12 @@ pub enum Cache {
     Guards,
     /// Pods of this node, from the API server.
     Pods,
+    /// Limit files the guard protects: a full state refuses new ones (counted here).
+    GuardFiles,
 }
 
 impl Cache {
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::CgroupPaths,
         Self::UnknownCgroups,
         Self::RemovedCgroups,
@@ -62,6 +64,7 @@ impl Cache {
         Self::DesiredValues,
         Self::Guards,
         Self::Pods,
+        Self::GuardFiles,
     ];
 
     /// The label value.
@@ -83,6 +86,7 @@ impl Cache {
             Self::DesiredValues => "desired_values",
             Self::Guards => "guards",
             Self::Pods => "pods",
+            Self::GuardFiles => "guard_files",
         }
     }
 }

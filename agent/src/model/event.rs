@@ -180,6 +180,22 @@ pub struct Exec {
     pub key: ExecKey,
 }
 
+/// The guard refused an untrusted open of a protected limit file for writing, or (dry-run)
+/// would have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuardDenial {
+    pub timestamp_ns: u64,
+    /// The opener.
+    pub task: Task,
+    pub identity: Identity,
+    pub target_cgroup_id: u64,
+    pub limit: LimitFile,
+    /// The file's inode number.
+    pub file_ino: u64,
+    /// The open failed with `EPERM` (enforce); else it went through (dry-run).
+    pub enforced: bool,
+}
+
 /// A record from the critical ring (`EVENTS`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -187,6 +203,7 @@ pub enum Event {
     OomKill(OomKill),
     Cgroup(CgroupChange),
     GoFatal(GoFatal),
+    GuardDenial(GuardDenial),
 }
 
 /// A limit file's content after it was modified, seen without BPF (inotify on its directory).

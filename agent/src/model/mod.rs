@@ -6,6 +6,7 @@ pub mod cache;
 pub mod cgroup;
 pub mod contention;
 pub mod event;
+pub mod guard;
 pub mod heal;
 pub mod limit;
 pub mod loss;

@@ -15,11 +15,13 @@ pub enum Capability {
     CpuSamples,
     OffCpu,
     GoFatalErrors,
+    /// Refusing untrusted opens of protected limit files (BPF LSM).
+    Guard,
 }
 
 impl Capability {
     /// Every capability, in the order `nodewarden check` lists them.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::FutexWaits,
         Self::CpuSamples,
         Self::OffCpu,
@@ -29,6 +31,7 @@ impl Capability {
         Self::OomVictims,
         Self::OomKills,
         Self::CgroupChanges,
+        Self::Guard,
     ];
 
     /// The stable name (a metric label value).
@@ -44,6 +47,7 @@ impl Capability {
             Self::CpuSamples => "cpu_samples",
             Self::OffCpu => "off_cpu",
             Self::GoFatalErrors => "go_fatal_errors",
+            Self::Guard => "guard",
         }
     }
 }
@@ -66,6 +70,8 @@ pub enum ProbeMode {
     RawTp,
     PerfEvent,
     Uprobe,
+    /// A BPF LSM program.
+    Lsm,
     /// No BPF: inotify on the cgroup directories, and polling.
     Inotify,
     /// No probe: derived in userspace from `memory.events.local`.
@@ -86,6 +92,7 @@ impl ProbeMode {
             Self::RawTp => "raw_tp",
             Self::PerfEvent => "perf_event",
             Self::Uprobe => "uprobe",
+            Self::Lsm => "lsm",
             Self::Inotify => "inotify",
             Self::MemoryEvents => "memory.events",
             Self::Unavailable => "unavailable",

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     cgroup::{Qos, Scope, Who},
     event::Constraint,
+    guard::GuardResult,
     heal::{DesiredSource, Mode, Outcome, Reason, Verdict},
 };
 
@@ -382,6 +383,25 @@ pub enum Record {
     CgroupCreated(CgroupChange),
     CgroupRemoved(CgroupChange),
     Decision(Box<Decision>),
+    GuardDenial(Box<GuardDenial>),
+}
+
+/// The guard refused an untrusted open of a protected limit file for writing (enforce), or
+/// let it through and records that it would have (dry-run).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuardDenial {
+    pub time_unix_nano: u64,
+    pub cgroup: String,
+    pub cgroup_id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s: Option<K8s>,
+    #[serde(with = "limit_file")]
+    pub limit: LimitFile,
+    /// The rule that protects the file ("unknown" when the agent no longer knows it).
+    pub rule: String,
+    pub result: GuardResult,
+    /// Who opened the file.
+    pub writer: Process,
 }
 
 /// The kinds of [`Record`], as `nodewarden events --kind` names them.
@@ -395,6 +415,7 @@ pub enum RecordKind {
     CgroupCreated,
     CgroupRemoved,
     Decision,
+    GuardDenial,
 }
 
 impl RecordKind {
@@ -409,6 +430,7 @@ impl RecordKind {
             Self::CgroupCreated => "cgroup_created",
             Self::CgroupRemoved => "cgroup_removed",
             Self::Decision => "decision",
+            Self::GuardDenial => "guard_denial",
         }
     }
 }
@@ -424,6 +446,7 @@ impl Record {
             Self::CgroupCreated(_) => RecordKind::CgroupCreated,
             Self::CgroupRemoved(_) => RecordKind::CgroupRemoved,
             Self::Decision(_) => RecordKind::Decision,
+            Self::GuardDenial(_) => RecordKind::GuardDenial,
         }
     }
 
@@ -437,6 +460,7 @@ impl Record {
             Self::GoFatal(r) => &r.cgroup,
             Self::CgroupCreated(r) | Self::CgroupRemoved(r) => &r.cgroup,
             Self::Decision(r) => &r.cgroup,
+            Self::GuardDenial(r) => &r.cgroup,
         }
     }
 
@@ -449,6 +473,7 @@ impl Record {
             Self::OomIncident(r) => r.limit.k8s.as_ref(),
             Self::GoFatal(r) => r.k8s.as_ref(),
             Self::Decision(r) => r.k8s.as_ref(),
+            Self::GuardDenial(r) => r.k8s.as_ref(),
             Self::CgroupCreated(_) | Self::CgroupRemoved(_) => None,
         }
     }
@@ -461,6 +486,7 @@ impl Record {
             Self::OomIncident(r) => r.time_unix_nano,
             Self::GoFatal(r) => r.time_unix_nano,
             Self::Decision(r) => r.time_unix_nano,
+            Self::GuardDenial(r) => r.time_unix_nano,
             Self::CgroupCreated(r) | Self::CgroupRemoved(r) => r.time_unix_nano,
         }
     }

@@ -65,4 +65,8 @@ pub enum Update {
     Decision(Box<Decision>),
     /// The desired values changed: all of them, for the state file.
     Desired(super::heal::StateFile),
+    /// A change to the guard's kernel maps, for the executor.
+    Guard(super::guard::GuardChange),
+    /// A guard denial, for the executor (which records it).
+    Denial(Box<super::record::GuardDenial>),
 }

@@ -85,5 +85,15 @@ pub fn record(record: &Record) {
             repeated = r.repeated,
             "remediation decision"
         ),
+        Record::GuardDenial(r) => tracing::warn!(
+            cgroup = %r.cgroup,
+            limit = %r.limit.file_name(),
+            rule = %r.rule,
+            result = %r.result.as_str(),
+            writer = %r.writer.comm,
+            writer_pid = r.writer.pid,
+            writer_exe = r.writer.exe.as_deref().unwrap_or("unknown"),
+            "guard: untrusted open of a protected limit file for writing"
+        ),
     }
 }

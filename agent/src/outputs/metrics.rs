@@ -73,6 +73,12 @@ pub struct Metrics {
     pub rules_reloads: IntCounterVec,
     /// 1 while the pods of this node are listed and watched from the API server.
     pub kubernetes_api_up: prometheus::IntGauge,
+    /// Untrusted opens of protected limit files for writing, by rule, limit and result.
+    pub guard_denials: IntCounterVec,
+    /// Limit files the guard protects now.
+    pub guard_files: prometheus::IntGauge,
+    /// Changes to the guard's kernel maps that failed (a file not found, a full map).
+    pub guard_errors: prometheus::IntCounter,
     pub shared: Shared,
 }
 
@@ -152,6 +158,33 @@ impl Metrics {
                 "Fights detected: another writer put its value back again and again after restores; the agent then leaves the cgroup alone for remediation.fight_backoff_s.",
                 &["rule"],
             ),
+            guard_denials: counter(
+                "nodewarden_guard_denials_total",
+                "Opens of protected limit files for writing by untrusted processes, by rule, limit and result: denied (the open failed with EPERM, the value was never written), or would_deny (dry-run: it went through).",
+                &["rule", "limit", "result"],
+            ),
+            guard_files: {
+                let g = prometheus::IntGauge::new(
+                    "nodewarden_guard_protected_files",
+                    "Limit files the guard protects now (rules with protect, in mode dry-run or enforce, where the guard is attached).",
+                )
+                .expect("static metric definition");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("metric names are unique");
+                g
+            },
+            guard_errors: {
+                let c = prometheus::IntCounter::new(
+                    "nodewarden_guard_errors_total",
+                    "Changes to the guard's kernel maps that failed (a limit file that could not be found, a full map): such a file is not protected; the log says why.",
+                )
+                .expect("static metric definition");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("metric names are unique");
+                c
+            },
             rules_reloads: counter(
                 "nodewarden_rules_reloads_total",
                 "Loads of the rules file after start-up (SIGHUP or a change of the file), by result: ok, or invalid (the previous rules stay).",
@@ -550,6 +583,8 @@ mod tests {
         m.remediations
             .with_label_values(&["r", "restore", "restored"]);
         m.remediation_fights.with_label_values(&["r"]);
+        m.guard_denials
+            .with_label_values(&["r", "memory.max", "denied"]);
         m.probe_info.with_label_values(&["limit_writes", "fexit"]);
         for limit in LimitFile::ALL {
             m.set_limit(&Who::cgroup("/a"), limit, LimitValue::Max);
@@ -576,7 +611,7 @@ mod tests {
         }
         let docs = include_str!("../../../docs/metrics.md");
         let names = m.names();
-        assert_eq!(names.len(), 22, "{names:?}");
+        assert_eq!(names.len(), 25, "{names:?}");
         for name in names {
             assert!(
                 docs.contains(&format!("`{name}`")),

@@ -86,6 +86,16 @@ impl Outputs {
                     q.submit(Job::Keep(s));
                 }
             }
+            Update::Guard(c) => {
+                if let Some(q) = &self.executor {
+                    q.submit(Job::Guard(c));
+                }
+            }
+            Update::Denial(d) => {
+                if let Some(q) = &self.executor {
+                    q.submit(Job::Denial(d));
+                }
+            }
             Update::Resynced(reason) => {
                 tracing::info!(
                     reason = reason.as_str(),
@@ -131,7 +141,8 @@ impl Outputs {
                 );
                 self.traces.go_fatal(r);
             }
-            Record::CgroupCreated(_) | Record::Decision(_) => {}
+            // Decisions and denials are the executor's to record.
+            Record::CgroupCreated(_) | Record::Decision(_) | Record::GuardDenial(_) => {}
             Record::CgroupRemoved(r) => self.metrics.forget_cgroup(&r.cgroup),
         }
     }

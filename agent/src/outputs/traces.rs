@@ -22,7 +22,9 @@ use opentelemetry_sdk::{
 
 use crate::model::{
     contention::Episode,
-    record::{Decision, GoFatal, K8s, LimitWrite, OomIncident, OomKill, OomLimit, Process},
+    record::{
+        Decision, GoFatal, GuardDenial, K8s, LimitWrite, OomIncident, OomKill, OomLimit, Process,
+    },
 };
 
 /// The trace and span ids of a limit write's span, from what both its record and a decision
@@ -308,6 +310,19 @@ impl Traces {
         });
         let mut span = tracer.build_with_context(builder, &parent);
         span.end_with_timestamp(SystemTime::now());
+    }
+
+    /// A guard denial (or would-deny): a span of its own, the opener's attributes on it.
+    pub fn guard_denial(&self, d: &GuardDenial) {
+        let mut a = vec![
+            KeyValue::new("cgroup.path", d.cgroup.clone()),
+            KeyValue::new("cgroup.limit", d.limit.file_name()),
+            KeyValue::new("remediation.rule", d.rule.clone()),
+            KeyValue::new("guard.result", d.result.as_str()),
+        ];
+        a.extend(process_attributes("process", &d.writer));
+        a.extend(k8s_attributes(d.k8s.as_ref()));
+        self.event_span("cgroup.guard_denial", at(d.time_unix_nano), a);
     }
 
     pub fn go_fatal(&self, r: &GoFatal) {

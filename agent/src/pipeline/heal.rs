@@ -14,11 +14,12 @@ use crate::{
         pods::PodChange,
         record::{self, K8s, Process, Trigger},
         trust::TrustSet,
-        update::Update,
+        update::{ResyncReason, Update},
     },
     rules::{self, Change, Facts, Ruleset, Target, file::WATCHABLE},
     state::{
         desired::DesiredState,
+        guarded::GuardedFiles,
         guards::{GuardSettings, Guards},
     },
 };
@@ -46,14 +47,20 @@ pub struct HealSettings {
     pub kept: Option<StateFile>,
     /// Whether desired values are offered for a state file.
     pub keep: bool,
+    /// Whether the guard's program is attached: protect rules then fill its maps.
+    pub guard_active: bool,
+    /// Limit files the guard protects at most (its kernel map's size).
+    pub guard_max_files: usize,
 }
 
 /// The self-healing state the pipeline keeps.
 #[derive(Debug)]
 pub struct Heal {
-    mode: Mode,
-    rules: Ruleset,
-    trust: TrustSet,
+    pub(super) mode: Mode,
+    pub(super) rules: Ruleset,
+    pub(super) trust: TrustSet,
+    pub(super) guard_active: bool,
+    pub(super) guarded: GuardedFiles,
     desired: DesiredState,
     guards: Guards,
     creation_grace_ns: u64,
@@ -77,6 +84,8 @@ impl Heal {
             mode: settings.mode,
             rules: settings.rules,
             trust: settings.trust,
+            guard_active: settings.guard_active,
+            guarded: GuardedFiles::new(settings.guard_max_files, evictions),
             desired: DesiredState::new(evictions),
             guards: Guards::new(settings.guards, evictions),
             creation_grace_ns: settings.creation_grace_ns,
@@ -116,9 +125,13 @@ pub(super) struct Written<'a> {
 }
 
 impl Pipeline {
-    /// New rules (a reload): they apply from the next change on.
+    /// New rules (a reload): they apply from the next change on; the guard's protected files
+    /// follow them at the scan this asks for.
     pub fn set_rules(&mut self, rules: Ruleset) {
         self.heal.rules = rules;
+        if self.heal.guard_active {
+            self.resync.get_or_insert(ResyncReason::Reconcile);
+        }
     }
 
     /// What the API server said about the pods of this node. Their desired values apply from
@@ -150,9 +163,14 @@ impl Pipeline {
         Some(d)
     }
 
-    /// The trusted writers, resolved again (executables upgraded).
-    pub fn set_trust(&mut self, trust: TrustSet) {
+    /// The trusted writers, resolved again (executables upgraded): the guard's tables follow
+    /// at once, the cgroups of writers with cgroup globs at the next scan.
+    pub fn set_trust(&mut self, trust: TrustSet, out: &mut Vec<Update>) {
         self.heal.trust = trust;
+        self.guard_trust(out);
+        if self.heal.guard_active && self.heal.trust.writers.iter().any(|w| w.cgroups.is_some()) {
+            self.resync.get_or_insert(ResyncReason::Reconcile);
+        }
     }
 
     /// The trusted writers as they stand (to resolve again, keeping the keys they had).

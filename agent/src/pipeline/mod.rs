@@ -3,6 +3,7 @@
 //! its sources (traits): the outputs consume what it returns.
 
 pub mod clock;
+mod guard;
 mod heal;
 mod oom;
 #[cfg(test)]
@@ -139,6 +140,7 @@ impl Pipeline {
             Event::OomKill(k) => self.oom_kill(&k, out),
             Event::Cgroup(c) => self.cgroup_change(c, out),
             Event::GoFatal(g) => self.go_fatal(&g, out),
+            Event::GuardDenial(d) => self.guard_denial(&d, out),
         }
     }
 
@@ -188,6 +190,9 @@ impl Pipeline {
         let time = self.sources.clock.unix_nano(now);
         let scanned: std::collections::HashSet<u64> = scan.cgroups.iter().map(|c| c.id).collect();
         self.heal_scan_applies(since);
+        if reason == ResyncReason::Start {
+            self.guard_trust(out);
+        }
         for c in &scan.cgroups {
             self.paths.insert(c.id, c.path.clone());
             if let Some(n) = c.oom
@@ -197,6 +202,7 @@ impl Pipeline {
             }
             let k8s = k8s::identity(&c.path, self.sources.names.as_mut());
             let who = Who::of(&c.path, k8s.as_ref());
+            self.guard_cgroup(c.id, &c.path, k8s.as_ref(), out);
             for (limit, text) in &c.limits {
                 let Ok(value) = limit::parse(*limit, text) else {
                     tracing::warn!(cgroup = %c.path, limit = limit.file_name(), "unparsable value {text:?}");
@@ -248,6 +254,7 @@ impl Pipeline {
             let path = self.paths.known(id).unwrap_or(UNKNOWN_CGROUP).to_owned();
             self.removed_cgroup(id, path, time, out);
         }
+        self.guard_scanned(&scanned, out);
         self.heal_scanned();
         out.push(Update::Resynced(reason));
     }
@@ -444,6 +451,7 @@ impl Pipeline {
         }
         self.memory_events.created(&c.path);
         self.heal_created(c.id, c.timestamp_ns);
+        self.guard_cgroup(c.id, &c.path, k8s.as_ref(), out);
         // A new cgroup at the path of a removed one continues its series.
         self.removed.remove(&c.path);
         self.paths.insert(c.id, c.path.clone());
@@ -460,6 +468,7 @@ impl Pipeline {
     fn removed_cgroup(&mut self, id: u64, path: String, time: u64, out: &mut Vec<Update>) {
         self.limits.forget(id);
         self.heal_removed(id);
+        self.guard_removed(id, out);
         self.memory_events.removed(&path);
         self.removed
             .put(path.clone(), self.sources.clock.monotonic_ns());

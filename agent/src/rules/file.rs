@@ -56,6 +56,13 @@ pub struct RawRule {
     /// A desired value that overrides every other source (as the limit file takes it).
     #[serde(default)]
     pub pin: Option<String>,
+    /// Refuse, in the kernel, every open of these limit files for writing by a process that is
+    /// not a trusted writer (BPF LSM, where the kernel has it): the bad value never takes
+    /// effect. In dry-run the open goes through and a would-deny is recorded. The guard sees
+    /// who opens, not what they would write: every untrusted writer is refused, whatever the
+    /// value. Where the guard cannot run, the rule's `action` still applies to the write.
+    #[serde(default)]
+    pub protect: bool,
     /// Whether cgroups of systemd units (not pods or containers) are written. systemd
     /// re-applies its own view of a unit's limits on daemon-reload, undoing a repair: without
     /// this, such cgroups get an alert that says so.
@@ -384,6 +391,7 @@ fn compile(
         action: raw.action,
         mode: raw.mode,
         pins: pin?,
+        protect: raw.protect,
         systemd_units: raw.systemd_units,
         matcher,
     })

@@ -98,6 +98,8 @@ pub struct Rule {
     pub mode: Option<Mode>,
     /// Pinned desired values, one per limit of the rule when `pin` is set.
     pub pins: Vec<(LimitFile, LimitValue)>,
+    /// Untrusted opens of the limit files for writing are refused in the kernel (the guard).
+    pub protect: bool,
     pub systemd_units: bool,
     pub matcher: Matcher,
 }
@@ -275,6 +277,35 @@ pub fn decide(
         decision(Verdict::Restore, None)
     } else {
         decision(Verdict::WouldRestore, None)
+    }
+}
+
+/// How the guard protects `limit` of the cgroup at `path`: by the first rule about it, when
+/// that rule protects, in the rule's mode capped by the global `mode`. Never in observe, and
+/// never the cgroups the agent would not write (the root, init.scope, the kubepods levels, and
+/// systemd units unless the rule names them): the guard refuses only where a restore could go.
+#[must_use]
+pub fn guard(
+    rules: &Ruleset,
+    mode: Mode,
+    target: Target<'_>,
+    limit: LimitFile,
+) -> Option<crate::model::guard::Guarded> {
+    let rule = rules.find(limit, target.path, target.k8s)?;
+    if !rule.protect {
+        return None;
+    }
+    let mode = rule.mode.map_or(mode, |m| m.min(mode));
+    if mode == Mode::Observe {
+        return None;
+    }
+    match Protection::of(target.path) {
+        Some(Protection::Root | Protection::InitScope | Protection::KubepodsLevel) => None,
+        Some(Protection::SystemdUnit) if !rule.systemd_units => None,
+        Some(Protection::SystemdUnit) | None => Some(crate::model::guard::Guarded {
+            rule: rule.name.clone(),
+            enforce: mode == Mode::Enforce,
+        }),
     }
 }
 

@@ -527,3 +527,172 @@ fn every_rules_example_in_docs_and_deploy_is_valid() {
         }
     }
 }
+
+#[test]
+fn the_guard_protects_what_a_protect_rule_matches_in_its_mode() {
+    let rules = file::parse(
+        r#"
+[[rule]]
+name = "guard-containers"
+limits = ["memory.max", "memory.high"]
+when = "lowered-by-untrusted"
+action = "restore"
+protect = true
+kubernetes = ["pod", "container"]
+
+[[rule]]
+name = "dry-only"
+limits = ["pids.max"]
+when = "lowered-by-untrusted"
+action = "restore"
+mode = "dry-run"
+protect = true
+
+[[rule]]
+name = "restore-only"
+limits = ["cpu.max"]
+when = "lowered-by-untrusted"
+action = "restore"
+
+[[rule]]
+name = "units"
+limits = ["memory.swap.max"]
+when = "lowered-by-untrusted"
+action = "alert"
+protect = true
+"#,
+        "test",
+    )
+    .expect("valid");
+    let k = pod();
+    let at = |path| Target {
+        path,
+        k8s: Some(&k),
+    };
+    let g = |mode, target, limit| {
+        super::guard(&rules, mode, target, limit).map(|g| (g.rule, g.enforce))
+    };
+    let name = |s: &str| s.to_owned();
+    assert_eq!(
+        g(Mode::Enforce, at(POD), LimitFile::MemoryMax),
+        Some((name("guard-containers"), true))
+    );
+    assert_eq!(
+        g(Mode::DryRun, at(POD), LimitFile::MemoryHigh),
+        Some((name("guard-containers"), false)),
+        "the global mode caps the rule's"
+    );
+    assert_eq!(g(Mode::Observe, at(POD), LimitFile::MemoryMax), None);
+    assert_eq!(
+        g(Mode::Enforce, at(POD), LimitFile::PidsMax),
+        Some((name("dry-only"), false)),
+        "the rule's mode caps the global one"
+    );
+    assert_eq!(
+        g(Mode::Enforce, at(POD), LimitFile::CpuMax),
+        None,
+        "no protect"
+    );
+    assert_eq!(
+        g(Mode::Enforce, at(POD), LimitFile::MemoryLow),
+        None,
+        "no rule"
+    );
+    let plain = |path| Target { path, k8s: None };
+    assert_eq!(
+        g(Mode::Enforce, plain("/batch/job"), LimitFile::MemoryMax),
+        None,
+        "not a Kubernetes cgroup"
+    );
+    assert_eq!(
+        g(Mode::Enforce, plain("/batch/job"), LimitFile::MemorySwapMax),
+        Some((name("units"), true)),
+        "an alert rule protects too"
+    );
+    for never in [
+        "/",
+        "/init.scope",
+        "/kubepods/burstable",
+        "/system.slice/x.service",
+    ] {
+        assert_eq!(
+            g(Mode::Enforce, plain(never), LimitFile::MemorySwapMax),
+            None,
+            "{never}"
+        );
+    }
+}
+
+/// The shipped guard example protects the memory limits of containers under both cgroup
+/// drivers, and nothing of pods or of other cgroups.
+#[test]
+fn the_guard_example_protects_container_memory_under_both_drivers() {
+    let (name, text) = shipped_examples()
+        .into_iter()
+        .find(|(n, _)| n.ends_with("guard-kubernetes-memory.toml"))
+        .expect("the guard example is shipped");
+    let rules = file::parse(&text, &name).expect("valid");
+    let identity = |path: &str| {
+        let id = crate::model::cgroup::parse(path).expect("a Kubernetes path");
+        K8s {
+            pod_uid: id.pod_uid,
+            qos: id.qos,
+            container_id: id.container.map(|c| c.id),
+            namespace: None,
+            pod: None,
+            container: None,
+        }
+    };
+    let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let uid = "6d3f1a2b-4c5d-4e6f-8a9b-0c1d2e3f4a5b";
+    let containers = [
+        format!("/kubepods/burstable/pod{uid}/{id}"),
+        format!("/kubepods/pod{uid}/{id}"),
+        format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{id}.scope",
+            uid.replace('-', "_")
+        ),
+    ];
+    for path in &containers {
+        let k = identity(path);
+        for limit in [LimitFile::MemoryMax, LimitFile::MemoryHigh] {
+            let g = super::guard(
+                &rules,
+                Mode::Enforce,
+                Target {
+                    path,
+                    k8s: Some(&k),
+                },
+                limit,
+            )
+            .unwrap_or_else(|| panic!("{path} {} not protected", limit.file_name()));
+            assert_eq!(g.rule, "guard-container-memory");
+            assert!(g.enforce);
+        }
+        let other = super::guard(
+            &rules,
+            Mode::Enforce,
+            Target {
+                path,
+                k8s: Some(&k),
+            },
+            LimitFile::PidsMax,
+        );
+        assert!(other.is_none(), "{path}: pids.max is restored, not guarded");
+    }
+    let pod = format!("/kubepods/burstable/pod{uid}");
+    let k = identity(&pod);
+    assert!(
+        super::guard(
+            &rules,
+            Mode::Enforce,
+            Target {
+                path: &pod,
+                k8s: Some(&k)
+            },
+            LimitFile::MemoryMax
+        )
+        .is_none(),
+        "a pod's cgroup is restored, not guarded"
+    );
+}

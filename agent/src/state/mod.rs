@@ -4,6 +4,7 @@
 
 pub mod desired;
 pub mod go_crashes;
+pub mod guarded;
 pub mod guards;
 pub mod incidents;
 pub mod limits;

@@ -13,8 +13,9 @@ use serde_json::Value;
 use super::{CGROUP_ROOT, Feed, TestCgroup, common, on_thread, require_vm};
 use common::{Agent, KillOnDrop, otlp};
 
-const UID: &str = "6d3f1a2b-4c5d-4e6f-8a9b-0c1d2e3f4a5b";
-const CONTAINER: &str = "c0ffee0123456789abcdef0123456789abcdef0123456789abcdef0123456789";
+pub(super) const UID: &str = "6d3f1a2b-4c5d-4e6f-8a9b-0c1d2e3f4a5b";
+pub(super) const CONTAINER: &str =
+    "c0ffee0123456789abcdef0123456789abcdef0123456789abcdef0123456789";
 const G2: &str = "2147483648";
 const M512: &str = "536870912";
 const WAIT: Duration = Duration::from_secs(30);
@@ -22,15 +23,15 @@ const RULE: &str = "kubernetes-limit-lowered";
 
 /// `/kubepods/burstable/pod<uid>/<container>` (the cgroupfs driver's tree), memory and pids on
 /// every level; removed on drop.
-struct Pod {
+pub(super) struct Pod {
     dirs: Vec<PathBuf>,
     /// Paths relative to the mount: the pod's cgroup, and its container's.
-    cgroup: String,
-    container: String,
+    pub(super) cgroup: String,
+    pub(super) container: String,
 }
 
 impl Pod {
-    fn new(uid: &str) -> Self {
+    pub(super) fn new(uid: &str) -> Self {
         let pod = format!("/kubepods/burstable/pod{uid}");
         let container = format!("{pod}/{CONTAINER}");
         let mut dirs = Vec::new();
@@ -52,13 +53,13 @@ impl Pod {
         }
     }
 
-    fn file(cgroup: &str, name: &str) -> PathBuf {
+    pub(super) fn file(cgroup: &str, name: &str) -> PathBuf {
         Path::new(CGROUP_ROOT)
             .join(cgroup.trim_start_matches('/'))
             .join(name)
     }
 
-    fn read(cgroup: &str, name: &str) -> String {
+    pub(super) fn read(cgroup: &str, name: &str) -> String {
         let p = Self::file(cgroup, name);
         std::fs::read_to_string(&p)
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
@@ -66,12 +67,12 @@ impl Pod {
             .to_owned()
     }
 
-    fn set(cgroup: &str, name: &str, value: &str) {
+    pub(super) fn set(cgroup: &str, name: &str, value: &str) {
         let p = Self::file(cgroup, name);
         std::fs::write(&p, value).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     }
 
-    fn oom_kills(cgroup: &str) -> u64 {
+    pub(super) fn oom_kills(cgroup: &str) -> u64 {
         Self::read(cgroup, "memory.events")
             .lines()
             .find_map(|l| l.strip_prefix("oom_kill ")?.parse().ok())
@@ -95,7 +96,12 @@ impl Drop for Pod {
 
 /// The agent in `mode` with an audit log and a state file in `dir`; `top` goes at the top of
 /// its configuration, `remediation` in its `[remediation]` table, `tables` after.
-fn healing_agent(mode: &str, dir: &Path, config: &Extra<'_>, env: &[(&str, &str)]) -> Agent {
+pub(super) fn healing_agent(
+    mode: &str,
+    dir: &Path,
+    config: &Extra<'_>,
+    env: &[(&str, &str)],
+) -> Agent {
     std::fs::create_dir_all(dir).expect("mkdir");
     let text = format!(
         "mode = \"{mode}\"\nshutdown_drain_ms = 2000\n{}\n[metrics]\nlisten = \"127.0.0.1:9717\"\n\n[remediation]\naudit_log = \"{}\"\nstate_file = \"{}\"\n{}\n{}\n",
@@ -110,27 +116,27 @@ fn healing_agent(mode: &str, dir: &Path, config: &Extra<'_>, env: &[(&str, &str)
 
 /// Configuration beyond the tests' common one.
 #[derive(Default)]
-struct Extra<'a> {
-    top: &'a str,
-    remediation: &'a str,
-    tables: &'a str,
+pub(super) struct Extra<'a> {
+    pub(super) top: &'a str,
+    pub(super) remediation: &'a str,
+    pub(super) tables: &'a str,
 }
 
-fn scratch(name: &str) -> PathBuf {
+pub(super) fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(name);
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
 
 /// A workload in `cgroup` (`nw-hold`): it holds what it is told to, and says when it does.
-struct Workload {
+pub(super) struct Workload {
     child: KillOnDrop,
     input: std::process::ChildStdin,
     output: std::io::BufReader<std::process::ChildStdout>,
 }
 
 impl Workload {
-    fn start(cgroup: &str) -> Self {
+    pub(super) fn start(cgroup: &str) -> Self {
         let procs = Pod::file(cgroup, "cgroup.procs");
         let mut child = Command::new("sh")
             .arg("-c")
@@ -153,20 +159,20 @@ impl Workload {
     }
 
     /// Asks for `mib` MiB more, without waiting.
-    fn grow(&mut self, mib: u64) {
+    pub(super) fn grow(&mut self, mib: u64) {
         use std::io::Write as _;
         writeln!(self.input, "{mib}").expect("ask nw-hold");
     }
 
     /// Waits until it holds what it was asked for; `false` when it died first (killed).
-    fn held(&mut self) -> bool {
+    pub(super) fn held(&mut self) -> bool {
         use std::io::BufRead as _;
         let mut line = String::new();
         matches!(self.output.read_line(&mut line), Ok(n) if n > 0 && line.starts_with("ok"))
     }
 
     /// Whether it was killed by SIGKILL (waits for its end).
-    fn killed(&mut self) -> bool {
+    pub(super) fn killed(&mut self) -> bool {
         let status = self.child.0.wait().expect("wait");
         std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL)
     }

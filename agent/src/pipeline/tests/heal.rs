@@ -429,3 +429,205 @@ fn the_pod_spec_is_the_desired_value_and_names_the_pod() {
         Some(DesiredSource::TrustedWriter)
     );
 }
+
+fn guards(out: &[Update]) -> Vec<&crate::model::guard::GuardChange> {
+    out.iter()
+        .filter_map(|u| match u {
+            Update::Guard(c) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+const GUARD_RULES: &str = r#"
+[[rule]]
+name = "guard-container-memory"
+limits = ["memory.max"]
+when = "lowered-by-untrusted"
+action = "restore"
+protect = true
+kubernetes = ["container"]
+"#;
+
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one cgroup's life under the guard, in order"
+)]
+fn the_guard_follows_cgroups_rules_and_trust_and_names_the_rule_of_a_denial() {
+    use crate::model::{
+        event::GuardDenial,
+        guard::{GuardChange, GuardResult},
+    };
+    let guarding = || HealSettings {
+        rules: crate::rules::file::parse(GUARD_RULES, "test").expect("valid"),
+        guard_active: true,
+        ..enforcing()
+    };
+    let container = format!(
+        "{}/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        pod_path()
+    );
+    let mut h = Harness::healing(guarding());
+    let out = h.start(&[
+        (1, "/", "max"),
+        (POD_ID, &pod_path(), G),
+        (31, &container, G),
+    ]);
+    let g = guards(&out);
+    assert!(
+        matches!(g[0], GuardChange::Trust(t) if t.trust.agent_tgid == 999 && t.exes.len() == 1),
+        "the trust tables first: {g:#?}"
+    );
+    assert_eq!(
+        g[1..],
+        [&GuardChange::Protect {
+            cgroup_id: 31,
+            limit: LimitFile::MemoryMax,
+            enforce: true
+        }],
+        "only the container's memory.max"
+    );
+
+    // A new container is protected as it is created, and released as it goes.
+    let other = format!("{}/{}", pod_path(), "fedcba9876543210".repeat(4));
+    let created = h.handle(Event::Cgroup(CgroupChange {
+        timestamp_ns: 5,
+        id: 32,
+        path: other.clone(),
+        created: true,
+    }));
+    assert_eq!(
+        guards(&created),
+        [&GuardChange::Protect {
+            cgroup_id: 32,
+            limit: LimitFile::MemoryMax,
+            enforce: true
+        }]
+    );
+
+    // A denial names the rule, the target and the opener.
+    h.fake.node().paths.insert(31, container.clone());
+    let out = h.handle(Event::GuardDenial(GuardDenial {
+        timestamp_ns: 6,
+        task: task(42, "kubelet", 1),
+        identity: Identity::default(),
+        target_cgroup_id: 31,
+        limit: LimitFile::MemoryMax,
+        file_ino: 777,
+        enforced: true,
+    }));
+    let denial = out
+        .iter()
+        .find_map(|u| match u {
+            Update::Denial(d) => Some(d),
+            _ => None,
+        })
+        .expect("a denial");
+    assert_eq!(denial.rule, "guard-container-memory");
+    assert_eq!(denial.result, GuardResult::Denied);
+    assert_eq!(denial.cgroup, container);
+    assert_eq!(denial.writer.comm, "kubelet");
+    assert!(
+        denial
+            .k8s
+            .as_ref()
+            .is_some_and(|k| k.container_id.is_some()),
+        "{denial:?}"
+    );
+
+    let removed = h.handle(Event::Cgroup(CgroupChange {
+        timestamp_ns: 7,
+        id: 32,
+        path: other,
+        created: false,
+    }));
+    assert_eq!(
+        guards(&removed),
+        [&GuardChange::Release {
+            cgroup_id: 32,
+            limit: LimitFile::MemoryMax
+        }]
+    );
+
+    // New rules take effect at the scan they ask for: without protect, everything is released.
+    h.pipeline
+        .set_rules(crate::rules::file::default_rules().expect("valid"));
+    let (reason, since) = h.pipeline.take_resync().expect("a scan is asked for");
+    let mut out = Vec::new();
+    h.pipeline.apply_scan(
+        &scan(&[
+            (1, "/", "max"),
+            (POD_ID, &pod_path(), G),
+            (31, &container, G),
+        ]),
+        since,
+        reason,
+        &mut out,
+    );
+    assert_eq!(
+        guards(&out),
+        [&GuardChange::Release {
+            cgroup_id: 31,
+            limit: LimitFile::MemoryMax
+        }]
+    );
+    assert!(h.pipeline.guarded(31, LimitFile::MemoryMax).is_none());
+
+    // Without the guard attached (or in observe), nothing goes to its maps.
+    for heal in [
+        HealSettings {
+            guard_active: false,
+            ..guarding()
+        },
+        HealSettings {
+            mode: Mode::Observe,
+            ..guarding()
+        },
+    ] {
+        let mut h = Harness::healing(heal);
+        let out = h.start(&[(31, &container, G)]);
+        assert!(
+            guards(&out)
+                .iter()
+                .all(|c| matches!(c, GuardChange::Trust(_))),
+            "{out:#?}"
+        );
+    }
+}
+
+/// A guard change lost on its way to the executor: the maps are emptied and rebuilt by a scan.
+#[test]
+fn a_lost_guard_change_empties_the_maps_and_the_next_scan_protects_again() {
+    use crate::model::guard::GuardChange;
+    let mut h = Harness::healing(HealSettings {
+        rules: crate::rules::file::parse(GUARD_RULES, "test").expect("valid"),
+        guard_active: true,
+        ..enforcing()
+    });
+    let container = format!("{}/{}", pod_path(), "ab".repeat(32));
+    let cgroups = [(POD_ID, pod_path(), G), (31, container.clone(), G)];
+    let cgroups: Vec<(u64, &str, &str)> = cgroups
+        .iter()
+        .map(|(i, p, v)| (*i, p.as_str(), *v))
+        .collect();
+    h.start(&cgroups);
+    let mut out = Vec::new();
+    h.pipeline.guard_lost(&mut out);
+    let g = guards(&out);
+    assert_eq!(g[0], &GuardChange::Reset, "{g:#?}");
+    assert!(matches!(g[1], GuardChange::Trust(_)), "{g:#?}");
+    assert!(h.pipeline.guarded(31, LimitFile::MemoryMax).is_none());
+    let (reason, since) = h.pipeline.take_resync().expect("a scan is asked for");
+    let mut out = Vec::new();
+    h.pipeline
+        .apply_scan(&scan(&cgroups), since, reason, &mut out);
+    assert_eq!(
+        guards(&out),
+        [&GuardChange::Protect {
+            cgroup_id: 31,
+            limit: LimitFile::MemoryMax,
+            enforce: true
+        }]
+    );
+}

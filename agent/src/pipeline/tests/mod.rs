@@ -148,6 +148,8 @@ fn quiet_heal() -> HealSettings {
         boot_id: "boot".into(),
         kept: None,
         keep: false,
+        guard_active: false,
+        guard_max_files: 1024,
     }
 }
 
