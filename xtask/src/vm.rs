@@ -72,7 +72,7 @@ pub struct RunOptions {
     /// Use KVM instead of TCG (only where KVM is real).
     pub kvm: bool,
     /// QEMU is killed when the command prints nothing for this long, or the guest kernel
-    /// reports a soft lockup (a stalled guest), and the run fails with [`Stalled`].
+    /// reports a soft lockup (a stalled guest) or panics, and the run fails with [`Stalled`].
     pub silence: Option<Duration>,
 }
 
@@ -80,10 +80,17 @@ pub struct RunOptions {
 /// CPU has spun in the kernel for over 20 s.
 const SOFT_LOCKUP: &str = "watchdog: BUG: soft lockup";
 
+/// What the guest kernel prints when it panics (the guest then powers off, `panic=-1`).
+/// Seen under TCG on trixie 6.12: an int3 Oops in `syscall_trace_enter` while syscall
+/// tracepoints were being switched on (the kernel patches its text with int3).
+const KERNEL_PANIC: &str = "Kernel panic - not syncing";
+
 /// The guest stalled: it printed nothing for [`RunOptions::silence`], or its kernel reported
-/// a soft lockup. QEMU was killed.
+/// a soft lockup or panicked (its report is in the output). QEMU was killed.
 #[derive(Debug, thiserror::Error)]
-#[error("the guest stalled (a soft lockup, or nothing printed for {0} s), QEMU killed")]
+#[error(
+    "the guest stalled (a soft lockup, a kernel panic, or nothing printed for {0} s), QEMU killed"
+)]
 pub struct Stalled(pub u64);
 
 impl Default for RunOptions {
@@ -391,8 +398,11 @@ fn supervise(qemu: &mut Command, opts: &RunOptions, start: &str, exit: &str) -> 
         };
         let text = String::from_utf8_lossy(body);
         // The guest kernel says a CPU is stuck (seen under TCG: every vCPU spinning for
-        // minutes at a program's attach): the run will not finish.
-        if opts.silence.is_some() && phase == Phase::Running && text.contains(SOFT_LOCKUP) {
+        // minutes at a program's attach), or it panicked: the run will not finish.
+        if opts.silence.is_some()
+            && phase == Phase::Running
+            && (text.contains(SOFT_LOCKUP) || text.contains(KERNEL_PANIC))
+        {
             let _ = out.write_all(body);
             let _ = out.write_all(b"\n");
             let _ = child.kill();
