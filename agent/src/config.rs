@@ -213,6 +213,7 @@ impl Selector {
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Address of the Prometheus endpoint (`/metrics`).
+    #[serde(default = "default_metrics_listen")]
     pub listen: String,
     /// How long the series of a removed cgroup stay after its removal, in seconds: long enough
     /// for Prometheus to scrape its last counts.
@@ -222,6 +223,23 @@ pub struct MetricsConfig {
 
 fn default_deleted_cgroup_ttl_s() -> u64 {
     3600
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9717".to_owned()
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_metrics_listen(),
+            deleted_cgroup_ttl_s: default_deleted_cgroup_ttl_s(),
+        }
+    }
+}
+
+fn default_shutdown_drain_ms() -> u64 {
+    2000
 }
 
 /// A trusted writer, as configured: its changes to limits are taken as the new desired values.
@@ -326,10 +344,12 @@ pub struct KubernetesConfig {
     pub node_name: String,
 }
 
-/// The whole configuration file, as written.
+/// The whole configuration file, as written. A file names only what it changes: every key
+/// falls back to the built-in configuration's value.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    #[serde(default)]
     mode: Mode,
     /// The rules file; empty for the embedded default rules.
     #[serde(default)]
@@ -343,8 +363,10 @@ struct RawConfig {
     builtin_trusted_writers: bool,
     #[serde(default)]
     trusted_writers: Vec<TrustedWriterConfig>,
+    #[serde(default)]
     metrics: MetricsConfig,
     /// Longest time spent draining events and flushing traces at shutdown, in milliseconds.
+    #[serde(default = "default_shutdown_drain_ms")]
     shutdown_drain_ms: u64,
     /// The cgroup v2 mount; empty means "find it in /proc/self/mountinfo".
     #[serde(default)]
@@ -488,12 +510,28 @@ impl Config {
                 raw.contention.off_cpu_max_processes
             ));
         }
-        if let Some(root) = &cgroup_root
-            && !root.is_absolute()
-        {
+        if let Some(root) = &cgroup_root {
+            if root.is_absolute() {
+                if let Err(why) = cgroup2_at(root) {
+                    problems.push(format!("cgroup_root = {:?}: {why}", raw.cgroup_root));
+                }
+            } else {
+                problems.push(format!(
+                    "cgroup_root = {:?}: must be an absolute path",
+                    raw.cgroup_root
+                ));
+            }
+        }
+        if !std::path::Path::new(&raw.kubelet_log_dir).is_absolute() {
             problems.push(format!(
-                "cgroup_root = {:?}: must be an absolute path",
-                raw.cgroup_root
+                "kubelet_log_dir = {:?}: must be an absolute path",
+                raw.kubelet_log_dir
+            ));
+        }
+        if raw.contention.stack_threshold_us > 60_000_000 {
+            problems.push(format!(
+                "contention.stack_threshold_us = {}: at most 60000000 (a minute)",
+                raw.contention.stack_threshold_us
             ));
         }
         let rules = (!raw.rules.is_empty()).then(|| PathBuf::from(&raw.rules));
@@ -545,6 +583,30 @@ impl Config {
 }
 
 /// The guardrails' bounds: each must be able to act, and none may run away.
+/// `CGROUP2_SUPER_MAGIC` from the kernel's uapi `magic.h`.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Whether `path` is a directory of a cgroup v2 hierarchy: anything else would have every
+/// cgroup id the agent resolves by a scan walk whatever filesystem is there.
+fn cgroup2_at(path: &std::path::Path) -> Result<(), String> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| "has a NUL byte".to_owned())?;
+    // SAFETY: plain data, filled by statfs.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a struct to fill.
+    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
+        return Err(format!("{}", std::io::Error::last_os_error()));
+    }
+    let magic = st.f_type;
+    if magic == CGROUP2_SUPER_MAGIC {
+        Ok(())
+    } else {
+        Err(format!(
+            "not a cgroup v2 hierarchy (filesystem magic {magic:#x}, cgroup2's is {CGROUP2_SUPER_MAGIC:#x})"
+        ))
+    }
+}
+
 fn validate_remediation(r: &RemediationConfig, problems: &mut Vec<String>) {
     let mut within = |name: &str, v: u64, lo: u64, hi: u64| {
         if v < lo || v > hi {
@@ -779,6 +841,53 @@ mod tests {
         assert!(problems[1].contains("shutdown_drain_ms"));
         assert!(problems[2].contains("deleted_cgroup_ttl_s"));
         assert!(problems[3].contains("cgroup_root"));
+    }
+
+    /// A file names only what it changes; every other key is the built-in configuration's.
+    #[test]
+    fn a_file_names_only_what_it_changes() {
+        let builtin = Config::default_config().expect("embedded config parses");
+        for text in ["", "mode = \"dry-run\"\n", "[contention]\nsample_hz = 0\n"] {
+            let c = Config::parse(text, "t").unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert_eq!(c.metrics_listen, builtin.metrics_listen, "{text:?}");
+            assert_eq!(c.shutdown_drain, builtin.shutdown_drain, "{text:?}");
+            assert_eq!(c.deleted_cgroup_ttl, builtin.deleted_cgroup_ttl, "{text:?}");
+            assert_eq!(c.kubelet_log_dir, builtin.kubelet_log_dir, "{text:?}");
+            assert_eq!(c.events_socket, builtin.events_socket, "{text:?}");
+            assert_eq!(c.remediation, builtin.remediation, "{text:?}");
+        }
+        assert_eq!(Config::parse("", "t").expect("empty").mode, Mode::Observe);
+        let c = Config::parse(
+            "mode = \"dry-run\"\n[metrics]\ndeleted_cgroup_ttl_s = 60\n",
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(c.mode, Mode::DryRun);
+        assert_eq!(c.metrics_listen, builtin.metrics_listen);
+        assert_eq!(c.deleted_cgroup_ttl, Duration::from_secs(60));
+    }
+
+    /// Paths that would make the agent walk the wrong filesystem, or read the wrong folder,
+    /// and thresholds without a sane bound are refused, all at once.
+    #[test]
+    fn paths_and_thresholds_are_checked() {
+        let text = "cgroup_root = \"/\"\nkubelet_log_dir = \"var/log\"\n[contention]\nstack_threshold_us = 1000000000000\n";
+        let Err(ConfigError::Invalid { problems, .. }) = Config::parse(text, "t") else {
+            panic!("accepted");
+        };
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert!(
+            problems[0].contains("cgroup_root = \"/\": not a cgroup v2 hierarchy"),
+            "{problems:#?}"
+        );
+        assert!(problems[1].contains("kubelet_log_dir"), "{problems:#?}");
+        assert!(problems[2].contains("stack_threshold_us"), "{problems:#?}");
+        let err = Config::parse("cgroup_root = \"/nonexistent/nodewarden\"\n", "t")
+            .expect_err("a missing folder");
+        assert!(
+            err.to_string().contains("No such file or directory"),
+            "{err}"
+        );
     }
 
     #[test]
