@@ -22,8 +22,6 @@ use crate::{
     kernel::{btf, loader},
 };
 
-/// Where the kernel lists its active LSMs (securityfs).
-const ACTIVE_LSMS: &str = "/sys/kernel/security/lsm";
 /// The made-up protected files' inode numbers start here, far above any real cgroup's.
 const FAKE_INO: u64 = 1 << 48;
 /// Opens per program and kind of open in the pass that takes the programs' own run time.
@@ -66,13 +64,8 @@ pub fn run(file: &Path, iterations: u64, rounds: usize, protected: u32) -> Resul
         open_close(&path, flags, 1)
             .with_context(|| format!("opening {} ({name})", file.display()))?;
     }
-    let lsms = std::fs::read_to_string(ACTIVE_LSMS)
-        .with_context(|| format!("reading {ACTIVE_LSMS} (is securityfs mounted?)"))?;
-    ensure!(
-        lsms.trim().split(',').any(|l| l == "bpf"),
-        "BPF LSM is not active ({ACTIVE_LSMS}: {}): the programs would never run",
-        lsms.trim()
-    );
+    loader::bpf_lsm_active()
+        .map_err(|why| anyhow::anyhow!("{why}: the programs would never run"))?;
     let offsets = btf::resolve(Path::new(btf::VMLINUX_BTF))
         .context("resolving kernel struct offsets")?
         .offsets;

@@ -2,27 +2,19 @@
 //! ID), named through what the node knows of its pods.
 
 use super::Names;
-use crate::model::{cgroup, record::K8s};
+use crate::model::record::K8s;
 
 /// The identity in a cgroup path, named through `names` where possible; `None` outside
 /// Kubernetes' pod hierarchy.
 pub fn identity(path: &str, names: &mut dyn Names) -> Option<K8s> {
-    let id = cgroup::parse(path)?;
-    let container_id = id.container.map(|c| c.id);
-    let found = names.names(&id.pod_uid, container_id.as_deref());
-    let some = |s: String| (!s.is_empty()).then_some(s);
-    let (namespace, pod, container) = match found {
-        Some(n) => (some(n.namespace), some(n.pod), some(n.container)),
-        None => (None, None, None),
-    };
-    Some(K8s {
-        pod_uid: id.pod_uid,
-        qos: id.qos,
-        container_id,
-        namespace,
-        pod,
-        container,
-    })
+    let mut k = K8s::unnamed(path)?;
+    if let Some(n) = names.names(&k.pod_uid, k.container_id.as_deref()) {
+        let some = |s: String| (!s.is_empty()).then_some(s);
+        k.namespace = some(n.namespace);
+        k.pod = some(n.pod);
+        k.container = some(n.container);
+    }
+    Some(k)
 }
 
 #[cfg(test)]

@@ -42,14 +42,7 @@ impl GuardMaps {
 
 /// A map error on one line, with what was being done.
 fn err(what: &str, e: &MapError) -> String {
-    let mut s = format!("{what}: {e}");
-    let mut src = std::error::Error::source(e);
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
-    }
-    s
+    format!("{what}: {}", super::loader::explain(e))
 }
 
 /// Makes `map` hold exactly `entries`.

@@ -140,31 +140,8 @@ fn attach_guard(ebpf: &mut Ebpf, offsets: &KernelOffsets, guard: GuardAttach) ->
             Failure::general("kernel BTF lacks the file and task fields the guard reads"),
         );
     }
-    // An LSM program attaches even where BPF LSM is not active, and then never runs: the
-    // kernel's list of active LSMs decides.
-    match active_lsms() {
-        Ok(list) if list.trim().split(',').any(|l| l == "bpf") => {}
-        Ok(list) => {
-            return ProbeStatus::unavailable(
-                Capability::Guard,
-                Failure::of(
-                    ProbeMode::Lsm,
-                    format!(
-                        "BPF LSM is not active ({ACTIVE_LSMS}: {}); boot with `bpf` in lsm= to enable it",
-                        list.trim()
-                    ),
-                ),
-            );
-        }
-        Err(e) => {
-            return ProbeStatus::unavailable(
-                Capability::Guard,
-                Failure::of(
-                    ProbeMode::Lsm,
-                    format!("cannot tell whether BPF LSM is active: reading {ACTIVE_LSMS}: {e}"),
-                ),
-            );
-        }
+    if let Err(why) = bpf_lsm_active() {
+        return ProbeStatus::unavailable(Capability::Guard, Failure::of(ProbeMode::Lsm, why));
     }
     let mut status = single(
         Capability::Guard,
@@ -731,7 +708,7 @@ where
 
 /// An error and its sources on one line (aya's errors keep the errno in a source), and what
 /// the kernel's answer means where it is cryptic.
-fn explain(e: &dyn std::error::Error) -> String {
+pub(crate) fn explain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(cause) = src {
@@ -764,6 +741,21 @@ fn raise_memlock_limit() {
             "setrlimit(RLIMIT_MEMLOCK): {}",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+/// Whether BPF LSM is active, and if not why. An LSM program attaches even where BPF LSM is
+/// not active, and then never runs: the kernel's list of active LSMs decides.
+pub fn bpf_lsm_active() -> Result<(), String> {
+    match active_lsms() {
+        Ok(list) if list.trim().split(',').any(|l| l == "bpf") => Ok(()),
+        Ok(list) => Err(format!(
+            "BPF LSM is not active ({ACTIVE_LSMS}: {}); boot with `bpf` in lsm= to enable it",
+            list.trim()
+        )),
+        Err(e) => Err(format!(
+            "cannot tell whether BPF LSM is active: reading {ACTIVE_LSMS}: {e}"
+        )),
     }
 }
 

@@ -42,6 +42,23 @@ pub struct K8s {
     pub container: Option<String>,
 }
 
+impl K8s {
+    /// The identity a cgroup path says (pod UID, QoS class, container ID), without names;
+    /// `None` outside Kubernetes' pod hierarchy.
+    #[must_use]
+    pub fn unnamed(path: &str) -> Option<Self> {
+        let id = super::cgroup::parse(path)?;
+        Some(Self {
+            pod_uid: id.pod_uid,
+            qos: id.qos,
+            container_id: id.container.map(|c| c.id),
+            namespace: None,
+            pod: None,
+            container: None,
+        })
+    }
+}
+
 impl Who {
     /// The identity labels of `cgroup`, with the names `k8s` knows.
     #[must_use]

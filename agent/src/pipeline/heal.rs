@@ -396,14 +396,7 @@ impl Pipeline {
                 let Some(limit) = LimitFile::from_file_name(&v.limit) else {
                     continue;
                 };
-                let k8s = crate::model::cgroup::parse(&v.path).map(|id| K8s {
-                    pod_uid: id.pod_uid,
-                    qos: id.qos,
-                    container_id: id.container.map(|c| c.id),
-                    namespace: None,
-                    pod: None,
-                    container: None,
-                });
+                let k8s = K8s::unnamed(&v.path);
                 if let Some(d) = self.desired_of(v.id, k8s.as_ref(), limit)
                     && d.source == DesiredSource::Kubernetes
                 {

@@ -632,17 +632,7 @@ fn the_guard_example_protects_container_memory_under_both_drivers() {
         .find(|(n, _)| n.ends_with("guard-kubernetes-memory.toml"))
         .expect("the guard example is shipped");
     let rules = file::parse(&text, &name).expect("valid");
-    let identity = |path: &str| {
-        let id = crate::model::cgroup::parse(path).expect("a Kubernetes path");
-        K8s {
-            pod_uid: id.pod_uid,
-            qos: id.qos,
-            container_id: id.container.map(|c| c.id),
-            namespace: None,
-            pod: None,
-            container: None,
-        }
-    };
+    let identity = |path: &str| K8s::unnamed(path).expect("a Kubernetes path");
     let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
     let uid = "6d3f1a2b-4c5d-4e6f-8a9b-0c1d2e3f4a5b";
     let containers = [
