@@ -64,20 +64,51 @@ impl Scope {
         };
         match parse(limit) {
             Some(id) if id.container.is_some() => Self::Container,
-            None if limit == "/" || limit.split('/').any(is_kubepods_level) => Self::Node,
+            None if limit == "/" || is_node_level(limit) => Self::Node,
             None if limit == victim_cgroup => Self::Container,
             Some(_) | None => Self::Pod,
         }
     }
 }
 
-/// `kubepods`, `kubepods.slice`, `kubepods-burstable.slice`, `burstable`... the levels above pods.
-fn is_kubepods_level(part: &str) -> bool {
-    part == "kubepods"
-        || part
-            .strip_prefix("kubepods")
-            .and_then(|rest| rest.strip_suffix(".slice"))
-            .is_some()
+/// The kubepods root or one of its QoS levels (`burstable`, `kubepods-besteffort.slice`...): the
+/// node's share, above any pod. Only the real hierarchy counts (see [`kubepods_at`]).
+fn is_node_level(path: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    kubepods_at(&parts).is_some_and(|at| match &parts[at + 1..] {
+        [] => true,
+        [qos] => qos_of(qos).is_some(),
+        _ => false,
+    })
+}
+
+/// Where the kubepods root is in `parts`, if the path is in kubelet's real hierarchy: the
+/// cgroupfs driver's `kubepods` at the top, or the systemd driver's `kubepods.slice` (or
+/// `<parent>-kubepods.slice`, as kind and other nested nodes name it) reached from the top
+/// through slices only, each named after its parent as systemd requires. Anyone may name a
+/// cgroup `kubepods` in a subtree delegated to them, but such a subtree sits under a service or
+/// a scope (`user@1000.service`, a container's scope), never under root's slices alone: so a
+/// `kubepods` found anywhere else gives no pod identity.
+fn kubepods_at(parts: &[&str]) -> Option<usize> {
+    if parts.first() == Some(&"kubepods") {
+        return Some(0);
+    }
+    let mut parent: Option<&str> = None;
+    for (at, part) in parts.iter().enumerate() {
+        let name = part.strip_suffix(".slice")?;
+        let chained = match parent {
+            None => !name.contains('-'),
+            Some(p) => name.strip_prefix(p).is_some_and(|r| r.starts_with('-')),
+        };
+        if !chained || name.is_empty() {
+            return None;
+        }
+        if name == "kubepods" || name.ends_with("-kubepods") {
+            return Some(at);
+        }
+        parent = Some(name);
+    }
+    None
 }
 
 /// The pod's QoS class, from its parent cgroup.
@@ -136,10 +167,7 @@ pub struct Container {
 #[must_use]
 pub fn parse(path: &str) -> Option<Identity> {
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-    // The hierarchy may sit under another one (kubelet's --cgroup-root, kind, nested nodes).
-    let start = parts.iter().position(|p| {
-        *p == "kubepods" || *p == "kubepods.slice" || p.ends_with("-kubepods.slice")
-    })?;
+    let start = kubepods_at(&parts)?;
     let mut rest = parts[start + 1..].iter();
     let mut next = rest.next()?;
     let qos = match qos_of(next) {
@@ -314,5 +342,41 @@ mod tests {
         ] {
             assert_eq!(parse(p), None, "{p}");
         }
+    }
+
+    /// A user (or a container) may create `kubepods` trees in the subtree delegated to them;
+    /// they must not take a pod's identity, nor be counted as the node's share.
+    #[test]
+    fn kubepods_trees_outside_the_real_hierarchy_are_not_pods() {
+        let u = UID.replace('-', "_");
+        let systemd = format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{ID}.scope"
+        );
+        let cgroupfs = format!("kubepods/burstable/pod{UID}/{ID}");
+        for spoof in [
+            format!("/user.slice/user-1000.slice/user@1000.service/{systemd}"),
+            format!("/user.slice/user-1000.slice/user@1000.service/app.slice/{systemd}"),
+            format!("/user.slice/user-1000.slice/session-2.scope/{cgroupfs}"),
+            format!("/system.slice/docker-{ID}.scope/{cgroupfs}"),
+            format!("/system.slice/evil.service/{systemd}"),
+            // A slice not named after its parent is not one systemd made.
+            format!(
+                "/user.slice/kubepods.slice/{}",
+                &systemd["kubepods.slice/".len()..]
+            ),
+            format!("/app/{cgroupfs}"),
+        ] {
+            assert_eq!(parse(&spoof), None, "{spoof}");
+            let parent = spoof.rsplit_once('/').map_or("/", |(p, _)| p);
+            let qos = parent.rsplit_once('/').map_or("/", |(p, _)| p);
+            assert_eq!(Scope::of(Some(qos), &spoof), Scope::Pod, "{qos}");
+        }
+        // The real hierarchy (under root's slices, as kind has it: `systemd_driver_paths`).
+        assert!(parse(&format!("/{systemd}")).is_some());
+        assert!(parse(&format!("/{cgroupfs}")).is_some());
+        assert_eq!(
+            Scope::of(Some("/kubepods/burstable"), &format!("/{cgroupfs}")),
+            Scope::Node
+        );
     }
 }
