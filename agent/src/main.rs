@@ -76,9 +76,9 @@ enum Cmd {
     },
     /// Show the most contended processes and their hottest futex words with stacks, refreshed.
     Top {
-        /// The running agent's metrics address.
-        #[arg(long, default_value = "127.0.0.1:9717")]
-        agent: std::net::SocketAddr,
+        /// The agent's event socket (root-only: it serves every process's stacks).
+        #[arg(long, default_value = config::DEFAULT_EVENTS_SOCKET)]
+        socket: PathBuf,
         /// Seconds between refreshes.
         #[arg(long, default_value_t = 2)]
         interval: u64,
@@ -251,10 +251,14 @@ fn main() -> ExitCode {
             json,
         )),
         Cmd::Top {
-            agent,
+            socket,
             interval,
             once,
-        } => exit(top::run(agent, Duration::from_secs(interval.max(1)), once)),
+        } => exit(top::run(
+            &socket,
+            Duration::from_secs(interval.max(1)),
+            once,
+        )),
         Cmd::DiagnoseLocks { pid, seconds } => exit(
             diagnose::run(pid, seconds).map(|report| print!("{}", cli::printable(&report, true))),
         ),

@@ -301,3 +301,151 @@ fn go_map_designs_ranked_by_contention() {
         common::contention::go_designs_ranked_by_contention(agent);
     });
 }
+
+/// The metrics endpoint under a connection flood from one local process, with the agent's open
+/// files limited to 256: 2,000 idle connections and 200 that send a request head a byte at a
+/// time. A scrape is still answered within a second, the agent stays nearly idle, and its log
+/// is not flooded with failed accepts.
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn metrics_endpoint_survives_a_connection_flood() {
+    use std::{
+        io::Write as _,
+        net::TcpStream,
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+        time::Duration,
+    };
+
+    assert!(is_root(), "{NEEDS_ROOT}");
+    common::raise_own_nofile(4096);
+    let agent = Agent::start_with_nofile(256);
+    let addr = agent.metrics;
+
+    // Slow headers: each started a request head and adds a byte every 300 ms, forever.
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHo");
+            let _ = s.set_nonblocking(true);
+            slow.push(s);
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let dribbler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for s in &mut slow {
+                    // Closed by the agent: the write fails, and that is what it should do.
+                    let _ = s.write(b"x");
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+    // Idle connections, not waited for: those beyond the listen backlog retry their SYN.
+    let idle: Vec<_> = (0..2000)
+        .filter_map(|_| connect_nonblocking(addr))
+        .collect();
+    assert_eq!(
+        idle.len(),
+        2000,
+        "connects refused by this process's limits"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    let scrape = common::http_request(addr, "/metrics", Duration::from_secs(1));
+    let window = Duration::from_secs(5);
+    let cpu = cpu_share(agent.child.id(), window);
+    let accept_lines = agent.log_lines_containing("accept");
+    stop.store(true, Ordering::Relaxed);
+    let _ = dribbler.join();
+    let scraped = match &scrape {
+        Ok((status, body)) => format!("HTTP {status}, {} bytes", body.len()),
+        Err(e) => format!("failed: {e}"),
+    };
+    eprintln!(
+        "flood of 2000 idle and 200 slow-header connections, agent nofile 256: scrape {scraped}; \
+         agent CPU {:.1}% of one CPU over {window:?}; {accept_lines} log lines about accept",
+        cpu * 100.0
+    );
+    assert!(
+        scrape
+            .as_ref()
+            .is_ok_and(|(status, body)| *status == 200 && body.contains("nodewarden_probe_info")),
+        "scrape during the flood: {scraped}"
+    );
+    assert!(cpu < 0.05, "agent CPU {:.1}% during the flood", cpu * 100.0);
+    assert!(
+        accept_lines < 100,
+        "{accept_lines} log lines about accept: the log is flooded"
+    );
+    drop(idle);
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit status {status}; log:\n{log}");
+}
+
+/// A TCP connection to `addr` started without waiting for it to complete, or `None` when the
+/// socket could not be made.
+fn connect_nonblocking(addr: std::net::SocketAddr) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+
+    let std::net::SocketAddr::V4(v4) = addr else {
+        return None;
+    };
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sin = libc::sockaddr_in {
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).ok()?,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*v4.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = libc::socklen_t::try_from(size_of::<libc::sockaddr_in>()).ok()?;
+    // SAFETY: `sin` is a valid sockaddr_in of `len` bytes.
+    let r = unsafe { libc::connect(fd.as_raw_fd(), (&raw const sin).cast(), len) };
+    let started =
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EINPROGRESS);
+    started.then_some(fd)
+}
+
+/// The share of one CPU process `pid` used over `window` (user and system time).
+fn cpu_share(pid: u32, window: std::time::Duration) -> f64 {
+    let ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+        // After the name (which may hold spaces and parentheses): state is field 3, utime 14,
+        // stime 15.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .expect("stat")
+            .1
+            .split_whitespace()
+            .collect();
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let before = ticks();
+    let start = std::time::Instant::now();
+    std::thread::sleep(window);
+    let used = ticks() - before;
+    #[expect(clippy::cast_precision_loss, reason = "a share")]
+    let share = used as f64 / hz as f64 / start.elapsed().as_secs_f64();
+    share
+}

@@ -4,7 +4,7 @@
 mod common;
 
 use std::{
-    io::BufRead as _,
+    io::{BufRead as _, Write as _},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::Command,
@@ -20,6 +20,8 @@ use common::{Agent, otlp};
 mod guard;
 #[path = "vm_kernel/heal.rs"]
 mod heal;
+#[path = "vm_kernel/hostile.rs"]
+mod hostile;
 #[path = "vm_kernel/lossless.rs"]
 mod lossless;
 #[path = "vm_kernel/oom.rs"]
@@ -33,8 +35,9 @@ pub(crate) struct Feed {
 impl Feed {
     pub(crate) fn connect(agent: &Agent) -> Self {
         let socket = Agent::events_socket_for(agent.metrics);
-        let stream = UnixStream::connect(&socket)
+        let mut stream = UnixStream::connect(&socket)
             .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+        stream.write_all(b"events\n").expect("ask for the events");
         let records = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&records);
         std::thread::spawn(move || {
@@ -735,7 +738,8 @@ fn pod_selector_picks_the_pods_processes() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let snapshot = common::http_get(agent.metrics, "/contention").unwrap_or_default();
+    let snapshot = common::feed_request(&Agent::events_socket_for(agent.metrics), "contention")
+        .unwrap_or_default();
     let snapshot: Value = serde_json::from_str(&snapshot).expect("json");
     let pids: Vec<u64> = snapshot["processes"]
         .as_array()

@@ -8,6 +8,7 @@ use std::{
     fmt::Write as _,
     io::{Read as _, Write as _},
     net::TcpStream,
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -244,11 +245,9 @@ fn measure(
         .spawn()
         .with_context(|| format!("starting {program}"))?;
     let mut seen = false;
-    if let Some(port) = agent_port
-        && (args.contains(&"-w") || args.contains(&"-warmup"))
-    {
+    if agent_port.is_some() && (args.contains(&"-w") || args.contains(&"-warmup")) {
         std::thread::sleep(Duration::from_secs(WARM_UP_S) + Duration::from_millis(500));
-        seen = watched_off_cpu(port, child.id());
+        seen = watched_off_cpu(child.id());
     }
     let mut out = String::new();
     child
@@ -279,16 +278,18 @@ fn measure(
     })
 }
 
-/// Whether the agent's `/contention` has off-CPU figures for `pid`.
-fn watched_off_cpu(port: u16, pid: u32) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+/// Whether the agent's contention snapshot (asked for on its root-only socket) has off-CPU
+/// figures for `pid`.
+fn watched_off_cpu(pid: u32) -> bool {
+    let Ok(mut s) = UnixStream::connect(socket()) else {
         return false;
     };
-    let _ = s.write_all(b"GET /contention HTTP/1.0\r\n\r\n");
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    serde_json::from_str::<serde_json::Value>(body)
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.write_all(b"contention\n");
+    // One JSON line.
+    let mut body = String::new();
+    let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut body);
+    serde_json::from_str::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| {
             v["cpu"].as_array().map(|cpu| {
@@ -297,6 +298,11 @@ fn watched_off_cpu(port: u16, pid: u32) -> bool {
             })
         })
         .unwrap_or(false)
+}
+
+/// The agent's socket in the benchmark.
+fn socket() -> PathBuf {
+    std::env::temp_dir().join("nodewarden-bench.sock")
 }
 
 /// The agent's metrics port in the benchmark.
@@ -312,7 +318,7 @@ impl Running {
     /// Starts the agent with `config` (TOML text), or its default configuration.
     fn start(agent: &Path, config: Option<&str>) -> Result<Self> {
         let port = PORT;
-        let socket = std::env::temp_dir().join("nodewarden-bench.sock");
+        let socket = socket();
         let mut cmd = Command::new(agent);
         cmd.args(["run", "--metrics-listen", &format!("127.0.0.1:{port}")])
             .arg("--events-socket")

@@ -4,16 +4,18 @@
 use std::{
     fmt::Write as _,
     io::{BufRead as _, BufReader, Write as _},
-    os::unix::net::UnixStream,
     path::Path,
 };
 
 use anyhow::{Context as _, Result};
 
-use crate::model::{
-    guard::GuardResult,
-    pattern::Pattern,
-    record::{OomLimit, Process, Record, RecordKind},
+use crate::{
+    model::{
+        guard::GuardResult,
+        pattern::Pattern,
+        record::{OomLimit, Process, Record, RecordKind},
+    },
+    outputs::feed,
 };
 
 /// What to show.
@@ -27,9 +29,9 @@ pub struct Filter {
 
 /// Streams events from the agent's socket to stdout until the agent goes away.
 pub fn run(socket: &Path, filter: &Filter, json: bool) -> Result<()> {
-    let stream = UnixStream::connect(socket).with_context(|| {
+    let stream = feed::connect(socket, feed::Request::Events).with_context(|| {
         format!(
-            "connecting to {} (is `nodewarden run` running?)",
+            "connecting to {} (is `nodewarden run` running? the socket is root-only)",
             socket.display()
         )
     })?;

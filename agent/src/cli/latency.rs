@@ -1,12 +1,12 @@
 //! `nodewarden bench-latency` (hidden): how long a limit write takes to reach a running agent's
 //! event feed, measured from the write's return to the record's arrival, optionally under an
 //! exec storm (used by `cargo xtask bench`). It works against any agent that serves the feed,
-//! an older build included, so both are measured by the same client.
+//! an older build included (which ignores the request line), so both are measured by the same
+//! client.
 
 use std::{
     collections::HashMap,
     io::BufRead as _,
-    os::unix::net::UnixStream,
     path::Path,
     sync::{
         Arc, Mutex,
@@ -17,13 +17,15 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
+use crate::outputs::feed;
+
 /// Threads that run the storm's execs.
 const STORM_THREADS: u32 = 4;
 
 /// Writes `writes` values to `cgroup`'s `memory.high` 10 ms apart, with `exec_rate` execs of
 /// `/bin/true` per second meanwhile, and prints the latencies' percentiles as JSON.
 pub fn run(socket: &Path, cgroup: &Path, writes: u32, exec_rate: u32) -> Result<()> {
-    let stream = UnixStream::connect(socket)
+    let stream = feed::connect(socket, feed::Request::Events)
         .with_context(|| format!("connecting to {}", socket.display()))?;
     let target = format!(
         "/{}",

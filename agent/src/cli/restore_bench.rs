@@ -7,13 +7,14 @@
 use std::{
     collections::HashMap,
     io::BufRead as _,
-    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+
+use crate::outputs::feed;
 
 /// Longest a restore is waited for.
 const GIVE_UP: Duration = Duration::from_secs(10);
@@ -47,7 +48,7 @@ pub fn run(
     // The agent's latency of each restore, by cgroup name, from its decisions.
     let agent: Arc<Mutex<HashMap<String, f64>>> = Arc::default();
     if let Some(socket) = socket {
-        let stream = UnixStream::connect(socket)
+        let stream = feed::connect(socket, feed::Request::Events)
             .with_context(|| format!("connecting to {}", socket.display()))?;
         let sink = agent.clone();
         std::thread::spawn(move || {

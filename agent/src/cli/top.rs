@@ -1,26 +1,27 @@
 //! `nodewarden top`: the most contended processes and their hottest futex words with stacks,
-//! from the running agent's `/contention`, refreshed in the terminal.
+//! from the running agent's event socket (root-only: stacks, names and cgroups of every
+//! process), refreshed in the terminal.
 
 use std::{
     fmt::Write as _,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    io::{BufRead as _, BufReader, Write as _},
+    path::Path,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::model::contention::Snapshot;
+use crate::{model::contention::Snapshot, outputs::feed};
 
 /// How many words, and frames of each, are shown.
 const WORDS: usize = 5;
 const FRAMES: usize = 8;
 
 /// Prints the view every `interval` (clearing the terminal), or once.
-pub fn run(agent: SocketAddr, interval: Duration, once: bool) -> Result<()> {
+pub fn run(socket: &Path, interval: Duration, once: bool) -> Result<()> {
     loop {
-        let snapshot = fetch(agent)?;
-        let view = render(&snapshot, agent);
+        let snapshot = fetch(socket)?;
+        let view = render(&snapshot, socket);
         let mut out = std::io::stdout().lock();
         if !once {
             // Home and clear: the view replaces the previous one.
@@ -35,35 +36,41 @@ pub fn run(agent: SocketAddr, interval: Duration, once: bool) -> Result<()> {
     }
 }
 
-/// `GET /contention` from the agent.
-fn fetch(agent: SocketAddr) -> Result<Snapshot> {
-    let mut s = TcpStream::connect_timeout(&agent, Duration::from_secs(5)).with_context(|| {
-        format!("connecting to the agent at {agent} (is `nodewarden run` running?)")
+/// The contention snapshot from the agent's socket.
+fn fetch(socket: &Path) -> Result<Snapshot> {
+    let s = feed::connect(socket, feed::Request::Contention).with_context(|| {
+        format!(
+            "connecting to {} (is `nodewarden run` running? the socket is root-only)",
+            socket.display()
+        )
     })?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET /contention HTTP/1.0\r\nHost: {agent}\r\n\r\n")?;
-    let mut response = String::new();
-    s.read_to_string(&mut response)?;
-    let Some((head, body)) = response.split_once("\r\n\r\n") else {
-        bail!("the agent's answer has no body: {response:?}");
-    };
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        bail!("the agent answered {}", head.lines().next().unwrap_or(head));
+    // One line; read as a line, not to the end: a refused client gets its error line, then
+    // possibly a reset (the agent did not read its request).
+    let mut answer = String::new();
+    BufReader::new(s)
+        .read_line(&mut answer)
+        .context("reading from the agent")?;
+    let value: serde_json::Value =
+        serde_json::from_str(&answer).context("decoding the agent's answer")?;
+    if let Some(error) = value.get("error").and_then(serde_json::Value::as_str) {
+        bail!("the agent refused: {error}");
     }
-    serde_json::from_str(body).context("decoding /contention")
+    serde_json::from_value(value).context("decoding the contention snapshot")
 }
 
 /// The view as text, control characters escaped.
-fn render(s: &Snapshot, agent: SocketAddr) -> String {
-    super::printable(&view(s, agent), true).into_owned()
+fn render(s: &Snapshot, socket: &Path) -> String {
+    super::printable(&view(s, socket), true).into_owned()
 }
 
 /// [`render`] before control characters are escaped.
-fn view(s: &Snapshot, agent: SocketAddr) -> String {
+fn view(s: &Snapshot, socket: &Path) -> String {
     let mut v = String::new();
     let _ = writeln!(
         v,
-        "nodewarden top: futex waits of tracked processes (agent {agent})\n"
+        "nodewarden top: futex waits of tracked processes (agent {})\n",
+        socket.display()
     );
     let _ = writeln!(
         v,
@@ -174,7 +181,7 @@ mod tests {
                 contention: 0.71,
             }],
         };
-        let v = render(&s, "127.0.0.1:9717".parse().expect("addr"));
+        let v = render(&s, Path::new("/run/nodewarden/events.sock"));
         assert!(v.contains("       7 nw-mutex"), "{v}");
         assert!(
             v.contains("nw-mutex[7] word 0x1000: 10 waits, 0.500 s, longest 2.00 ms"),
@@ -183,7 +190,7 @@ mod tests {
         assert!(v.contains("      worker+0x42"), "{v}");
         let mut hostile = s.clone();
         hostile.processes[0].comm = "\u{1b}[31mred".into();
-        let v = render(&hostile, "127.0.0.1:9717".parse().expect("addr"));
+        let v = render(&hostile, Path::new("/run/nodewarden/events.sock"));
         assert!(
             !v.chars().any(|c| c.is_control() && c != '\n') && v.contains(r"\u{1b}[31mred"),
             "{v}"

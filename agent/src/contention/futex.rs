@@ -15,6 +15,7 @@ use crate::{
         cache::{Bounded, Cache, Evictions},
         cgroup::Who,
         contention::{Episode, FutexCounts, FutexLabels, HotLock, ProcessWaits},
+        label::{Bound, Folded, Label},
         loss::Losses,
     },
 };
@@ -81,6 +82,8 @@ pub struct FutexReader {
     retired: Bounded<FutexLabels, FutexCounts>,
     /// Labels of the live processes, fixed at first sight (as many as the kernel map holds).
     live: HashMap<u32, FutexLabels>,
+    /// The comms the series keep (anyone names a process as they like).
+    comms: Bound,
     /// Symbolized stacks by word.
     frames: Bounded<FutexLockKey, Frames>,
     /// Each word's figures at the last read, for the episodes.
@@ -99,11 +102,12 @@ impl std::fmt::Debug for FutexReader {
 
 impl FutexReader {
     #[must_use]
-    pub fn new(maps: FutexMaps, evictions: &Evictions, losses: Losses) -> Self {
+    pub fn new(maps: FutexMaps, evictions: &Evictions, losses: Losses, folded: Folded) -> Self {
         Self {
             maps,
             retired: Bounded::new(Cache::FutexSeries, MAX_RETIRED, evictions.clone()),
             live: HashMap::new(),
+            comms: Bound::new(Label::FutexComm, folded),
             frames: Bounded::new(Cache::Stacks, MAX_FRAMES, evictions.clone()),
             last: HashMap::new(),
             losses,
@@ -122,9 +126,12 @@ impl FutexReader {
             let labels = self
                 .live
                 .entry(*tgid)
-                .or_insert_with(|| FutexLabels {
-                    comm: crate::kernel::decode::comm(&p.comm),
-                    who: who(*tgid),
+                .or_insert_with(|| {
+                    let comm = crate::kernel::decode::comm(&p.comm);
+                    FutexLabels {
+                        comm: self.comms.value(&comm).to_owned(),
+                        who: who(*tgid),
+                    }
                 })
                 .clone();
             let counts = FutexCounts {
@@ -137,7 +144,8 @@ impl FutexReader {
                 #[expect(clippy::cast_precision_loss, reason = "a figure for people")]
                 processes.push(ProcessWaits {
                     pid: *tgid,
-                    comm: labels.comm.clone(),
+                    // Its own name here: the label may be folded.
+                    comm: crate::kernel::decode::comm(&p.comm),
                     cgroup: labels.who.cgroup.clone(),
                     woken: counts.outcomes[agent_common::OUTCOME_WOKEN],
                     wait_seconds: counts.woken_ns as f64 / 1e9,

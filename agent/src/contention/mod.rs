@@ -36,6 +36,7 @@ use crate::{
         cache::Evictions,
         cgroup::Who,
         contention::{Episode, Published},
+        label::Folded,
         loss::Losses,
     },
 };
@@ -69,6 +70,7 @@ pub struct Context {
     pub published: Arc<Mutex<Published>>,
     pub evictions: Evictions,
     pub losses: Losses,
+    pub folded: Folded,
 }
 
 /// Reads the maps every [`EVERY`] until `stop`; futex words with a new long wait go to
@@ -80,7 +82,8 @@ pub fn run(maps: Maps, cx: &Context, episodes: &SyncSender<Episode>, stop: &Atom
         offcpu,
         mut window,
     } = maps;
-    let mut futex = futex.map(|m| FutexReader::new(m, &cx.evictions, cx.losses.clone()));
+    let mut futex =
+        futex.map(|m| FutexReader::new(m, &cx.evictions, cx.losses.clone(), cx.folded.clone()));
     let mut sampler = samples.map(|m| Sampler::new(m, &cx.evictions, cx.losses.clone()));
     let mut offcpu =
         offcpu.map(|(m, cap)| OffCpuReader::new(m, cap, &cx.evictions, cx.losses.clone()));

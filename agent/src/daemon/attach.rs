@@ -87,6 +87,7 @@ pub fn attach(config: &Config, metrics: &Metrics) -> Result<Attached, LoadError>
     };
     report(&status);
     metrics.probes(&status);
+    release_freed_memory();
     let limit_mode = status
         .iter()
         .find(|s| s.capability == Capability::LimitWrites)
@@ -161,6 +162,37 @@ fn kernel_offsets() -> KernelOffsets {
             tracing::warn!("{e}: probes that read kernel structs degrade");
             KernelOffsets::UNKNOWN
         }
+    }
+}
+
+/// How often freed heap memory is given back to the kernel.
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Gives freed heap memory back to the kernel, now and every [`TRIM_EVERY`] on a thread of its
+/// own. Parsing the kernel's BTF (by the agent for offsets and by aya for relocations) takes
+/// tens of megabytes for a moment, and so does a burst of events; glibc's allocator keeps what
+/// it freed resident otherwise, and the agent would report the high-water mark of every burst
+/// as its footprint for the rest of its life.
+fn release_freed_memory() {
+    trim();
+    let spawned = std::thread::Builder::new()
+        .name("nw-trim".into())
+        .spawn(|| {
+            loop {
+                std::thread::sleep(TRIM_EVERY);
+                trim();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no thread to give freed memory back: {e}");
+    }
+}
+
+fn trim() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap memory to the kernel; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

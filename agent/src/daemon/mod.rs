@@ -73,6 +73,7 @@ async fn run_until_stopped(
     heal::preflight(config, cgroupfs.as_ref())?;
     let shared = Shared::default();
     let metrics = Metrics::new(shared.clone());
+    http::raise_open_files_limit();
     let listener = http::bind(config.metrics_listen)
         .await
         .with_context(|| format!("binding the metrics endpoint {}", config.metrics_listen))?;
@@ -234,7 +235,8 @@ impl Stopping<'_> {
     }
 }
 
-/// Serves `/metrics` and the event feed until told to stop; a panic in either stops the agent.
+/// Serves `/metrics` and the event socket (events, contention) until told to stop; a panic in
+/// either stops the agent.
 /// Returns the stop signal and what ends when both have stopped.
 fn serve(
     metrics_listener: tokio::net::TcpListener,
@@ -257,7 +259,13 @@ fn serve(
     let feed_server = events_listener.map(|(l, path)| {
         workers::watch(
             "event feed",
-            tokio::spawn(feed::serve(l, path, feed, stop_rx)),
+            tokio::spawn(feed::serve(
+                l,
+                path,
+                feed,
+                metrics.shared.contention.clone(),
+                stop_rx,
+            )),
             metrics,
             panics,
         )
@@ -347,6 +355,7 @@ fn start_contention(
         published: shared.contention.clone(),
         evictions: shared.evictions.clone(),
         losses: shared.losses.clone(),
+        folded: shared.folded.clone(),
     };
     workers::spawn("contention", metrics, panics, move |stop| {
         crate::contention::run(maps, &cx, &episodes, stop);

@@ -237,6 +237,10 @@ impl Cgroups for CgroupFs {
             .parse()
             .ok()
     }
+
+    fn limit(&self, path: &str, limit: LimitFile) -> Option<String> {
+        std::fs::read_to_string(self.dir(path).join(limit.file_name())).ok()
+    }
 }
 
 #[cfg(test)]

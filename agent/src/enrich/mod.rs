@@ -11,6 +11,8 @@ pub mod paths;
 pub mod procfs;
 pub mod trust;
 
+use agent_common::LimitFile;
+
 /// The cgroup v2 hierarchy, as the pipeline asks it (one cgroup, a few small files at most).
 pub trait Cgroups {
     /// The path (relative to the mount, `/` for the root) of the cgroup with id `id`, asked of
@@ -23,6 +25,12 @@ pub trait Cgroups {
     /// A usage file's figure (`memory.current`, `pids.current`...) of `path`.
     fn usage(&self, path: &str, file: &str) -> Option<u64> {
         let _ = (path, file);
+        None
+    }
+    /// The text of a limit file of `path` as the kernel shows it now; `None` when the cgroup
+    /// or the file is gone.
+    fn limit(&self, path: &str, limit: LimitFile) -> Option<String> {
+        let _ = (path, limit);
         None
     }
 }
@@ -56,5 +64,8 @@ impl<T: Cgroups + ?Sized> Cgroups for std::sync::Arc<T> {
     }
     fn usage(&self, path: &str, file: &str) -> Option<u64> {
         (**self).usage(path, file)
+    }
+    fn limit(&self, path: &str, limit: LimitFile) -> Option<String> {
+        (**self).limit(path, limit)
     }
 }

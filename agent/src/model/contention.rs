@@ -1,5 +1,5 @@
 //! Lock contention figures: what the contention readers publish, the metrics are made from,
-//! and `GET /contention` serves to `nodewarden top`.
+//! and the event socket's `contention` request serves to `nodewarden top`.
 
 use agent_common::{FUTEX_BUCKETS, OUTCOMES};
 use serde::{Deserialize, Serialize};
@@ -145,7 +145,7 @@ impl ProcessCpu {
     }
 }
 
-/// What `GET /contention` serves.
+/// What the event socket's `contention` request serves.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Snapshot {
     /// Most wait time first.

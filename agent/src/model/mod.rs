@@ -8,6 +8,7 @@ pub mod contention;
 pub mod event;
 pub mod guard;
 pub mod heal;
+pub mod label;
 pub mod limit;
 pub mod loss;
 pub mod pattern;

@@ -22,15 +22,18 @@ pub enum ResyncReason {
     Poll,
     /// The reconciler's periodic pass: every watched limit compared with its desired value.
     Reconcile,
+    /// A successful limit write whose value could be neither read back nor parsed.
+    UnreadWrite,
 }
 
 impl ResyncReason {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Start,
         Self::EventsLost,
         Self::UnknownCgroup,
         Self::Poll,
         Self::Reconcile,
+        Self::UnreadWrite,
     ];
 
     /// The label value.
@@ -42,6 +45,7 @@ impl ResyncReason {
             Self::UnknownCgroup => "unknown_cgroup",
             Self::Poll => "poll",
             Self::Reconcile => "reconcile",
+            Self::UnreadWrite => "unread_write",
         }
     }
 }

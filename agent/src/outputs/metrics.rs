@@ -16,6 +16,7 @@ use crate::model::{
     cache::{Cache, Evictions},
     cgroup::Who,
     contention::Published,
+    label::{Folded, Label},
     limit::LimitValue,
     loss::Losses,
     probe::ProbeStatus,
@@ -35,6 +36,8 @@ pub fn labelled<T: MetricVecBuilder>(vec: &MetricVec<T>, values: &[&str]) -> Opt
 pub struct Shared {
     pub losses: Losses,
     pub evictions: Evictions,
+    /// Label values folded into `other`.
+    pub folded: Folded,
     /// Contention, as its readers last published it.
     pub contention: Arc<Mutex<Published>>,
 }
@@ -260,6 +263,9 @@ impl Metrics {
             .expect("metric names are unique");
         m.registry
             .register(Box::new(EvictionCollector::new(m.shared.evictions.clone())))
+            .expect("metric names are unique");
+        m.registry
+            .register(Box::new(FoldedCollector::new(m.shared.folded.clone())))
             .expect("metric names are unique");
         m.registry
             .register(Box::new(super::contention::ContentionCollector::new(
@@ -493,6 +499,38 @@ impl Collector for EvictionCollector {
     }
 }
 
+/// `nodewarden_label_values_folded_total{label}`.
+#[derive(Debug)]
+struct FoldedCollector {
+    folded: Folded,
+    desc: Desc,
+}
+
+const FOLDED: &str = "nodewarden_label_values_folded_total";
+const FOLDED_HELP: &str = "Series updates whose label value (a writer's comm, a Go fatal message, a process's comm) was counted under `other` because the label already has as many distinct values as it keeps, by label.";
+
+impl FoldedCollector {
+    fn new(folded: Folded) -> Self {
+        Self {
+            folded,
+            desc: desc(FOLDED, FOLDED_HELP, &["label"]),
+        }
+    }
+}
+
+impl Collector for FoldedCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let series = Label::ALL
+            .into_iter()
+            .map(|l| (vec![label("label", l.as_str())], self.folded.get(l)));
+        vec![counter_family(FOLDED, FOLDED_HELP, series)]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use agent_common::LossReason;
@@ -611,7 +649,7 @@ mod tests {
         }
         let docs = include_str!("../../../docs/metrics.md");
         let names = m.names();
-        assert_eq!(names.len(), 25, "{names:?}");
+        assert_eq!(names.len(), 26, "{names:?}");
         for name in names {
             assert!(
                 docs.contains(&format!("`{name}`")),

@@ -13,6 +13,7 @@ use crate::model::{
     cache::{Bounded, Cache, Evictions},
     cgroup::Who,
     contention::Episode,
+    label::{Bound, Label},
     record::{OomKill, Record},
     update::Update,
 };
@@ -37,6 +38,9 @@ pub struct Outputs {
     incidents: Bounded<String, IncidentTrace>,
     /// Decisions and desired values go to the executor (which records decisions itself).
     executor: Option<Queue>,
+    /// The writers' comms and Go's fatal messages, as labels: chosen by whoever runs.
+    writers: Bound,
+    go_reasons: Bound,
 }
 
 impl Outputs {
@@ -49,11 +53,13 @@ impl Outputs {
         evictions: &Evictions,
     ) -> Self {
         Self {
-            metrics,
             traces,
             feed,
             incidents: Bounded::new(Cache::OomIncidents, MAX_OPEN_TRACES, evictions.clone()),
             executor,
+            writers: Bound::new(Label::Writer, metrics.shared.folded.clone()),
+            go_reasons: Bound::new(Label::GoReason, metrics.shared.folded.clone()),
+            metrics,
         }
     }
 
@@ -121,6 +127,7 @@ impl Outputs {
         match record {
             Record::LimitWrite(r) => {
                 let writer = r.writer.as_ref().map_or("unknown", |w| w.comm.as_str());
+                let writer = self.writers.value(writer);
                 count(
                     &self.metrics.limit_writes,
                     &Who::of(&r.cgroup, r.k8s.as_ref()),
@@ -137,7 +144,7 @@ impl Outputs {
                 count(
                     &self.metrics.go_fatal_errors,
                     &Who::of(&r.cgroup, r.k8s.as_ref()),
-                    &[&r.reason],
+                    &[self.go_reasons.value(&r.reason)],
                 );
                 self.traces.go_fatal(r);
             }
@@ -174,5 +181,66 @@ impl Outputs {
         let l = &e.lock;
         tracing::debug!(pid = l.pid, comm = %l.comm, max_wait_ns = l.max_ns, "futex contention");
         self.traces.contention(e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::record::{GoFatal, tests::limit_write_example};
+
+    /// 100,000 writers and Go crashes, each with a name of its own (anyone names a process):
+    /// the series stay bounded and every fold is counted.
+    #[test]
+    fn names_chosen_by_processes_cannot_grow_the_series_without_bound() {
+        let metrics = Metrics::new(metrics::Shared::default());
+        let mut outputs = Outputs::new(
+            metrics.clone(),
+            Traces::disabled(),
+            Feed::new(),
+            None,
+            &Evictions::default(),
+        );
+        let Record::LimitWrite(write) = limit_write_example() else {
+            unreachable!("the example is a limit write");
+        };
+        let n = 100_000;
+        for i in 0..n {
+            let mut w = write.clone();
+            if let Some(p) = w.writer.as_mut() {
+                p.comm = format!("w{i:x}");
+            }
+            outputs.apply(Update::Record(Record::LimitWrite(w)));
+            outputs.apply(Update::Record(Record::GoFatal(Box::new(GoFatal {
+                time_unix_nano: 0,
+                cgroup: "/a".into(),
+                k8s: None,
+                process: write.writer.clone().expect("a writer"),
+                reason: format!("fatal {i}"),
+                function: "runtime.fatal".into(),
+            }))));
+        }
+        let text = metrics.render();
+        let series = |name: &str| text.lines().filter(|l| l.starts_with(name)).count();
+        assert_eq!(
+            series("nodewarden_cgroup_limit_writes_total{"),
+            Label::Writer.cap() + 1
+        );
+        assert_eq!(
+            series("nodewarden_go_fatal_errors_total{"),
+            Label::GoReason.cap() + 1
+        );
+        let folded = |l: Label| metrics.shared.folded.get(l);
+        assert_eq!(folded(Label::Writer), (n - Label::Writer.cap()) as u64);
+        assert_eq!(folded(Label::GoReason), (n - Label::GoReason.cap()) as u64);
+        assert!(text.contains("writer=\"other\""), "{text}");
+        assert!(
+            text.contains(&format!(
+                "nodewarden_label_values_folded_total{{label=\"writer\"}} {}",
+                n - Label::Writer.cap()
+            )),
+            "{text}"
+        );
+        assert!(text.len() < 1 << 20, "{} bytes", text.len());
     }
 }

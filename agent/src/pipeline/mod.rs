@@ -378,8 +378,12 @@ impl Pipeline {
         // previous value is unknown.
         let writer = self.process(&w.writer);
         let mut moved = None;
-        let (old, new) = match (w.result, limit::parse(w.limit, &w.value)) {
-            (Ok(_), Ok(v)) => {
+        let held = match w.result {
+            Ok(_) => self.held(&cgroup, w),
+            Err(_) => None,
+        };
+        let (old, new) = match (w.result, held) {
+            (Ok(_), Some(v)) => {
                 match self
                     .limits
                     .record(w.target_cgroup_id, w.limit, v, w.timestamp_ns)
@@ -432,6 +436,23 @@ impl Pipeline {
                 out,
             );
         }
+    }
+
+    /// The value a successful write left: the file read back, as the kernel holds it (it
+    /// parses `0x`, octal and wrapping suffixes, rounds to pages, keeps cpu.max's period when
+    /// only a quota is written); the written text parsed only when the file cannot be read (the
+    /// cgroup is gone). A value known neither way asks for a resync, so the gauge does not keep
+    /// reporting the old limit.
+    fn held(&mut self, cgroup: &str, w: &LimitWrite) -> Option<limit::LimitValue> {
+        let read = (cgroup != UNKNOWN_CGROUP)
+            .then(|| self.sources.cgroups.limit(cgroup, w.limit))
+            .flatten()
+            .and_then(|text| limit::parse(w.limit, &text).ok());
+        let held = read.or_else(|| limit::parse(w.limit, &w.value).ok());
+        if held.is_none() {
+            self.resync.get_or_insert(ResyncReason::UnreadWrite);
+        }
+        held
     }
 
     fn cgroup_change(&mut self, c: CgroupChange, out: &mut Vec<Update>) {

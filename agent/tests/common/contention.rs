@@ -307,7 +307,8 @@ pub fn top_shows_the_contended_program(agent: &Agent) {
     let start = Instant::now();
     loop {
         let out = Command::new(super::NODEWARDEN)
-            .args(["top", "--once", "--agent", &agent.metrics.to_string()])
+            .args(["top", "--once", "--socket"])
+            .arg(Agent::events_socket_for(agent.metrics))
             .output()
             .expect("nodewarden top");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -397,7 +398,7 @@ pub fn contention_episode_becomes_a_span() {
 }
 
 /// Runs a test program until the agent has its CPU samples (at least 100) and its off-CPU
-/// figures (watched at least 5 s); returns its entry of `GET /contention`'s `cpu`.
+/// figures (watched at least 5 s); returns its entry of the contention snapshot's `cpu`.
 fn contention_of(agent: &Agent, program_name: &str) -> serde_json::Value {
     let _running = KillOnDrop(
         Command::new(program(program_name))
@@ -408,7 +409,8 @@ fn contention_of(agent: &Agent, program_name: &str) -> serde_json::Value {
     );
     let start = Instant::now();
     loop {
-        let body = super::http_get(agent.metrics, "/contention").unwrap_or_default();
+        let body = super::feed_request(&Agent::events_socket_for(agent.metrics), "contention")
+            .unwrap_or_default();
         let snapshot: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         let found = snapshot["cpu"].as_array().and_then(|cpu| {
             cpu.iter()
@@ -569,7 +571,8 @@ pub fn map_heavy_processes_are_selected() {
     let (go, c) = (u64::from(syncmap.0.id()), u64::from(mutex.0.id()));
     let start = Instant::now();
     let snapshot = loop {
-        let body = super::http_get(agent.metrics, "/contention").unwrap_or_default();
+        let body = super::feed_request(&Agent::events_socket_for(agent.metrics), "contention")
+            .unwrap_or_default();
         let snapshot: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         let has = |list: &str, pid: u64, extra: &dyn Fn(&serde_json::Value) -> bool| {
             snapshot[list]

@@ -29,6 +29,16 @@ impl Agent {
 
     /// Starts the agent with `config` (TOML text; the built-in one when `None`).
     pub fn start_with(config: Option<&str>, env: &[(&str, &str)]) -> Self {
+        Self::spawn(config, env, None)
+    }
+
+    /// Starts the agent with the default config and its open files limited to `nofile` (soft
+    /// and hard: it cannot raise them).
+    pub fn start_with_nofile(nofile: u64) -> Self {
+        Self::spawn(None, &[], Some(nofile))
+    }
+
+    fn spawn(config: Option<&str>, env: &[(&str, &str)], nofile: Option<u64>) -> Self {
         let metrics = free_port();
         let log = std::env::temp_dir().join(format!("nodewarden-test-{}.log", metrics.port()));
         let log_file = std::fs::File::create(&log).expect("create agent log");
@@ -50,6 +60,23 @@ impl Agent {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt as _;
+            let limit = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         let child = cmd.spawn().expect("spawn nodewarden");
         let agent = Self {
             child,
@@ -69,6 +96,20 @@ impl Agent {
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many lines of the agent's log so far contain `needle` (read line by line: a flooded
+    /// log can be large).
+    pub fn log_lines_containing(&self, needle: &str) -> usize {
+        use std::io::BufRead as _;
+        let Ok(file) = std::fs::File::open(&self.log) else {
+            return 0;
+        };
+        std::io::BufReader::new(file)
+            .split(b'\n')
+            .map_while(Result::ok)
+            .filter(|l| String::from_utf8_lossy(l).contains(needle))
+            .count()
     }
 
     fn wait_for_metrics(&self, limit: Duration) {
@@ -163,23 +204,69 @@ pub fn scrape(addr: SocketAddr) -> Option<String> {
 
 /// A plain HTTP/1.1 GET; the body of a 200 response, else `None`.
 pub fn http_get(addr: SocketAddr, path_and_query: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let (status, body) = http_request(addr, path_and_query, Duration::from_secs(10)).ok()?;
+    (status == 200).then_some(body)
+}
+
+/// A plain HTTP/1.1 GET that must be answered within `limit` (connecting, sending and reading);
+/// the status and body, or why not.
+pub fn http_request(
+    addr: SocketAddr,
+    path_and_query: &str,
+    limit: Duration,
+) -> Result<(u16, String), String> {
+    let start = Instant::now();
+    let left = || {
+        limit
+            .checked_sub(start.elapsed())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| format!("no answer within {limit:?}"))
+    };
+    let mut s = TcpStream::connect_timeout(&addr, left()?).map_err(|e| format!("connect: {e}"))?;
+    s.set_write_timeout(Some(left()?))
+        .map_err(|e| e.to_string())?;
     let req = format!("GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    let (head, body) = resp.split_once("\r\n\r\n")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return None;
+    s.write_all(req.as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
+    let mut resp = Vec::new();
+    let mut buf = [0; 8192];
+    loop {
+        s.set_read_timeout(Some(left()?))
+            .map_err(|e| e.to_string())?;
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => resp.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(format!("read after {:?}: {e}", start.elapsed())),
+        }
     }
+    let resp = String::from_utf8_lossy(&resp);
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no complete answer: {resp:?}"))?;
+    let status = head
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status: {head:?}"))?;
     if head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
     {
-        return Some(dechunk(body));
+        return Ok((status, dechunk(body)));
     }
-    Some(body.to_owned())
+    Ok((status, body.to_owned()))
+}
+
+/// One request on the agent's event socket (`contention`: the snapshot as one JSON line);
+/// the first line of the answer, or `None` when the socket does not answer.
+pub fn feed_request(socket: &std::path::Path, request: &str) -> Option<String> {
+    use std::io::BufRead as _;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    writeln!(s, "{request}").ok()?;
+    let mut answer = String::new();
+    std::io::BufReader::new(s).read_line(&mut answer).ok()?;
+    Some(answer)
 }
 
 /// Joins the chunks of a chunked HTTP body.
@@ -230,6 +317,30 @@ pub fn skip_without(tool: &str) -> bool {
         "not in the arm64 guest's userland",
     );
     true
+}
+
+/// Raises this process's open files limit (soft and hard) to at least `n`; tests that open
+/// thousands of connections need it. Root may raise the hard limit too.
+pub fn raise_own_nofile(n: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills in the struct it is given.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) },
+        0
+    );
+    limit.rlim_cur = limit.rlim_cur.max(n);
+    limit.rlim_max = limit.rlim_max.max(n);
+    // SAFETY: setrlimit reads the struct it is given.
+    let set = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) };
+    assert_eq!(
+        set,
+        0,
+        "raising RLIMIT_NOFILE to {n}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Whether the test runs as root (kernel tests need it).

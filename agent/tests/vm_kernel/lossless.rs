@@ -4,7 +4,7 @@
 //! within its drain time.
 
 use std::{
-    io::BufRead as _,
+    io::{BufRead as _, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
     path::{Path, PathBuf},
     process::Command,
@@ -144,7 +144,8 @@ struct Feed {
 impl Feed {
     fn connect(agent: &Agent) -> Self {
         let socket = Agent::events_socket_for(agent.metrics);
-        let stream = UnixStream::connect(&socket).expect("connect to the feed");
+        let mut stream = UnixStream::connect(&socket).expect("connect to the feed");
+        stream.write_all(b"events\n").expect("ask for the events");
         let records = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&records);
         std::thread::spawn(move || {

@@ -48,6 +48,8 @@ struct Node {
     procs: HashMap<u32, String>,
     /// How often a path was asked of the kernel.
     asked: u32,
+    /// Limit files' text as the kernel shows it, by path and file.
+    files: HashMap<(String, LimitFile), String>,
 }
 
 #[derive(Clone, Default)]
@@ -73,6 +75,9 @@ impl Cgroups for Fake {
             .memory
             .get(path)
             .map_or((None, None), |(u, l)| (Some(*u), Some(*l)))
+    }
+    fn limit(&self, path: &str, limit: LimitFile) -> Option<String> {
+        self.node().files.get(&(path.to_owned(), limit)).cloned()
     }
 }
 
@@ -313,6 +318,67 @@ fn writes_carry_the_previous_value_and_move_the_gauge() {
         (Some("67108864"), None)
     );
     assert!(!out.iter().any(|u| matches!(u, Update::Limit { .. })));
+}
+
+/// The kernel reads `0x` and octal prefixes, wraps suffix shifts, rounds to pages and keeps
+/// cpu.max's period when only a quota is written: what the agent records of a successful
+/// write is the file read back, never its own reading of the text.
+#[test]
+fn a_successful_write_records_the_value_the_kernel_holds() {
+    let mut h = Harness::new();
+    h.start(&[(1, "/", "max"), (7, "/a", "max")]);
+    for (written, shown, held) in [
+        ("0x4000000", "67108864", LimitValue::Bytes(64 << 20)),
+        ("0100M", "104857600", LimitValue::Bytes(100 << 20)),
+        ("16E", "0", LimitValue::Bytes(0)),
+        ("4097", "4096", LimitValue::Bytes(4096)),
+    ] {
+        h.fake
+            .node()
+            .files
+            .insert(("/a".into(), LimitFile::MemoryMax), format!("{shown}\n"));
+        let out = h.handle(write(7, written, Ok(3)));
+        assert_eq!(limit_write(&out).new.as_deref(), Some(shown), "{written}");
+        assert!(
+            out.contains(&Update::Limit {
+                who: Who::cgroup("/a"),
+                limit: LimitFile::MemoryMax,
+                value: held,
+            }),
+            "{written}: {out:?}"
+        );
+    }
+    let quota = Event::LimitWrite(LimitWrite {
+        limit: LimitFile::CpuMax,
+        ..match write(7, "50000", Ok(5)) {
+            Event::LimitWrite(w) => w,
+            _ => unreachable!("a write"),
+        }
+    });
+    h.fake
+        .node()
+        .files
+        .insert(("/a".into(), LimitFile::CpuMax), "50000 200000\n".into());
+    let out = h.handle(quota);
+    assert_eq!(limit_write(&out).new.as_deref(), Some("50000 200000"));
+    assert!(
+        out.iter().any(
+            |u| matches!(u, Update::Limit { value, .. } if (value.as_f64() - 0.25).abs() < 1e-9)
+        ),
+        "{out:?}"
+    );
+    assert_eq!(h.pipeline.take_resync(), None);
+
+    // The file unreadable (the cgroup just went) and the text not the agent's to read: no
+    // value is guessed, and a resync is asked for.
+    h.fake.node().files.clear();
+    let out = h.handle(write(7, "0x10K", Ok(4)));
+    assert_eq!(limit_write(&out).new, None);
+    assert!(!out.iter().any(|u| matches!(u, Update::Limit { .. })));
+    assert_eq!(
+        h.pipeline.take_resync().map(|(r, _)| r),
+        Some(ResyncReason::UnreadWrite)
+    );
 }
 
 #[test]
