@@ -15,6 +15,7 @@ use std::{
 use agent_common::LimitFile;
 
 use super::Cgroups;
+use crate::model::cgroup::path_text;
 
 /// The cgroup2 mount point (`/sys/fs/cgroup` on a unified host, `/sys/fs/cgroup/unified` on a
 /// hybrid one), from this process's mountinfo.
@@ -122,7 +123,13 @@ impl CgroupFs {
     /// The directory of the cgroup at `path` (relative to the mount).
     #[must_use]
     pub fn dir(&self, path: &str) -> PathBuf {
-        self.root.join(path.trim_start_matches('/'))
+        let literal = self.root.join(path.trim_start_matches('/'));
+        if !path.contains("\\x") || literal.exists() {
+            return literal;
+        }
+        // A name with bytes that are not UTF-8, escaped in its label.
+        let bytes = crate::model::cgroup::path_bytes(path.trim_start_matches('/'));
+        self.root.join(std::ffi::OsStr::from_bytes(&bytes))
     }
 
     /// Every cgroup under the mount, with its limit files and OOM count. Slow on a big
@@ -136,7 +143,7 @@ impl CgroupFs {
                 continue;
             };
             let rel = dir.strip_prefix(&self.root).unwrap_or(&dir);
-            let path = format!("/{}", rel.display());
+            let path = format!("/{}", path_text(rel.as_os_str().as_bytes()));
             cgroups.push(ScannedCgroup {
                 id: meta.ino(),
                 limits: read_limits(&dir),
@@ -205,7 +212,7 @@ fn relative(root: &Path, link: &Path) -> Option<String> {
         return None;
     }
     let rel = link.strip_prefix(root).ok()?;
-    Some(format!("/{}", rel.display()))
+    Some(format!("/{}", path_text(rel.as_os_str().as_bytes())))
 }
 
 impl Cgroups for CgroupFs {
@@ -238,8 +245,24 @@ impl Cgroups for CgroupFs {
             .ok()
     }
 
-    fn limit(&self, path: &str, limit: LimitFile) -> Option<String> {
-        std::fs::read_to_string(self.dir(path).join(limit.file_name())).ok()
+    /// By id where the kernel opens cgroups by handle: a path may have been cut, escaped or
+    /// renamed since; by path elsewhere.
+    fn limit(&self, id: u64, path: &str, limit: LimitFile) -> Option<String> {
+        let by_id = self
+            .root_fd
+            .as_ref()
+            .filter(|_| self.by_handle.load(Ordering::Relaxed))
+            .and_then(|root| open_by_id(root, id).ok())
+            .and_then(|dir| {
+                let dir = std::fs::File::from(dir);
+                let file = PathBuf::from(format!(
+                    "/proc/self/fd/{}/{}",
+                    dir.as_raw_fd(),
+                    limit.file_name()
+                ));
+                std::fs::read_to_string(file).ok()
+            });
+        by_id.or_else(|| std::fs::read_to_string(self.dir(path).join(limit.file_name())).ok())
     }
 }
 

@@ -27,10 +27,10 @@ pub trait Cgroups {
         let _ = (path, file);
         None
     }
-    /// The text of a limit file of `path` as the kernel shows it now; `None` when the cgroup
-    /// or the file is gone.
-    fn limit(&self, path: &str, limit: LimitFile) -> Option<String> {
-        let _ = (path, limit);
+    /// The text of a limit file of cgroup `id` (at `path`) as the kernel shows it now; `None`
+    /// when the cgroup or the file is gone.
+    fn limit(&self, id: u64, path: &str, limit: LimitFile) -> Option<String> {
+        let _ = (id, path, limit);
         None
     }
 }
@@ -65,7 +65,7 @@ impl<T: Cgroups + ?Sized> Cgroups for std::sync::Arc<T> {
     fn usage(&self, path: &str, file: &str) -> Option<u64> {
         (**self).usage(path, file)
     }
-    fn limit(&self, path: &str, limit: LimitFile) -> Option<String> {
-        (**self).limit(path, limit)
+    fn limit(&self, id: u64, path: &str, limit: LimitFile) -> Option<String> {
+        (**self).limit(id, path, limit)
     }
 }

@@ -3,8 +3,8 @@
 
 use agent_common::{
     COMM_LEN, CgroupEvent, EventHeader, EventKind, ExecEvent, GO_FATAL, GoFatalEvent, GuardEvent,
-    LimitFile, LimitWriteEvent, OOM_CONTROL, OomKillEvent, RSS_ANON, RSS_FILE, RSS_SHMEM, RSS_SWAP,
-    VICTIM_FROM_TASK, VICTIM_MEMORY,
+    LimitFile, LimitWriteEvent, OOM_CONTROL, OomKillEvent, PATH_LEN, RSS_ANON, RSS_FILE, RSS_SHMEM,
+    RSS_SWAP, VICTIM_FROM_TASK, VICTIM_MEMORY,
 };
 
 use crate::model::event::{
@@ -106,7 +106,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         Some(kind @ (EventKind::CgroupMkdir | EventKind::CgroupRmdir)) => {
             let e: CgroupEvent = read(bytes)?;
-            let path = c_str(&e.path);
+            let end = e.path.iter().position(|&b| b == 0).unwrap_or(e.path.len());
+            let path = crate::model::cgroup::path_text(&e.path[..end]);
             Ok(Event::Cgroup(CgroupChange {
                 timestamp_ns: header.timestamp_ns,
                 id: e.id,
@@ -117,6 +118,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                     format!("/{path}")
                 },
                 created: kind == EventKind::CgroupMkdir,
+                // The program keeps PATH_LEN - 1 bytes: a path that long may be cut.
+                truncated: end >= PATH_LEN - 1,
             }))
         }
         Some(EventKind::GoFatal) => {
@@ -190,7 +193,7 @@ fn c_str(raw: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use agent_common::{FILE_NAME_LEN, PATH_LEN, VALUE_LEN};
+    use agent_common::{FILE_NAME_LEN, VALUE_LEN};
 
     use super::*;
 
@@ -274,9 +277,21 @@ mod tests {
                 timestamp_ns: 5,
                 id: 5,
                 path: "/a/b/c".into(),
-                created: false
+                created: false,
+                truncated: false,
             }))
         );
+        // Bytes that are not UTF-8 are escaped, not replaced; a full buffer may be cut.
+        let mut raw = raw;
+        raw.path = [b'x'; PATH_LEN];
+        raw.path[..4].copy_from_slice(b"/a\xff/");
+        raw.path[PATH_LEN - 1] = 0;
+        let Ok(Event::Cgroup(c)) = decode(&bytes_of(&raw)) else {
+            panic!("a cgroup change");
+        };
+        assert!(c.path.starts_with("/a\\xff/xxx"), "{}", c.path);
+        assert_eq!(c.path.len(), PATH_LEN - 1 + 3);
+        assert!(c.truncated);
     }
 
     #[test]

@@ -33,6 +33,49 @@ impl Who {
     }
 }
 
+use std::fmt::Write as _;
+
+/// A path's bytes as text: valid UTF-8 as it is, each byte that is not as `\xNN`. Cgroup
+/// names are bytes (anyone with a delegated subtree names them), and replacing what is not
+/// UTF-8 would give two cgroups one label; the escape keeps them apart and shows what is there.
+#[must_use]
+pub fn path_text(bytes: &[u8]) -> String {
+    let mut text = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        text.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            let _ = write!(text, "\\x{b:02x}");
+        }
+    }
+    text
+}
+
+/// The bytes [`path_text`] made `text` from, for opening a path that had bytes escaped.
+#[must_use]
+pub fn path_bytes(text: &str) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut rest = text.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        let escaped = (b == b'\\')
+            .then(|| tail.strip_prefix(b"x")?.get(..2))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
+        match escaped {
+            // Only bytes that are not UTF-8 were escaped: an escape of one that is (`\x2d`,
+            // as systemd writes `-` in unit names) is the name's own text.
+            Some(byte) if byte >= 0x80 => {
+                bytes.push(byte);
+                rest = &tail[3..];
+            }
+            _ => {
+                bytes.push(b);
+                rest = tail;
+            }
+        }
+    }
+    bytes
+}
+
 /// Where a limit was hit, relative to the victim of an OOM kill.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -342,6 +385,18 @@ mod tests {
         ] {
             assert_eq!(parse(p), None, "{p}");
         }
+    }
+
+    #[test]
+    fn paths_that_are_not_utf8_are_escaped_and_opened_again() {
+        let raw = b"/user.slice/nw-\xff\xfe/\xc3\xa9t\xc3";
+        let text = path_text(raw);
+        assert_eq!(text, "/user.slice/nw-\\xff\\xfe/\u{e9}t\\xc3");
+        assert_eq!(path_bytes(&text), raw);
+        // systemd's own escapes are text, and stay as they are.
+        let unit = "/system.slice/systemd-fsck@dev-disk-by\\x2duuid-1.service";
+        assert_eq!(path_text(unit.as_bytes()), unit);
+        assert_eq!(path_bytes(unit), unit.as_bytes());
     }
 
     /// A user (or a container) may create `kubepods` trees in the subtree delegated to them;

@@ -139,6 +139,8 @@ pub struct CgroupChange {
     /// Path relative to the hierarchy's root, with a leading `/`.
     pub path: String,
     pub created: bool,
+    /// The kernel program kept only the path's first bytes: the whole path is to be asked for.
+    pub truncated: bool,
 }
 
 /// Which Go runtime function reported a fatal error.

@@ -445,7 +445,11 @@ impl Pipeline {
     /// reporting the old limit.
     fn held(&mut self, cgroup: &str, w: &LimitWrite) -> Option<limit::LimitValue> {
         let read = (cgroup != UNKNOWN_CGROUP)
-            .then(|| self.sources.cgroups.limit(cgroup, w.limit))
+            .then(|| {
+                self.sources
+                    .cgroups
+                    .limit(w.target_cgroup_id, cgroup, w.limit)
+            })
             .flatten()
             .and_then(|text| limit::parse(w.limit, &text).ok());
         let held = read.or_else(|| limit::parse(w.limit, &w.value).ok());
@@ -455,8 +459,23 @@ impl Pipeline {
         held
     }
 
-    fn cgroup_change(&mut self, c: CgroupChange, out: &mut Vec<Update>) {
+    fn cgroup_change(&mut self, mut c: CgroupChange, out: &mut Vec<Update>) {
         let time = self.sources.clock.unix_nano(c.timestamp_ns);
+        if c.truncated {
+            // Only the path's first bytes came: the whole one is the kernel's to give (by id),
+            // else the one known from before (a removal), else a scan's.
+            let whole = if c.created {
+                self.sources.cgroups.path_of(c.id)
+            } else {
+                self.paths.known(c.id).map(str::to_owned)
+            };
+            if let Some(path) = whole {
+                c.path = path;
+            } else {
+                self.resync.get_or_insert(ResyncReason::UnknownCgroup);
+                c.path.push_str("...");
+            }
+        }
         if !c.created {
             self.removed_cgroup(c.id, c.path, time, out);
             return;

@@ -285,6 +285,7 @@ fn a_new_cgroups_first_values_are_its_desired_ones() {
         id: 31,
         path,
         created: true,
+        truncated: false,
     }));
     // Its runtime (not recognised here) sets its limit right away: its first value.
     h.clock.set(10 * S + 1000);
@@ -496,6 +497,7 @@ fn the_guard_follows_cgroups_rules_and_trust_and_names_the_rule_of_a_denial() {
         id: 32,
         path: other.clone(),
         created: true,
+        truncated: false,
     }));
     assert_eq!(
         guards(&created),
@@ -541,6 +543,7 @@ fn the_guard_follows_cgroups_rules_and_trust_and_names_the_rule_of_a_denial() {
         id: 32,
         path: other,
         created: false,
+        truncated: false,
     }));
     assert_eq!(
         guards(&removed),

@@ -76,7 +76,7 @@ impl Cgroups for Fake {
             .get(path)
             .map_or((None, None), |(u, l)| (Some(*u), Some(*l)))
     }
-    fn limit(&self, path: &str, limit: LimitFile) -> Option<String> {
+    fn limit(&self, _: u64, path: &str, limit: LimitFile) -> Option<String> {
         self.node().files.get(&(path.to_owned(), limit)).cloned()
     }
 }
@@ -423,6 +423,7 @@ fn cgroups_start_from_defaults_and_their_counters_expire_after_removal() {
         id: 5,
         path: "/n".into(),
         created: true,
+        truncated: false,
     }));
     let limits = created
         .iter()
@@ -437,6 +438,7 @@ fn cgroups_start_from_defaults_and_their_counters_expire_after_removal() {
         id: 5,
         path: "/n".into(),
         created: false,
+        truncated: false,
     }));
     assert!(matches!(records(&removed)[..], [Record::CgroupRemoved(c)] if c.cgroup == "/n"));
     // A late event about it still resolves (the kernel no longer knows the id).
@@ -446,6 +448,48 @@ fn cgroups_start_from_defaults_and_their_counters_expire_after_removal() {
     assert!(h.tick(10 + TTL_NS - 1).is_empty());
     assert_eq!(h.tick(10 + TTL_NS), [Update::Expired("/n".into())]);
     assert!(h.tick(20 + TTL_NS).is_empty(), "expired once");
+}
+
+/// The kernel program keeps a path's first 255 bytes: a longer one is asked of the kernel by
+/// id, a removal takes the one known, and without either a scan is asked for.
+#[test]
+fn cut_paths_are_made_whole() {
+    let mut h = Harness::new();
+    h.start(&[(1, "/", "max")]);
+    let whole = format!("/{}/{}", "a".repeat(200), "b".repeat(150));
+    let cut = whole[..255].to_owned();
+    h.fake.node().paths.insert(5, whole.clone());
+    let change = |id, created| {
+        Event::Cgroup(CgroupChange {
+            timestamp_ns: 1,
+            id,
+            path: cut.clone(),
+            created,
+            truncated: true,
+        })
+    };
+    let created = h.handle(change(5, true));
+    assert!(
+        matches!(&records(&created)[..], [Record::CgroupCreated(c)] if c.cgroup == whole),
+        "{created:?}"
+    );
+    assert!(
+        created
+            .iter()
+            .all(|u| !matches!(u, Update::Limit { who, .. } if who.cgroup != whole))
+    );
+    h.fake.node().paths.remove(&5);
+    let removed = h.handle(change(5, false));
+    assert!(matches!(&records(&removed)[..], [Record::CgroupRemoved(c)] if c.cgroup == whole));
+    assert_eq!(h.pipeline.take_resync(), None);
+    // Unknown to the kernel and to the agent: marked as cut, and a scan asked for.
+    let created = h.handle(change(6, true));
+    let cut_mark = format!("{cut}...");
+    assert!(matches!(&records(&created)[..], [Record::CgroupCreated(c)] if c.cgroup == cut_mark));
+    assert_eq!(
+        h.pipeline.take_resync().map(|(r, _)| r),
+        Some(ResyncReason::UnknownCgroup)
+    );
 }
 
 #[test]
@@ -458,6 +502,7 @@ fn a_new_cgroup_at_a_removed_ones_path_keeps_its_series() {
             id,
             path: "/n".into(),
             created,
+            truncated: false,
         })
     };
     h.handle(change(5, false));
