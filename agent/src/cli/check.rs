@@ -55,6 +55,13 @@ pub fn check(
     for s in &probes.status {
         println!("  {s}");
     }
+    if let Some(s) = probes
+        .status
+        .iter()
+        .find(|s| s.capability == Capability::LimitWrites)
+    {
+        println!("{}", crate::model::probe::limit_write_coverage(s.mode));
+    }
     let attached = probes.status.iter().filter(|s| s.attached()).count();
     println!(
         "{attached} of {} capabilities can attach",

@@ -21,7 +21,10 @@ use tokio::{
 
 use crate::{
     config::Config,
-    enrich::cgroupfs::{CgroupFs, Scan},
+    enrich::{
+        Cgroups as _,
+        cgroupfs::{CgroupFs, Scan},
+    },
     kernel::{
         decode::{decode, decode_exec},
         go::{ExecSeen, forget},
@@ -29,7 +32,11 @@ use crate::{
         rings::{LossMap, Rings},
     },
     model::{
-        contention::Episode, event::Exec, loss::Losses, trust::TrustSet, update::ResyncReason,
+        contention::Episode,
+        event::{Exec, Observed},
+        loss::Losses,
+        trust::TrustSet,
+        update::ResyncReason,
     },
     outputs::{
         Outputs,
@@ -201,6 +208,9 @@ pub struct EventLoop {
     pub reload: Reload,
     /// Guard changes lost so far (the executor's queue was full), as last acted on.
     pub guard_changes_lost: u64,
+    /// In syscalls mode: inotify's notifications waiting for the ring (writes by paths the
+    /// tracepoints do not see are reported from them).
+    pub unseen: Option<super::unseen::Unseen>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -263,7 +273,7 @@ impl EventLoop {
                     }
                     guard.clear_ready();
                 }
-                _ = poll.tick(), if watcher.is_some() => self.pipeline.poll(),
+                _ = poll.tick(), if watcher.is_some() && self.unseen.is_none() => self.pipeline.poll(),
                 _ = tick.tick() => self.tick(),
                 scan = finished(&mut self.scan) => self.scanned(scan),
                 change = pod_change(self.pods.as_mut()) => match change {
@@ -369,8 +379,39 @@ impl EventLoop {
                 .add(LossKind::LimitWrite, LossReason::InotifyOverflow, 1);
             self.pipeline.events_lost();
         }
+        if let Some(unseen) = &mut self.unseen {
+            if !unseen.notified(&batch.observed, Instant::now()) {
+                self.losses
+                    .add(LossKind::LimitWrite, LossReason::InotifyOverflow, 1);
+                self.pipeline.events_lost();
+            }
+            return;
+        }
         for o in &batch.observed {
             self.pipeline.observed(o, &mut out);
+        }
+        self.apply(out);
+    }
+
+    /// The notified files whose wait for the ring is over, read again: what the probes did
+    /// not report is reported (see `unseen`).
+    fn unseen_writes(&mut self) {
+        let (Some(unseen), Some(fs)) = (&mut self.unseen, &self.cgroupfs) else {
+            return;
+        };
+        let mut out = Vec::new();
+        for (id, path, limit) in unseen.due(Instant::now()) {
+            // Gone meanwhile: its removal says the rest.
+            let Some(text) = fs.limit(id, &path, limit) else {
+                continue;
+            };
+            let o = Observed {
+                id,
+                path,
+                limit,
+                value: text.trim().to_owned(),
+            };
+            self.pipeline.observed(&o, &mut out);
         }
         self.apply(out);
     }
@@ -379,6 +420,7 @@ impl EventLoop {
     /// wants a resync), and the contention spans.
     fn tick(&mut self) {
         self.kernel_losses();
+        self.unseen_writes();
         let dropped = self
             .losses
             .get(LossKind::GuardChange, LossReason::QueueFull);

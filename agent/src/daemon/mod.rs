@@ -5,6 +5,7 @@ mod attach;
 mod ebpf_logs;
 mod event_loop;
 mod heal;
+mod unseen;
 mod workers;
 
 use std::{
@@ -136,10 +137,21 @@ async fn run_until_stopped(
         pipeline.apply_scan(&fs.scan(), since, ResyncReason::Start, &mut out);
         outputs.apply_all(out);
     }
-    let watcher = match (&cgroupfs, attached.limit_mode == ProbeMode::Inotify) {
+    // In syscalls mode inotify backs the tracepoints up (see `unseen`).
+    let backed_up = attached.limit_mode == ProbeMode::Syscalls;
+    let watcher = match (
+        &cgroupfs,
+        attached.limit_mode == ProbeMode::Inotify || backed_up,
+    ) {
         (Some(fs), true) => Some(event_loop::start_watcher(fs.root())?),
         _ => None,
     };
+    if backed_up {
+        tracing::info!(
+            "{}",
+            crate::model::probe::limit_write_coverage(ProbeMode::Syscalls)
+        );
+    }
 
     let (stop_tx, endpoints) = serve(listener, events_listener, &metrics, feed, &panics_tx);
     tracing::info!(
@@ -163,6 +175,7 @@ async fn run_until_stopped(
         scan: None,
         reload: event_loop::Reload::new(config.clone(), metrics.clone()),
         guard_changes_lost: 0,
+        unseen: (backed_up && watcher.is_some()).then(unseen::Unseen::default),
     };
     let (mut rings, watcher) = event_loop::register(attached.rings.take(), watcher)?;
     let signals = event_loop::Signals {

@@ -100,6 +100,24 @@ impl ProbeMode {
     }
 }
 
+/// Which writes of limit files a mode of the limit writes capability sees, and how: what
+/// `nodewarden check` and the start-up log tell the operator.
+#[must_use]
+pub const fn limit_write_coverage(mode: ProbeMode) -> &'static str {
+    match mode {
+        ProbeMode::Fexit | ProbeMode::Kprobe => {
+            "limit writes: every path (write, pwrite, writev, pwritev, io_uring, sendfile, splice, copy_file_range) with its writer: the kernel's handler of each limit file is hooked"
+        }
+        ProbeMode::Syscalls => {
+            "limit writes: write(2), pwrite64(2) and writev(2) with their writer (the value kept is the file read back); pwritev(2), io_uring, sendfile(2), splice(2) and copy_file_range(2) are seen by inotify, without the writer (seen_by inotify, writer unknown), and a rejected one not at all"
+        }
+        ProbeMode::Inotify => {
+            "limit writes: by inotify only: every successful write, without its writer; rejected writes are not seen"
+        }
+        _ => "limit writes: not seen",
+    }
+}
+
 impl fmt::Display for ProbeMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
