@@ -39,6 +39,11 @@ pub trait Cgroups {
 pub trait Procs {
     /// The executable's path; `None` once the process is gone.
     fn exe(&self, pid: u32) -> Option<String>;
+    /// The key (device and inode) of the process's executable now.
+    fn exe_key(&self, pid: u32) -> Option<agent_common::ExecKey> {
+        let _ = pid;
+        None
+    }
     fn comm(&self, pid: u32) -> Option<String>;
     /// The process's cgroup v2 path.
     fn cgroup(&self, pid: u32) -> Option<String>;

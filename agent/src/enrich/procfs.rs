@@ -14,6 +14,13 @@ fn process(pid: u32) -> Option<Process> {
 }
 
 impl Procs for ProcFs {
+    fn exe_key(&self, pid: u32) -> Option<agent_common::ExecKey> {
+        // The link followed: the file itself, whatever mount namespace named it.
+        std::fs::metadata(format!("/proc/{pid}/exe"))
+            .ok()
+            .map(|m| super::trust::key_of_metadata(&m))
+    }
+
     fn exe(&self, pid: u32) -> Option<String> {
         // One readlink: this runs for every limit write, on the event loop.
         std::fs::read_link(format!("/proc/{pid}/exe"))

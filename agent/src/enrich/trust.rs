@@ -21,14 +21,19 @@ const MAX_KEYS: usize = 64;
 /// (`MKDEV`: major << 20 | minor); `None` when there is no such file.
 #[must_use]
 pub fn key_of(path: &std::path::Path) -> Option<ExecKey> {
-    let meta = std::fs::metadata(path).ok()?;
+    std::fs::metadata(path).ok().map(|m| key_of_metadata(&m))
+}
+
+/// The key of a file whose metadata this is, as the kernel gives it (see [`key_of`]).
+#[must_use]
+pub fn key_of_metadata(meta: &std::fs::Metadata) -> ExecKey {
     let dev = meta.dev();
     let (major, minor) = (libc::major(dev), libc::minor(dev));
-    Some(ExecKey {
+    ExecKey {
         dev: (major << 20) | (minor & 0xf_ffff),
         reserved: 0,
         ino: meta.ino(),
-    })
+    }
 }
 
 /// Resolves `config`'s paths into `set` (new keys added to those known), with `agent_tgid`.

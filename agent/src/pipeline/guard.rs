@@ -83,7 +83,7 @@ impl Pipeline {
     pub(super) fn guard_denial(&mut self, d: &event::GuardDenial, out: &mut Vec<Update>) {
         let cgroup = self.cgroup_label(d.target_cgroup_id);
         let k8s = self.k8s(&cgroup);
-        let writer = self.process(&d.task);
+        let writer = self.process_as(&d.task, &d.identity);
         let rule = self
             .heal
             .guarded

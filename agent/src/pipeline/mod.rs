@@ -21,7 +21,7 @@ use crate::{
     model::{
         cache::{Bounded, Cache, Evictions},
         cgroup::Who,
-        event::{CgroupChange, Event, GoFatal, LimitWrite, Observed, Task},
+        event::{CgroupChange, Event, GoFatal, Identity, LimitWrite, Observed, Task},
         limit,
         record::{self, K8s, Process, Record, SeenBy},
         update::{ResyncReason, Update},
@@ -366,6 +366,21 @@ impl Pipeline {
         }
     }
 
+    /// [`Self::process`] for a task whose executable the kernel identified at the moment
+    /// (`identity`): the path `/proc` gives later is kept only if it still names that file. A
+    /// writer that exec'd since, or whose pid a new process took, leaves the path unknown
+    /// rather than another program's.
+    fn process_as(&mut self, t: &Task, identity: &Identity) -> Process {
+        let mut p = self.process(t);
+        if let Some(key) = identity.exe
+            && p.exe.is_some()
+            && self.sources.procs.exe_key(t.tgid) != Some(key)
+        {
+            p.exe = None;
+        }
+        p
+    }
+
     fn limit_write(&mut self, w: &LimitWrite, out: &mut Vec<Update>) {
         let cgroup = self.cgroup_label(w.target_cgroup_id);
         let result = match w.result {
@@ -376,7 +391,7 @@ impl Pipeline {
         // A write the kernel refused leaves the limit as it was; one older than the value
         // known (it waited in the ring while a scan read the file) leaves it too, and its
         // previous value is unknown.
-        let writer = self.process(&w.writer);
+        let writer = self.process_as(&w.writer, &w.identity);
         let mut moved = None;
         let held = match w.result {
             Ok(_) => self.held(&cgroup, w),

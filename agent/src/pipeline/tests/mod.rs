@@ -50,6 +50,8 @@ struct Node {
     asked: u32,
     /// Limit files' text as the kernel shows it, by path and file.
     files: HashMap<(String, LimitFile), String>,
+    /// Executables' keys by pid, as `/proc` shows them now.
+    exe_keys: HashMap<u32, agent_common::ExecKey>,
 }
 
 #[derive(Clone, Default)]
@@ -84,6 +86,9 @@ impl Cgroups for Fake {
 impl Procs for Fake {
     fn exe(&self, pid: u32) -> Option<String> {
         self.node().exes.get(&pid).cloned()
+    }
+    fn exe_key(&self, pid: u32) -> Option<agent_common::ExecKey> {
+        self.node().exe_keys.get(&pid).copied()
     }
     fn comm(&self, _: u32) -> Option<String> {
         Some("gone".into())
@@ -379,6 +384,38 @@ fn a_successful_write_records_the_value_the_kernel_holds() {
         h.pipeline.take_resync().map(|(r, _)| r),
         Some(ResyncReason::UnreadWrite)
     );
+}
+
+/// The writer's executable is the kernel's, taken at the write: the path `/proc` gives later
+/// is kept only while it still names that file (not after an exec, or a pid taken anew).
+#[test]
+fn the_writers_path_is_kept_only_while_it_names_the_kernels_executable() {
+    let mut h = Harness::new();
+    h.start(&[(1, "/", "max"), (7, "/a", "max")]);
+    let key = |ino| agent_common::ExecKey {
+        dev: 8 << 20 | 1,
+        reserved: 0,
+        ino,
+    };
+    h.fake.node().exes.insert(42, "/bin/dash".into());
+    let written = |h: &mut Harness, at| {
+        let Event::LimitWrite(mut w) = write_at(7, "64M", Ok(3), at) else {
+            unreachable!("a write");
+        };
+        w.identity.exe = Some(key(10));
+        let out = h.handle(Event::LimitWrite(w));
+        limit_write(&out)
+            .writer
+            .as_ref()
+            .expect("writer")
+            .exe
+            .clone()
+    };
+    h.fake.node().exe_keys.insert(42, key(10));
+    assert_eq!(written(&mut h, 5).as_deref(), Some("/bin/dash"));
+    // It exec'd another program since.
+    h.fake.node().exe_keys.insert(42, key(11));
+    assert_eq!(written(&mut h, 6), None);
 }
 
 #[test]
