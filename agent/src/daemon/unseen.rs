@@ -1,10 +1,11 @@
 //! Limit writes the syscalls mode cannot see. Its tracepoints are on write(2), pwrite64(2)
 //! and writev(2); pwritev(2), `io_uring`, sendfile(2), splice(2) and `copy_file_range(2)`
-//! reach a limit file by other paths. The VFS notifies inotify after every successful write whatever its
-//! path, so in syscalls mode inotify backs the probes up: each notification is looked at once
-//! the ring has had time to deliver the write it may stand for, with the file read again then.
-//! A value the probes reported is the state's already and nothing more happens; any other was
-//! written unseen, and is reported without its writer (`seen_by` inotify).
+//! reach a limit file by other paths. The VFS notifies inotify after every successful write,
+//! whatever its path, so in syscalls mode inotify backs the probes up: each notification is
+//! looked at once the ring has had time to deliver the write it may stand for, with the file
+//! read again then. A value the probes reported is the state's already and nothing more
+//! happens; any other was written unseen, and is reported without its writer (`seen_by`
+//! inotify).
 
 use std::{
     collections::HashMap,
