@@ -17,6 +17,13 @@ pub fn main() -> Result<()> {
             Command::new(build::cargo())
                 .args(["fmt", "--all", "--check"])
                 .current_dir(&root),
+        )?;
+        // The fuzz crate is a workspace of its own (it builds with nightly and sanitizers).
+        setup::run(
+            Command::new(build::cargo())
+                .args(["fmt", "--all", "--check", "--manifest-path"])
+                .arg(root.join("fuzz/Cargo.toml"))
+                .current_dir(&root),
         )
     })?;
     // The default members: every crate but the eBPF one, linted below for its own target.

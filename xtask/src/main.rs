@@ -6,6 +6,7 @@ mod bench_guard;
 mod bench_latency;
 mod bench_restore;
 mod build;
+mod fuzz;
 mod lint;
 mod programs;
 mod run;
@@ -46,6 +47,8 @@ enum Cmd {
     Test(test::Args),
     /// rustfmt and clippy on every crate, the eBPF one included.
     Lint,
+    /// Run the fuzz targets (fuzz/, cargo-fuzz on the nightly compiler), each for a while.
+    Fuzz(fuzz::Args),
     /// Measure probe overhead and event latency against baselines in the same run; writes
     /// docs/benchmarks.md.
     Bench {
@@ -92,6 +95,7 @@ fn try_main() -> Result<i32> {
         Cmd::Run { profile, args } => run::main(profile, &args),
         Cmd::Test(args) => test::main(&args),
         Cmd::Lint => lint::main().map(|()| 0),
+        Cmd::Fuzz(args) => fuzz::main(&args),
         Cmd::Bench { baseline, only } => bench::main(baseline.as_deref(), only),
         Cmd::TestPrograms => programs::build().map(|()| 0),
         Cmd::Vm(args) => vm::main(&args),

@@ -156,3 +156,27 @@ fn linker_matches(linker: &Path, llvm: u32) -> bool {
     };
     version.contains(BPF_LINKER_VERSION) && libs.contains(&format!("libLLVM.so.{llvm}"))
 }
+
+/// The cargo-fuzz release the fuzz targets are built and run with.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Installs what the fuzz targets need besides the eBPF toolchain (the agent's build script
+/// builds its programs): cargo-fuzz, and a C++ compiler for libFuzzer. They build on rustup's
+/// nightly compiler (sanitizer flags), which must be there.
+pub fn fuzz_tools() -> Result<()> {
+    output(Command::new("rustup").args(["run", "nightly", "rustc", "--version"]))
+        .context("the fuzz targets need rustup's nightly toolchain")?;
+    apt_install(&["g++"])?;
+    let installed = output(Command::new(cargo_bin_dir().join("cargo-fuzz")).arg("--version"));
+    if installed.is_ok_and(|v| v.contains(CARGO_FUZZ_VERSION)) {
+        return Ok(());
+    }
+    step(
+        &format!("cargo install cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+        || {
+            run(Command::new("cargo")
+                .args(["install", "--locked", "--force"])
+                .arg(format!("cargo-fuzz@{CARGO_FUZZ_VERSION}")))
+        },
+    )
+}

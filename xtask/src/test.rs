@@ -1,6 +1,6 @@
-//! `cargo xtask test`: lints, unit tests, host kernel tests, VM kernel tests (x86_64 kernels) and
-//! the aarch64 smoke test. Every suite runs even when an earlier one failed; the summary line at
-//! the end counts them.
+//! `cargo xtask test`: lints, unit tests, a bounded run of each fuzz target, host kernel tests,
+//! VM kernel tests (x86_64 kernels) and the aarch64 smoke test. Every suite runs even when an
+//! earlier one failed; the summary line at the end counts them.
 
 use std::{
     path::{Path, PathBuf},
@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{build, lint, programs, setup, vm};
+use crate::{build, fuzz, lint, programs, setup, vm};
 
 /// The x86_64 kernels `cargo xtask test` boots by default. bullseye-5.10 is left out: twice in
 /// six full runs its guest froze (even the in-guest timeout never fired) in the test that
@@ -59,6 +59,8 @@ pub fn main(args: &Args) -> Result<i32> {
     }
     // The default members: every crate but the eBPF one, which only builds for bpfel.
     suite("unit tests".into(), &mut || cargo_test(&[], &[]));
+    // Needs neither root nor a VM; finds stay in target/fuzz, out of the kept corpus.
+    suite("fuzz (bounded)".into(), &mut fuzz::bounded);
     suite(
         "test programs (C and Go, x86_64 and aarch64)".into(),
         &mut programs::build,

@@ -153,11 +153,16 @@ pub fn symbol_offsets<'a, R: ReadRef<'a>>(
         let Some((file_start, _)) = section.file_range(endian) else {
             continue;
         };
-        let Some(in_section) = sym.st_value(endian).checked_sub(section.sh_addr(endian)) else {
+        // Both come from the file: a hostile one may put the sum past 64 bits.
+        let Some(offset) = sym
+            .st_value(endian)
+            .checked_sub(section.sh_addr(endian))
+            .and_then(|in_section| file_start.checked_add(in_section))
+        else {
             continue;
         };
         left.remove(w);
-        found.push((w, file_start + in_section));
+        found.push((w, offset));
     }
     // In `wanted`'s order, whatever the table's.
     found.sort_by_key(|(w, _)| wanted.iter().position(|x| x == w));

@@ -68,8 +68,9 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 target_cgroup_id: e.target_cgroup_id,
                 limit,
                 value: String::from_utf8_lossy(&e.value[..len]).trim().to_owned(),
+                // unsigned_abs: `-i64::MIN` would overflow (found by fuzzing).
                 result: if e.result < 0 {
-                    Err(i32::try_from(-e.result).unwrap_or(i32::MAX))
+                    Err(i32::try_from(e.result.unsigned_abs()).unwrap_or(i32::MAX))
                 } else {
                     Ok(e.result.unsigned_abs())
                 },
@@ -253,6 +254,12 @@ mod tests {
         assert_eq!(w.identity.exe.map(|k| k.ino), Some(1234));
         assert_eq!(w.identity.parent_tgid, 1);
         assert_eq!(w.identity.parent_exe, None, "an unread key is no key");
+        // Any result decodes: i64::MIN has no negation (a panic found by fuzzing).
+        raw.result = i64::MIN;
+        let Event::LimitWrite(w) = decode(&bytes_of(&raw)).expect("decodes") else {
+            panic!("wrong kind");
+        };
+        assert_eq!(w.result, Err(i32::MAX));
         raw.file_name[..9].copy_from_slice(b"cgroup.pr");
         assert!(matches!(
             decode(&bytes_of(&raw)),
