@@ -257,15 +257,15 @@ fn long_and_non_utf8_cgroup_paths_keep_their_identity() {
     std::fs::write(middle.join("cgroup.subtree_control"), "+memory").expect("+memory");
     let deep = middle.join("b".repeat(150));
     std::fs::create_dir(&deep).expect("mkdir 150 bytes");
-    let long = format!("/nw-long/{}/{}", "a".repeat(200), "b".repeat(150));
-    assert!(long.len() > 300);
+    let whole = format!("/nw-long/{}/{}", "a".repeat(200), "b".repeat(150));
+    assert!(whole.len() > 300);
     let odd =
         std::path::Path::new(super::CGROUP_ROOT).join(std::ffi::OsStr::from_bytes(b"nw-\xff\xfe"));
     let _ = std::fs::remove_dir(&odd);
     std::fs::create_dir(&odd).expect("mkdir non-UTF-8");
     let escaped = "/nw-\\xff\\xfe";
 
-    for (dir, label) in [(&deep, long.as_str()), (&odd, escaped)] {
+    for (dir, label) in [(&deep, whole.as_str()), (&odd, escaped)] {
         write_file_as("nw-path-writer", &dir.join("memory.max"), "64M").expect("memory.max");
         let records = feed.wait("limit_write", 1, |r| r["cgroup"] == label);
         assert_eq!(records[0]["new"], "67108864", "{records:?}");
@@ -296,7 +296,7 @@ fn long_and_non_utf8_cgroup_paths_keep_their_identity() {
 }
 
 /// In syscalls mode the value is read from the writer's memory at the syscall's entry, where
-/// another thread may change it before the kernel copies it, and io_uring writes pass no write
+/// another thread may change it before the kernel copies it, and `io_uring` writes pass no write
 /// syscall at all. What the agent records is the file read back, and a write by a path the
 /// tracepoints do not see is reported from inotify, without its writer.
 #[test]
@@ -304,6 +304,13 @@ fn long_and_non_utf8_cgroup_paths_keep_their_identity() {
 fn syscalls_mode_records_what_the_kernel_holds_and_sees_io_uring_writes() {
     use std::os::fd::AsRawFd as _;
     use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+    /// The buffer written, and when its flipping stops.
+    static BUF: [AtomicU8; 3] = [
+        AtomicU8::new(b'6'),
+        AtomicU8::new(b'4'),
+        AtomicU8::new(b'M'),
+    ];
+    static STOP: AtomicBool = AtomicBool::new(false);
     require_vm();
     let agent = Agent::start_with(Some("[probes]\nlimit_writes = \"syscalls\"\n"), &[]);
     let mode = agent.probe_mode("limit_writes");
@@ -356,16 +363,10 @@ fn syscalls_mode_records_what_the_kernel_holds_and_sees_io_uring_writes() {
     }
 
     // One thread writes the buffer again and again while another flips it between two values.
-    static BUF: [AtomicU8; 3] = [
-        AtomicU8::new(b'6'),
-        AtomicU8::new(b'4'),
-        AtomicU8::new(b'M'),
-    ];
-    static STOP: AtomicBool = AtomicBool::new(false);
     let flipper = std::thread::spawn(|| {
         let mut n = 0u32;
         while !STOP.load(Ordering::Relaxed) {
-            let (a, b) = if n % 2 == 0 {
+            let (a, b) = if n.is_multiple_of(2) {
                 (b'9', b'6')
             } else {
                 (b'6', b'4')
@@ -413,7 +414,7 @@ fn syscalls_mode_records_what_the_kernel_holds_and_sees_io_uring_writes() {
     );
 }
 
-/// Writes `value` to `f` at offset 0 through io_uring; the bytes written.
+/// Writes `value` to `f` at offset 0 through `io_uring`; the bytes written.
 fn io_uring_write(f: &std::fs::File, value: &str) -> std::io::Result<usize> {
     use std::os::fd::AsRawFd as _;
     let mut ring = io_uring::IoUring::new(2)?;
