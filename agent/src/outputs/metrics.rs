@@ -259,13 +259,13 @@ impl Metrics {
             m.rules_reloads.with_label_values(&[r]);
         }
         m.registry
-            .register(Box::new(LossCollector::new(m.shared.losses.clone())))
+            .register(Box::new(losses(m.shared.losses.clone())))
             .expect("metric names are unique");
         m.registry
-            .register(Box::new(EvictionCollector::new(m.shared.evictions.clone())))
+            .register(Box::new(evictions(m.shared.evictions.clone())))
             .expect("metric names are unique");
         m.registry
-            .register(Box::new(FoldedCollector::new(m.shared.folded.clone())))
+            .register(Box::new(folded(m.shared.folded.clone())))
             .expect("metric names are unique");
         m.registry
             .register(Box::new(super::contention::ContentionCollector::new(
@@ -427,108 +427,100 @@ pub fn counter_family(
     f
 }
 
-/// `nodewarden_events_lost_total{kind,reason}`: what the kernel and the agent could not record.
-#[derive(Debug)]
-struct LossCollector {
-    losses: Losses,
+/// Series of one counter family that another part of the agent counts, read at scrape time.
+type Series = Box<dyn Fn() -> Vec<(Vec<LabelPair>, u64)> + Send + Sync>;
+
+/// A counter family whose values are read at scrape time from counts the agent's parts keep
+/// (losses, cache evictions, folded label values), every series from zero.
+struct Counts {
+    name: &'static str,
+    help: &'static str,
     desc: Desc,
+    series: Series,
 }
 
+impl std::fmt::Debug for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counts")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Counts {
+    fn new(name: &'static str, help: &'static str, labels: &[&str], series: Series) -> Self {
+        Self {
+            name,
+            help,
+            desc: desc(name, help, labels),
+            series,
+        }
+    }
+}
+
+impl Collector for Counts {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        vec![counter_family(
+            self.name,
+            self.help,
+            (self.series)().into_iter(),
+        )]
+    }
+}
+
+/// `nodewarden_events_lost_total{kind,reason}`: what the kernel and the agent could not record.
 const LOST: &str = "nodewarden_events_lost_total";
 const LOST_HELP: &str = "Events the agent could not record, by what (kind) and why (reason): ring buffer or map full, stack map collisions, slots taken, undecodable records, queues full. Counted in the kernel per CPU and in the agent; a loss of limit writes or cgroup changes is followed by a resync.";
 
-impl LossCollector {
-    fn new(losses: Losses) -> Self {
-        Self {
-            losses,
-            desc: desc(LOST, LOST_HELP, &["kind", "reason"]),
-        }
-    }
-}
-
-impl Collector for LossCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        vec![&self.desc]
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let series = LossKind::ALL.into_iter().flat_map(|kind| {
-            kind.reasons().iter().map(move |reason| {
-                (
-                    vec![
+fn losses(losses: Losses) -> Counts {
+    let series = move || {
+        let losses = &losses;
+        LossKind::ALL
+            .into_iter()
+            .flat_map(|kind| {
+                kind.reasons().iter().map(move |reason| {
+                    let labels = vec![
                         label("kind", kind.as_str()),
                         label("reason", reason.as_str()),
-                    ],
-                    self.losses.get(kind, *reason),
-                )
+                    ];
+                    (labels, losses.get(kind, *reason))
+                })
             })
-        });
-        vec![counter_family(LOST, LOST_HELP, series)]
-    }
+            .collect()
+    };
+    Counts::new(LOST, LOST_HELP, &["kind", "reason"], Box::new(series))
 }
 
 /// `nodewarden_cache_evictions_total{cache}`.
-#[derive(Debug)]
-struct EvictionCollector {
-    evictions: Evictions,
-    desc: Desc,
-}
-
 const EVICTIONS: &str = "nodewarden_cache_evictions_total";
 const EVICTIONS_HELP: &str = "Entries the agent's bounded caches pushed out to stay within their caps, by cache: a cap too small for this node shows here.";
 
-impl EvictionCollector {
-    fn new(evictions: Evictions) -> Self {
-        Self {
-            evictions,
-            desc: desc(EVICTIONS, EVICTIONS_HELP, &["cache"]),
-        }
-    }
-}
-
-impl Collector for EvictionCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        vec![&self.desc]
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let series = Cache::ALL
+fn evictions(evictions: Evictions) -> Counts {
+    let series = move || {
+        Cache::ALL
             .into_iter()
-            .map(|c| (vec![label("cache", c.as_str())], self.evictions.get(c)));
-        vec![counter_family(EVICTIONS, EVICTIONS_HELP, series)]
-    }
+            .map(|c| (vec![label("cache", c.as_str())], evictions.get(c)))
+            .collect()
+    };
+    Counts::new(EVICTIONS, EVICTIONS_HELP, &["cache"], Box::new(series))
 }
 
 /// `nodewarden_label_values_folded_total{label}`.
-#[derive(Debug)]
-struct FoldedCollector {
-    folded: Folded,
-    desc: Desc,
-}
-
 const FOLDED: &str = "nodewarden_label_values_folded_total";
 const FOLDED_HELP: &str = "Series updates whose label value (a writer's comm, a Go fatal message, a process's comm) was counted under `other` because the label already has as many distinct values as it keeps, by label.";
 
-impl FoldedCollector {
-    fn new(folded: Folded) -> Self {
-        Self {
-            folded,
-            desc: desc(FOLDED, FOLDED_HELP, &["label"]),
-        }
-    }
-}
-
-impl Collector for FoldedCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        vec![&self.desc]
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let series = Label::ALL
+fn folded(folded: Folded) -> Counts {
+    let series = move || {
+        Label::ALL
             .into_iter()
-            .map(|l| (vec![label("label", l.as_str())], self.folded.get(l)));
-        vec![counter_family(FOLDED, FOLDED_HELP, series)]
-    }
+            .map(|l| (vec![label("label", l.as_str())], folded.get(l)))
+            .collect()
+    };
+    Counts::new(FOLDED, FOLDED_HELP, &["label"], Box::new(series))
 }
 
 #[cfg(test)]
