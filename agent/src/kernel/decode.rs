@@ -107,8 +107,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         Some(kind @ (EventKind::CgroupMkdir | EventKind::CgroupRmdir)) => {
             let e: CgroupEvent = read(bytes)?;
-            let end = e.path.iter().position(|&b| b == 0).unwrap_or(e.path.len());
-            let path = crate::model::cgroup::path_text(&e.path[..end]);
+            let bytes = c_bytes(&e.path);
+            let path = crate::model::cgroup::path_text(bytes);
             Ok(Event::Cgroup(CgroupChange {
                 timestamp_ns: header.timestamp_ns,
                 id: e.id,
@@ -120,7 +120,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 },
                 created: kind == EventKind::CgroupMkdir,
                 // The program keeps PATH_LEN - 1 bytes: a path that long may be cut.
-                truncated: end >= PATH_LEN - 1,
+                truncated: bytes.len() >= PATH_LEN - 1,
             }))
         }
         Some(EventKind::GoFatal) => {
@@ -188,8 +188,13 @@ pub fn comm(raw: &[u8; COMM_LEN]) -> String {
 
 /// The bytes before the first NUL (or all of them) as a string.
 fn c_str(raw: &[u8]) -> String {
+    String::from_utf8_lossy(c_bytes(raw)).into_owned()
+}
+
+/// The bytes before the first NUL, or all of them.
+fn c_bytes(raw: &[u8]) -> &[u8] {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
+    &raw[..end]
 }
 
 #[cfg(test)]
