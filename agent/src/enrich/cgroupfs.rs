@@ -4,6 +4,7 @@
 
 use std::{
     ffi::CString,
+    io::Read as _,
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
@@ -205,6 +206,28 @@ pub fn open_by_id(root: &impl std::os::fd::AsRawFd, id: u64) -> std::io::Result<
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// `name` in the directory `dir`, opened with `flags` (never following a link).
+pub fn open_at(
+    dir: &impl std::os::fd::AsRawFd,
+    name: &str,
+    flags: i32,
+) -> std::io::Result<std::fs::File> {
+    let name = CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: a directory fd and a NUL-terminated name; the fd returned is ours.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) }.into())
+}
+
 /// `link` (a directory's path as the kernel gives it) relative to `root`, with a leading `/`;
 /// `None` for a removed directory or one outside `root`.
 fn relative(root: &Path, link: &Path) -> Option<String> {
@@ -254,13 +277,11 @@ impl Cgroups for CgroupFs {
             .filter(|_| self.by_handle.load(Ordering::Relaxed))
             .and_then(|root| open_by_id(root, id).ok())
             .and_then(|dir| {
-                let dir = std::fs::File::from(dir);
-                let file = PathBuf::from(format!(
-                    "/proc/self/fd/{}/{}",
-                    dir.as_raw_fd(),
-                    limit.file_name()
-                ));
-                std::fs::read_to_string(file).ok()
+                let mut text = String::new();
+                open_at(&dir, limit.file_name(), libc::O_RDONLY)
+                    .and_then(|mut f| f.read_to_string(&mut text))
+                    .ok()
+                    .map(|_| text)
             });
         by_id.or_else(|| std::fs::read_to_string(self.dir(path).join(limit.file_name())).ok())
     }

@@ -6,7 +6,7 @@
 use std::{
     io::{Read as _, Write as _},
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        fd::{AsRawFd as _, OwnedFd},
         unix::fs::MetadataExt as _,
     },
     path::Path,
@@ -15,6 +15,7 @@ use std::{
 use agent_common::LimitFile;
 
 use crate::{
+    enrich::cgroupfs::open_at,
     model::{
         heal::Reason,
         limit::{self, LimitValue},
@@ -71,27 +72,9 @@ impl Cgroup2 {
         crate::enrich::cgroupfs::open_by_id(&self.root, id).map(std::fs::File::from)
     }
 
-    /// `name` in the directory `dir`, opened with `flags` (never following a link).
-    fn file(dir: &std::fs::File, name: &str, flags: i32) -> std::io::Result<std::fs::File> {
-        let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
-        // SAFETY: a directory fd and a NUL-terminated name; the fd returned is ours.
-        let fd = unsafe {
-            libc::openat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh fd nobody else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) }.into())
-    }
-
     fn read(dir: &std::fs::File, limit: LimitFile) -> Result<(String, LimitValue), String> {
         let mut text = String::new();
-        Self::file(dir, limit.file_name(), libc::O_RDONLY)
+        open_at(dir, limit.file_name(), libc::O_RDONLY)
             .and_then(|mut f| f.read_to_string(&mut text))
             .map_err(|e| errno_name(&e))?;
         let text = text.trim().to_owned();
@@ -171,7 +154,7 @@ impl LimitFiles for Cgroup2 {
         if !write {
             return Attempt::Checked;
         }
-        let written = Self::file(&dir, limit.file_name(), libc::O_WRONLY)
+        let written = open_at(&dir, limit.file_name(), libc::O_WRONLY)
             .and_then(|mut f| f.write_all(to.to_string().as_bytes()));
         if let Err(e) = written {
             return Attempt::Failed(errno_name(&e));
