@@ -4,7 +4,7 @@
 //! (the route `cargo xtask` installs; needed where rustup cannot download rust-src), or a rustup
 //! nightly with rust-src (aya's usual route). `NODEWARDEN_EBPF_TOOLCHAIN` overrides the choice.
 
-use std::path::Path;
+use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, anyhow};
 use aya_build::Toolchain;
@@ -14,6 +14,7 @@ const DEBIAN_SYSROOT: &str = "/usr";
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=NODEWARDEN_EBPF_TOOLCHAIN");
+    git_commit();
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
@@ -58,4 +59,26 @@ fn has_debian_bpf_core() -> bool {
         && Path::new(DEBIAN_SYSROOT)
             .join("lib/rustlib/bpfel-unknown-none/lib")
             .is_dir()
+}
+
+/// Sets `NODEWARDEN_COMMIT` (for `nodewarden_build_info`): the commit built, or "unknown"
+/// without git or a repository.
+fn git_commit() {
+    let git = |args: &[&str]| {
+        let out = Command::new("git").args(args).output().ok()?;
+        let text = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+        (out.status.success() && !text.is_empty()).then_some(text)
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=NODEWARDEN_COMMIT={commit}");
+    // HEAD changes on a checkout, the branch it names on a commit. Only files that exist:
+    // cargo would run this script at every build for a path that does not.
+    let branch = git(&["symbolic-ref", "-q", "HEAD"]);
+    for name in std::iter::once("HEAD").chain(branch.as_deref()) {
+        if let Some(path) = git(&["rev-parse", "--git-path", name])
+            && Path::new(&path).exists()
+        {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
 }

@@ -135,6 +135,40 @@ pub mod programs {
     pub const OOM_ENTER_KPROBE: &str = "oom_enter_kprobe";
     /// The kernel function both OOM entry programs attach to.
     pub const OUT_OF_MEMORY: &str = "out_of_memory";
+    /// fentry/fexit programs on the kernel's futex wait functions: only futex waits pay for
+    /// them, unlike the syscall tracepoints below.
+    pub const FUTEX_FUNCTIONS: [super::FutexFunction; 4] = [
+        super::FutexFunction {
+            entry: "futex_wait_fentry",
+            exit: "futex_wait_fexit",
+            // Since 6.7 `futex_wait` calls `__futex_wait`, which `futex_wait(2)` calls directly.
+            kernel: &["__futex_wait", "futex_wait"],
+            params: 5,
+            required: true,
+        },
+        super::FutexFunction {
+            entry: "futex_lock_pi_fentry",
+            exit: "futex_lock_pi_fexit",
+            kernel: &["futex_lock_pi"],
+            params: 4,
+            required: true,
+        },
+        super::FutexFunction {
+            entry: "futex_requeue_pi_fentry",
+            exit: "futex_requeue_pi_fexit",
+            kernel: &["futex_wait_requeue_pi"],
+            params: 6,
+            required: true,
+        },
+        super::FutexFunction {
+            entry: "futex_waitv_fentry",
+            exit: "futex_waitv_fexit",
+            // `futex_waitv(2)`, since 5.16.
+            kernel: &["futex_wait_multiple"],
+            params: 3,
+            required: false,
+        },
+    ];
     /// Tracepoint `syscalls/sys_enter_futex`: wait operations start.
     pub const FUTEX_ENTER: &str = "futex_enter";
     /// Tracepoints `syscalls/sys_enter_futex_waitv` (5.16+) and `sys_enter_futex_wait` (6.7+).
@@ -158,6 +192,21 @@ pub mod programs {
     pub const SCHED_SWITCH_COMPAT: &str = "sched_switch_compat";
     /// uprobe on a Go lock slow path of one process (`nodewarden diagnose-locks` only).
     pub const LOCK_DIAG: &str = "lock_diag";
+}
+
+/// A kernel function a futex wait sleeps in, and the fentry/fexit programs for it.
+#[derive(Clone, Copy, Debug)]
+pub struct FutexFunction {
+    /// The fentry program (the wait starts).
+    pub entry: &'static str,
+    /// The fexit program (the wait ends with the function's result).
+    pub exit: &'static str,
+    /// The kernel's name for it, the first the kernel has of these.
+    pub kernel: &'static [&'static str],
+    /// Its parameter count: the fexit program reads the result after them.
+    pub params: usize,
+    /// Whether every kernel since 5.10 has it (fexit mode fails without it).
+    pub required: bool,
 }
 
 /// Event kinds, with stable numbers: they are the first field of every event.

@@ -1,18 +1,25 @@
 //! Futex waits, aggregated in the kernel: for each process a log2 histogram of the time its
 //! threads waited to be woken, counts by outcome, and per futex word totals, maxima and the user
 //! stack of a long wait. Only these aggregates cross to userspace.
+//!
+//! Two ways to see a wait, with one aggregate: fentry/fexit on the kernel's futex wait functions,
+//! which only futex waits pay for, and tracepoints on the futex syscalls, for kernels without
+//! fentry. While any syscall tracepoint is attached, every syscall of every task on the node
+//! takes the kernel's slower entry path, which made every syscall about 45% slower.
 
 use agent_common::{
     FUTEX_BUCKETS, FUTEX_WAIT_SLOTS, FutexLock, FutexLockKey, FutexProcess, FutexWait, LossKind,
     LossReason, OUTCOME_EAGAIN, OUTCOME_ERROR, OUTCOME_INTERRUPTED, OUTCOME_TIMEOUT, OUTCOME_WOKEN,
+    programs::FUTEX_FUNCTIONS,
 };
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
-    macros::tracepoint,
-    programs::{TracePointContext, tracing::StackIdContext as _},
+    macros::{fentry, fexit, tracepoint},
+    programs::{FEntryContext, FExitContext, TracePointContext, tracing::StackIdContext},
 };
 
 use crate::kernel::record_field;
@@ -33,6 +40,12 @@ const FUTEX_LOCK_PI2: u64 = 13;
 const ETIMEDOUT: i64 = 110;
 const EAGAIN: i64 = 11;
 const EINTR: i64 = 4;
+/// What the kernel's wait functions return for a signal, before the syscall's exit turns it
+/// into EINTR or a restart.
+const ERESTARTSYS: i64 = 512;
+const ERESTARTNOINTR: i64 = 513;
+const ERESTARTNOHAND: i64 = 514;
+const ERESTART_RESTARTBLOCK: i64 = 516;
 
 /// Offsets in the `syscalls/sys_enter_futex` record (every argument takes 8 bytes).
 const UADDR: usize = 16;
@@ -76,8 +89,58 @@ pub fn futex_waitv_enter(ctx: TracePointContext) -> u32 {
     reason = "the program macro fixes the signature"
 )]
 pub fn futex_exit(ctx: TracePointContext) -> u32 {
-    counted(finish(&ctx));
+    #[expect(
+        clippy::cast_possible_wrap,
+        reason = "ret is a signed long in the record"
+    )]
+    let ret = record_field(&ctx, RET) as i64;
+    counted(finish(&ctx, ret));
     0
+}
+
+/// For each kernel wait function, an fentry (the wait starts, at the futex word `uaddr`) and an
+/// fexit program (it ends with the function's `int` result, which fexit passes after its
+/// arguments). The function is named at load time (the loader checks its parameter count in
+/// the kernel's BTF).
+macro_rules! futex_functions {
+    ($($entry:ident, $exit:ident => FUTEX_FUNCTIONS[$i:literal], $uaddr:ident;)*) => {$(
+        #[fentry]
+        // `allow`, not `expect`: clippy does not lint code made by a local macro.
+        #[allow(clippy::needless_pass_by_value, reason = "the program macro fixes the signature")]
+        pub fn $entry(ctx: FEntryContext) -> i32 {
+            start($uaddr(&ctx));
+            0
+        }
+
+        #[fexit]
+        #[allow(clippy::needless_pass_by_value, reason = "the program macro fixes the signature")]
+        pub fn $exit(ctx: FExitContext) -> i32 {
+            let ret: i32 = ctx.arg(FUTEX_FUNCTIONS[$i].params);
+            counted(finish(&ctx, i64::from(ret)));
+            0
+        }
+    )*};
+}
+
+/// The first argument is the futex word (`u32 __user *uaddr`).
+fn first_argument(ctx: &FEntryContext) -> u64 {
+    ctx.arg(0)
+}
+
+/// `futex_wait_multiple(struct futex_vector *vs, ...)`: the first waiter's word, `vs[0].w.uaddr`
+/// (`struct futex_waitv` is UAPI: `u64 val; u64 uaddr; ...`).
+fn first_waiter(ctx: &FEntryContext) -> u64 {
+    let vs: u64 = ctx.arg(0);
+    // SAFETY: `vs` is the kernel's array of waiters; a failed read names the wait 0.
+    unsafe { bpf_probe_read_kernel((vs + 8) as *const u64) }.unwrap_or(0)
+}
+
+// One pair per `programs::FUTEX_FUNCTIONS` entry (its program names and parameter count).
+futex_functions! {
+    futex_wait_fentry, futex_wait_fexit => FUTEX_FUNCTIONS[0], first_argument;
+    futex_lock_pi_fentry, futex_lock_pi_fexit => FUTEX_FUNCTIONS[1], first_argument;
+    futex_requeue_pi_fentry, futex_requeue_pi_fexit => FUTEX_FUNCTIONS[2], first_argument;
+    futex_waitv_fentry, futex_waitv_fexit => FUTEX_FUNCTIONS[3], first_waiter;
 }
 
 /// Remembers the start of a wait of a selected process.
@@ -131,7 +194,9 @@ fn selected(pid_tgid: u64) -> bool {
     unsafe { FUTEX_SELECTED.get(tgid) }.is_some()
 }
 
-fn finish(ctx: &TracePointContext) -> Result<(), Lost> {
+/// The end of a wait of the current thread with result `ret`: its outcome and, when woken, its
+/// time, into the process's and the futex word's aggregates.
+fn finish<C: StackIdContext>(ctx: &C, ret: i64) -> Result<(), Lost> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(slot) = FUTEX_WAITS.get_ptr_mut(slot_of(pid_tgid)) else {
         return Ok(());
@@ -146,16 +211,18 @@ fn finish(ctx: &TracePointContext) -> Result<(), Lost> {
         (*slot).pid_tgid = 0;
         wait
     };
-    #[expect(
-        clippy::cast_possible_wrap,
-        reason = "ret is a signed long in the record"
-    )]
-    let ret = record_field(ctx, RET) as i64;
     let outcome = match ret {
         r if r >= 0 => OUTCOME_WOKEN,
         r if r == -ETIMEDOUT => OUTCOME_TIMEOUT,
         r if r == -EAGAIN => OUTCOME_EAGAIN,
-        r if r == -EINTR => OUTCOME_INTERRUPTED,
+        r if r == -EINTR
+            || matches!(
+                -r,
+                ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND | ERESTART_RESTARTBLOCK
+            ) =>
+        {
+            OUTCOME_INTERRUPTED
+        }
         _ => OUTCOME_ERROR,
     };
     // Only a woken wait's time is kept: the clock is read for those alone.

@@ -60,12 +60,29 @@ pub enum OomLimitMode {
     MemoryEvents,
 }
 
+/// How futex waits are probed. fentry/fexit on the kernel's futex wait functions cost only futex
+/// waits; the syscall tracepoints send every syscall of every process on the node through the
+/// kernel's slower entry path while attached, so `auto` takes them only where fexit is refused.
+/// (No kprobe mode: a kretprobe holds an instance per sleeping call, a few per CPU by default,
+/// and a node has thousands of threads asleep in futex waits.)
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FutexMode {
+    #[default]
+    Auto,
+    Fexit,
+    /// Tracepoints on the futex syscalls.
+    Syscalls,
+}
+
 /// Probe choices.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ProbesConfig {
     #[serde(default)]
     pub limit_writes: LimitWriteMode,
+    #[serde(default)]
+    pub futex_waits: FutexMode,
     #[serde(default)]
     pub oom_limits: OomLimitMode,
     #[serde(default)]
@@ -219,6 +236,14 @@ pub struct MetricsConfig {
     /// for Prometheus to scrape its last counts.
     #[serde(default = "default_deleted_cgroup_ttl_s")]
     pub deleted_cgroup_ttl_s: u64,
+    /// Whether the kernel counts each eBPF program's runs and run time (`BPF_ENABLE_STATS`) for
+    /// the agent's own cost metrics; it adds two clock reads to every run of every program.
+    #[serde(default = "default_bpf_stats")]
+    pub bpf_stats: bool,
+}
+
+fn default_bpf_stats() -> bool {
+    true
 }
 
 fn default_deleted_cgroup_ttl_s() -> u64 {
@@ -234,6 +259,7 @@ impl Default for MetricsConfig {
         Self {
             listen: default_metrics_listen(),
             deleted_cgroup_ttl_s: default_deleted_cgroup_ttl_s(),
+            bpf_stats: default_bpf_stats(),
         }
     }
 }
@@ -407,6 +433,8 @@ pub struct Config {
     pub selectors: Vec<Selector>,
     /// How long a removed cgroup's series stay.
     pub deleted_cgroup_ttl: Duration,
+    /// Whether the kernel's per-program run statistics are turned on.
+    pub bpf_stats: bool,
     pub events_socket: Option<PathBuf>,
     pub kubelet_log_dir: PathBuf,
     /// The rules file; `None` for the embedded default rules.
@@ -567,6 +595,7 @@ impl Config {
                 contention: raw.contention,
                 selectors,
                 deleted_cgroup_ttl: Duration::from_secs(raw.metrics.deleted_cgroup_ttl_s),
+                bpf_stats: raw.metrics.bpf_stats,
                 events_socket,
                 kubelet_log_dir: PathBuf::from(raw.kubelet_log_dir),
                 rules,

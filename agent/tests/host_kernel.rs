@@ -187,6 +187,207 @@ fn prometheus_scrapes_the_agent() {
     );
 }
 
+/// The agent reports its own cost: build info, the process metrics (resident memory checked
+/// against /proc), and each attached eBPF program's runs and run time from the kernel's
+/// statistics, which the agent turns on: they grow with the activity its probes see, and
+/// the programs with series are those its BPF links hold.
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn agent_reports_its_own_cost() {
+    assert!(is_root(), "{NEEDS_ROOT}");
+    let agent = Agent::start(&[]);
+    let pid = agent.child.id();
+    let body = common::scrape(agent.metrics).expect("scrape");
+    check_build_info(&body);
+
+    let rss = common::sample(&body, "process_resident_memory_bytes").unwrap_or_default();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let vm_rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .expect("VmRSS")
+        * 1024.0;
+    eprintln!("process_resident_memory_bytes {rss}, VmRSS {vm_rss} bytes");
+    assert!(
+        rss > 0.0 && (0.5..=2.0).contains(&(rss / vm_rss)),
+        "process_resident_memory_bytes {rss}, /proc VmRSS {vm_rss} bytes"
+    );
+    for series in ["process_cpu_seconds_total", "process_open_fds"] {
+        assert!(
+            common::sample(&body, series).is_some(),
+            "no {series} in:\n{body}"
+        );
+    }
+    check_cpu_seconds(&agent);
+    assert_eq!(
+        common::sample(&body, "nodewarden_bpf_stats_enabled"),
+        Some(1.0),
+        "kernel 6.18 counts runs for root; log:\n{}",
+        agent.log()
+    );
+
+    let before = program_runs(&common::scrape(agent.metrics).expect("scrape"));
+    // Context switches and futex waits: two threads hand a token back and forth.
+    let (to_b, from_a) = std::sync::mpsc::channel::<u32>();
+    let (to_a, from_b) = std::sync::mpsc::channel::<u32>();
+    let b = std::thread::spawn(move || {
+        while let Ok(n) = from_a.recv() {
+            let _ = to_a.send(n);
+        }
+    });
+    for n in 0..5000 {
+        to_b.send(n).expect("send");
+        from_b.recv().expect("recv");
+    }
+    drop(to_b);
+    b.join().expect("join");
+    let after = program_runs(&common::scrape(agent.metrics).expect("scrape"));
+    for (name, (runs, seconds)) in &after {
+        eprintln!(
+            "{name}: {runs} runs, {seconds} s (before: {:?})",
+            before.get(name)
+        );
+    }
+    let (switch, (runs, seconds)) = [
+        agent_common::programs::SCHED_SWITCH,
+        agent_common::programs::SCHED_SWITCH_COMPAT,
+    ]
+    .iter()
+    .find_map(|n| after.get(*n).map(|v| (*n, *v)))
+    .unwrap_or_else(|| panic!("no sched_switch program among {after:?}"));
+    assert!(
+        runs > 0.0 && seconds > 0.0,
+        "{switch}: {runs} runs, {seconds} s"
+    );
+    assert!(
+        runs > before.get(switch).map_or(0.0, |v| v.0),
+        "{switch}'s runs did not grow: {before:?} then {after:?}"
+    );
+
+    // As many programs have series as the agent's BPF links hold (the Go watcher may attach a
+    // uprobe between the two reads: read again).
+    let mut last = (0, 0);
+    for _ in 0..20 {
+        let exported = program_runs(&common::scrape(agent.metrics).expect("scrape")).len();
+        last = (exported, linked_programs(pid));
+        if last.0 == last.1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(
+        last.0, last.1,
+        "programs with series, programs the agent's links hold"
+    );
+
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit status {status}; log:\n{log}");
+    assert!(log.contains("eBPF program run statistics on"), "{log}");
+}
+
+/// `process_cpu_seconds_total` is to the tick, not whole seconds: the agent's figure lies between
+/// two reads of its `/proc/<pid>/stat` taken around a scrape.
+fn check_cpu_seconds(agent: &Agent) {
+    let pid = agent.child.id();
+    let cpu_ticks = || {
+        let stat = procfs::process::Process::new(i32::try_from(pid).expect("pid"))
+            .and_then(|p| p.stat())
+            .expect("stat");
+        #[expect(clippy::cast_precision_loss, reason = "ticks")]
+        let ticks = (stat.utime + stat.stime) as f64;
+        ticks
+    };
+    #[expect(clippy::cast_precision_loss, reason = "a hundred or so")]
+    let tps = procfs::ticks_per_second() as f64;
+    let before = cpu_ticks();
+    let body = common::scrape(agent.metrics).expect("scrape");
+    let after = cpu_ticks();
+    for l in body.lines().filter(|l| l.starts_with("process_")) {
+        eprintln!("{l}");
+    }
+    let cpu = common::sample(&body, "process_cpu_seconds_total").expect("cpu seconds");
+    assert!(
+        cpu * tps >= before - 0.5 && cpu * tps <= after + 0.5,
+        "process_cpu_seconds_total {cpu}; /proc/{pid}/stat: {before} then {after} ticks at {tps} a second"
+    );
+}
+
+/// `nodewarden_build_info` has this crate's version and, when built in a git checkout, a
+/// 12-digit commit.
+fn check_build_info(body: &str) {
+    let info = body
+        .lines()
+        .find(|l| l.starts_with("nodewarden_build_info{"))
+        .unwrap_or_else(|| panic!("no nodewarden_build_info in:\n{body}"));
+    let version = format!("version=\"{}\"", env!("CARGO_PKG_VERSION"));
+    assert!(info.contains(&version) && info.ends_with("} 1"), "{info}");
+    let commit = info
+        .split("commit=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_default();
+    let built_in_git = Command::new("git")
+        .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "HEAD"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if built_in_git {
+        assert!(
+            commit.len() == 12 && commit.chars().all(|c| c.is_ascii_hexdigit()),
+            "built in a git checkout, but the commit is {commit:?}: {info}"
+        );
+    } else {
+        assert!(!commit.is_empty(), "{info}");
+    }
+}
+
+/// Each program's (runs, seconds) in a scrape.
+fn program_runs(body: &str) -> std::collections::BTreeMap<String, (f64, f64)> {
+    let mut out = std::collections::BTreeMap::<String, (f64, f64)>::new();
+    for (prefix, seconds) in [
+        ("nodewarden_bpf_program_runs_total{program=\"", false),
+        ("nodewarden_bpf_program_run_seconds_total{program=\"", true),
+    ] {
+        for l in body.lines() {
+            let Some((name, value)) = l.strip_prefix(prefix).and_then(|r| r.split_once("\"} "))
+            else {
+                continue;
+            };
+            let v: f64 = value.parse().expect("a number");
+            let e = out.entry(name.to_owned()).or_default();
+            if seconds {
+                e.1 = v;
+            } else {
+                e.0 = v;
+            }
+        }
+    }
+    out
+}
+
+/// How many distinct programs the BPF links process `pid` holds name (its fds' fdinfo).
+fn linked_programs(pid: u32) -> usize {
+    let mut ids = std::collections::BTreeSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .flatten()
+    {
+        if std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:bpf_link") {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            ids.extend(
+                info.lines()
+                    .find_map(|l| l.strip_prefix("prog_id:"))
+                    .map(|v| v.trim().to_owned()),
+            );
+        }
+    }
+    ids.len()
+}
+
 /// The syscall-tracepoint mode (the one this machine's kernel gets: no fexit, no kprobes)
 /// attaches, and ordinary writes of every style are not reported as limit writes.
 #[test]
@@ -249,7 +450,7 @@ fn syscalls_mode_ignores_ordinary_writes() {
 #[ignore = "needs root, bpftrace and the test programs: run by `cargo xtask test`"]
 fn futex_waits_agree_with_bpftrace() {
     assert!(is_root(), "{NEEDS_ROOT}");
-    common::contention::with_agent("futex_waits", "tracepoint", |agent| {
+    common::contention::with_agent("futex_waits", "syscalls", |agent| {
         common::contention::futex_waits_agree_with_bpftrace(agent);
         common::contention::futex_waits_match_the_programs_own_timing(agent);
         common::contention::top_shows_the_contended_program(agent);

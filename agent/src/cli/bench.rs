@@ -44,7 +44,7 @@ pub fn bench_write(attached: Attached, iterations: u64, open_files: u32) -> Resu
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()?;
-    let offsets = btf::resolve(std::path::Path::new(btf::VMLINUX_BTF))?.offsets;
+    let kernel = btf::resolve(std::path::Path::new(btf::VMLINUX_BTF))?;
     // Kept alive (attached) until the loop ends.
     let _probes = match attached {
         Attached::None => None,
@@ -54,7 +54,8 @@ pub fn bench_write(attached: Attached, iterations: u64, open_files: u32) -> Resu
                 ..ProbesConfig::default()
             };
             let p = loader::load(
-                &offsets,
+                &kernel.offsets,
+                &kernel.functions,
                 &choices,
                 &ContentionConfig::default(),
                 loader::GuardAttach::No("not measured here"),
@@ -71,7 +72,7 @@ pub fn bench_write(attached: Attached, iterations: u64, open_files: u32) -> Resu
             Some(p.ebpf)
         }
         Attached::Empty => {
-            let mut ebpf = loader::load_object(&offsets, &ContentionConfig::default(), 1)?;
+            let mut ebpf = loader::load_object(&kernel.offsets, &ContentionConfig::default(), 1)?;
             for (name, tracepoint) in programs::BENCH_EMPTY {
                 let p: &mut TracePoint = ebpf
                     .program_mut(name)

@@ -21,10 +21,10 @@ pub fn check(
     println!("kernel: {uname}");
 
     let btf = Path::new(btf::VMLINUX_BTF);
-    let kernel_offsets = match btf::resolve(btf) {
+    let (kernel_offsets, functions) = match btf::resolve(btf) {
         Ok(r) if r.missing.is_empty() => {
             println!("kernel BTF: {} (every struct field found)", btf.display());
-            r.offsets
+            (r.offsets, r.functions)
         }
         Ok(r) => {
             println!(
@@ -32,11 +32,14 @@ pub fn check(
                 btf.display(),
                 r.missing.join(", ")
             );
-            r.offsets
+            (r.offsets, r.functions)
         }
         Err(e) => {
             println!("kernel BTF: unavailable: {e}");
-            agent_common::KernelOffsets::UNKNOWN
+            (
+                agent_common::KernelOffsets::UNKNOWN,
+                btf::Functions::default(),
+            )
         }
     };
 
@@ -50,7 +53,7 @@ pub fn check(
         None => println!("cgroup v2: not mounted"),
     }
 
-    let probes = loader::load(&kernel_offsets, choices, contention, guard)?;
+    let probes = loader::load(&kernel_offsets, &functions, choices, contention, guard)?;
     println!("probes:");
     for s in &probes.status {
         println!("  {s}");
@@ -61,6 +64,9 @@ pub fn check(
         .find(|s| s.capability == Capability::LimitWrites)
     {
         println!("{}", crate::model::probe::limit_write_coverage(s.mode));
+    }
+    if let Some(cost) = crate::model::probe::syscall_tracepoint_cost(&probes.status) {
+        println!("{cost}");
     }
     let attached = probes.status.iter().filter(|s| s.attached()).count();
     println!(

@@ -70,8 +70,10 @@ impl Attached {
 /// Loads and attaches the probes, reports how (log, metric), and takes their maps. Without BPF
 /// at all the agent still runs: limit writes are then seen by inotify.
 pub fn attach(config: &Config, metrics: &Metrics) -> Result<Attached, LoadError> {
+    let (offsets, functions) = kernel_btf();
     let (ebpf, status) = match loader::load(
-        &kernel_offsets(),
+        &offsets,
+        &functions,
         &config.probes,
         &config.contention,
         guard_attach(config),
@@ -146,8 +148,9 @@ fn guard_attach(config: &Config) -> loader::GuardAttach {
     }
 }
 
-/// Kernel struct offsets from BTF; missing ones make the probes that need them degrade.
-fn kernel_offsets() -> KernelOffsets {
+/// Kernel struct offsets and functions from BTF; missing ones make the probes that need them
+/// degrade.
+fn kernel_btf() -> (KernelOffsets, btf::Functions) {
     match btf::resolve(Path::new(btf::VMLINUX_BTF)) {
         Ok(r) => {
             if !r.missing.is_empty() {
@@ -156,11 +159,11 @@ fn kernel_offsets() -> KernelOffsets {
                     r.missing.join(", ")
                 );
             }
-            r.offsets
+            (r.offsets, r.functions)
         }
         Err(e) => {
             tracing::warn!("{e}: probes that read kernel structs degrade");
-            KernelOffsets::UNKNOWN
+            (KernelOffsets::UNKNOWN, btf::Functions::default())
         }
     }
 }
@@ -219,5 +222,8 @@ fn report(status: &[ProbeStatus]) {
             };
             tracing::warn!(capability, "{note}: {e}");
         }
+    }
+    if let Some(cost) = crate::model::probe::syscall_tracepoint_cost(status) {
+        tracing::warn!("{cost}");
     }
 }

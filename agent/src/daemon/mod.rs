@@ -26,7 +26,7 @@ use self::{
 use crate::{
     config::Config,
     enrich::{cgroupfs::CgroupFs, kubelet::KubeletNames, procfs::ProcFs},
-    kernel::go::GoWatcher,
+    kernel::{bpf_stats, go::GoWatcher},
     model::{probe::ProbeMode, update::ResyncReason},
     outputs::{
         Outputs, feed, http,
@@ -83,7 +83,13 @@ async fn run_until_stopped(
         None => None,
     };
 
+    // Before the programs attach, so that their first runs count.
+    let bpf_stats = bpf_stats::start(config.bpf_stats);
     let mut attached = attach::attach(config, &metrics)?;
+    metrics.bpf_programs(Box::new(bpf_stats::KernelRunStats::new(
+        attached.ebpf.clone(),
+        bpf_stats,
+    )));
     let (panics_tx, panics) = tokio::sync::mpsc::unbounded_channel();
     let (episodes_tx, episodes) = mpsc::sync_channel(EPISODE_QUEUE);
     let (execs_tx, execs_rx) = mpsc::sync_channel(EXEC_QUEUE);
@@ -226,7 +232,7 @@ impl Stopping<'_> {
         for w in &self.workers {
             w.stop();
         }
-        detach(self.attached, self.deadline);
+        let mut aggregators = detach(self.attached, self.deadline);
         let detached = start.elapsed();
         event_loop.drain(rings, self.deadline);
         self.executor.stop();
@@ -239,10 +245,16 @@ impl Stopping<'_> {
         for w in self.workers.into_iter().chain([self.executor]) {
             w.join(self.deadline);
         }
+        let stopped = start.elapsed();
+        // Kernel time, after the drain: nothing they did is lost by now.
+        if let Some(ebpf) = aggregators.as_mut() {
+            crate::kernel::loader::unload_where(ebpf, |_| true);
+        }
         tracing::info!(
             ?detached,
             ?drained,
-            stopped = ?start.elapsed(),
+            ?stopped,
+            aggregators_detached = ?start.elapsed(),
             "programs detached, events drained, endpoints and workers stopped"
         );
     }
@@ -431,23 +443,14 @@ fn pipeline(
     )
 }
 
-/// Drops the loaded object, which detaches every program, waiting at most until `deadline` for
-/// the Go watcher to let go of it.
-fn detach(attached: &Attached, deadline: Instant) {
-    loop {
+/// Takes the loaded object from the Go watcher (waiting at most until `deadline` for it to let
+/// go) and detaches every program that writes to the event rings; returns the object with the
+/// programs that only aggregate into maps still attached, to be detached after the drain.
+fn detach(attached: &Attached, deadline: Instant) -> Option<aya::Ebpf> {
+    let taken = loop {
         match attached.ebpf.try_lock() {
-            Ok(mut ebpf) => {
-                if let Some(ebpf) = ebpf.take() {
-                    crate::kernel::loader::unload_all(ebpf);
-                }
-                return;
-            }
-            Err(std::sync::TryLockError::Poisoned(p)) => {
-                if let Some(ebpf) = p.into_inner().take() {
-                    crate::kernel::loader::unload_all(ebpf);
-                }
-                return;
-            }
+            Ok(mut ebpf) => break ebpf.take(),
+            Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner().take(),
             Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
@@ -455,10 +458,15 @@ fn detach(attached: &Attached, deadline: Instant) {
                 tracing::warn!(
                     "programs still attached at the drain's end: the exit detaches them"
                 );
-                return;
+                return None;
             }
         }
-    }
+    };
+    let mut ebpf = taken?;
+    crate::kernel::loader::unload_where(&mut ebpf, |name| {
+        !crate::kernel::loader::aggregates_only(name)
+    });
+    Some(ebpf)
 }
 
 /// The kernel's page size.

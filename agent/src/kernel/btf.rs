@@ -12,11 +12,35 @@ use btfparse::{Offset, Readable, TypeInformation, TypeVariant};
 /// Where the kernel exposes its own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-/// Offsets found, and the fields that were not (as `struct.field`).
+/// Offsets found, the fields that were not (as `struct.field`), and the kernel functions fentry
+/// and fexit programs may attach to.
 #[derive(Debug)]
 pub struct Resolved {
     pub offsets: KernelOffsets,
     pub missing: Vec<String>,
+    pub functions: Functions,
+}
+
+/// The kernel functions of interest the BTF has, with their parameter counts: an fexit program
+/// reads the result after the parameters, so one attached to a function whose parameters
+/// changed would read an argument as the result.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Functions(HashMap<&'static str, usize>);
+
+impl Functions {
+    /// The kernel functions the programs may attach to by BTF.
+    const WANTED: [&'static [&'static str]; 4] = [
+        agent_common::programs::FUTEX_FUNCTIONS[0].kernel,
+        agent_common::programs::FUTEX_FUNCTIONS[1].kernel,
+        agent_common::programs::FUTEX_FUNCTIONS[2].kernel,
+        agent_common::programs::FUTEX_FUNCTIONS[3].kernel,
+    ];
+
+    /// `name`'s parameter count, if the kernel's BTF has the function.
+    #[must_use]
+    pub fn params(&self, name: &str) -> Option<usize> {
+        self.0.get(name).copied()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,25 +89,58 @@ const STRUCTS: [&str; 17] = [
     "mm_rss_stat",
 ];
 
-/// The kernel's types, and its structs by name.
+/// The kernel's types, its structs by name, and the wanted functions' prototypes.
 struct Types {
     info: TypeInformation,
     structs: HashMap<&'static str, u32>,
+    functions: HashMap<&'static str, u32>,
 }
 
 impl Types {
     fn new(info: TypeInformation) -> Self {
         let mut structs = HashMap::new();
+        let mut functions = HashMap::new();
         for (id, t) in info.get() {
-            if let TypeVariant::Struct(s) = t
-                && !s.member_list().is_empty()
-                && let Some(name) = s.name()
-                && let Some(wanted) = STRUCTS.iter().find(|w| **w == name.as_str())
-            {
-                structs.entry(*wanted).or_insert(*id);
+            match t {
+                TypeVariant::Struct(s) => {
+                    if !s.member_list().is_empty()
+                        && let Some(name) = s.name()
+                        && let Some(wanted) = STRUCTS.iter().find(|w| **w == name.as_str())
+                    {
+                        structs.entry(*wanted).or_insert(*id);
+                    }
+                }
+                TypeVariant::Func(f) => {
+                    if let Some(name) = f.name()
+                        && let Some(wanted) = Functions::WANTED
+                            .iter()
+                            .flat_map(|names| names.iter())
+                            .find(|w| **w == name.as_str())
+                    {
+                        functions.entry(*wanted).or_insert(*f.prototype_tid());
+                    }
+                }
+                _ => {}
             }
         }
-        Self { info, structs }
+        Self {
+            info,
+            structs,
+            functions,
+        }
+    }
+
+    /// The parameter counts of the wanted functions the kernel has.
+    fn functions(&self) -> Functions {
+        Functions(
+            self.functions
+                .iter()
+                .filter_map(|(name, proto)| match self.info.from_id(*proto)? {
+                    TypeVariant::FuncProto(p) => Some((*name, p.parameter_list().len())),
+                    _ => None,
+                })
+                .collect(),
+        )
     }
 
     /// The byte offset of `path` (`field`, `a.b`, `a[1].b`; anonymous members looked into) in
@@ -107,10 +164,16 @@ pub fn resolve(path: &Path) -> Result<Resolved, BtfError> {
         path: path.display().to_string(),
         message: format!("{e:?}"),
     })?;
-    Ok(offsets(&Types::new(info)))
+    let types = Types::new(info);
+    let (offsets, missing) = offsets(&types);
+    Ok(Resolved {
+        offsets,
+        missing,
+        functions: types.functions(),
+    })
 }
 
-fn offsets(types: &Types) -> Resolved {
+fn offsets(types: &Types) -> (KernelOffsets, Vec<String>) {
     let mut missing = Vec::new();
     let (mm_rss_counters, mm_rss_stride) = rss_counters(types).unwrap_or_else(|| {
         missing.push("mm_struct.rss_stat".to_owned());
@@ -167,7 +230,7 @@ fn offsets(types: &Types) -> Resolved {
         task_real_parent: find("task_struct", &["real_parent"]),
         file_f_mode: find("file", &["f_mode"]),
     };
-    Resolved { offsets, missing }
+    (offsets, missing)
 }
 
 /// Where `mm_struct`'s RSS counters are: the first counter's value and the distance between
@@ -209,5 +272,14 @@ mod tests {
         assert!(o.mm_rss_stride >= 8, "{}", o.mm_rss_stride);
         // max_fds and the fd array pointer are adjacent on every supported kernel.
         assert_eq!(o.fdtable_fd, o.fdtable_max_fds + 8);
+        // Every futex wait function the programs expect, with the parameters they expect.
+        for f in agent_common::programs::FUTEX_FUNCTIONS {
+            let found = f.kernel.iter().find_map(|k| r.functions.params(k));
+            assert!(
+                found == Some(f.params) || (found.is_none() && !f.required),
+                "{:?}: {found:?} parameters",
+                f.kernel
+            );
+        }
     }
 }

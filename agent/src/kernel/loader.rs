@@ -14,7 +14,8 @@ use aya::{
 };
 
 use crate::{
-    config::{ContentionConfig, LimitWriteMode, OomLimitMode, ProbesConfig},
+    config::{ContentionConfig, FutexMode, LimitWriteMode, OomLimitMode, ProbesConfig},
+    kernel::btf::Functions,
     model::probe::{Capability, Failure, ProbeMode, ProbeStatus},
 };
 
@@ -51,9 +52,11 @@ pub enum GuardAttach {
     No(&'static str),
 }
 
-/// Loads the object with `offsets` set, then loads and attaches every capability it can.
+/// Loads the object with `offsets` set, then loads and attaches every capability it can
+/// (`functions`: what the kernel's BTF says of the functions fentry/fexit programs attach to).
 pub fn load(
     offsets: &KernelOffsets,
+    functions: &Functions,
     choices: &ProbesConfig,
     contention: &ContentionConfig,
     guard: GuardAttach,
@@ -77,7 +80,7 @@ pub fn load(
         )
     };
     let status = vec![
-        attach_futex(&mut ebpf, contention),
+        attach_futex(&mut ebpf, functions, choices.futex_waits, contention),
         attach_sampling(&mut ebpf, contention),
         attach_offcpu(&mut ebpf, contention),
         go,
@@ -277,22 +280,112 @@ fn attach_offcpu(ebpf: &mut Ebpf, contention: &ContentionConfig) -> ProbeStatus 
     }
 }
 
-/// Futex waits: the entries and exits of futex(2), and of `futex_waitv(2)` and `futex_wait(2)`
-/// where the kernel has them (5.16, 6.7).
-fn attach_futex(ebpf: &mut Ebpf, contention: &ContentionConfig) -> ProbeStatus {
+/// Futex waits: fentry/fexit on the kernel's futex wait functions, else (or when forced) the
+/// tracepoints of the futex syscalls, which every syscall on the node pays for while attached.
+fn attach_futex(
+    ebpf: &mut Ebpf,
+    functions: &Functions,
+    choice: FutexMode,
+    contention: &ContentionConfig,
+) -> ProbeStatus {
     if !contention.futex_waits {
         return ProbeStatus::unavailable(
             Capability::FutexWaits,
             Failure::general("off in the configuration (contention.futex_waits)"),
         );
     }
-    let mut status = ProbeStatus {
+    let modes: &[ProbeMode] = match choice {
+        FutexMode::Auto => &[ProbeMode::Fexit, ProbeMode::Syscalls],
+        FutexMode::Fexit => &[ProbeMode::Fexit],
+        FutexMode::Syscalls => &[ProbeMode::Syscalls],
+    };
+    let mut passed_over = Vec::new();
+    for &mode in modes {
+        let attempt = if mode == ProbeMode::Fexit {
+            attach_futex_functions(ebpf, functions)
+        } else {
+            attach_futex_syscalls(ebpf)
+        };
+        match attempt {
+            Ok((hooks, skipped)) => {
+                return ProbeStatus {
+                    capability: Capability::FutexWaits,
+                    mode,
+                    hooks,
+                    errors: skipped.into_iter().map(|e| Failure::of(mode, e)).collect(),
+                    fallbacks: passed_over,
+                };
+            }
+            Err(e) => passed_over.push(Failure::of(mode, e)),
+        }
+    }
+    ProbeStatus {
         capability: Capability::FutexWaits,
         mode: ProbeMode::Unavailable,
         hooks: Vec::new(),
-        errors: Vec::new(),
+        errors: passed_over,
         fallbacks: Vec::new(),
+    }
+}
+
+/// The hooks attached, and what an optional hook could not attach to.
+type FutexAttempt = Result<(Vec<String>, Vec<String>), String>;
+
+/// fexit then fentry on each futex wait function the kernel has: all required ones or none.
+/// Each exit before its entry, so that no wait is seen starting without its end.
+fn attach_futex_functions(ebpf: &mut Ebpf, functions: &Functions) -> FutexAttempt {
+    let btf = Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {}", AttachError::from(e)))?;
+    let mut hooks = Vec::new();
+    let mut skipped = Vec::new();
+    let undo = |ebpf: &mut Ebpf| {
+        for f in programs::FUTEX_FUNCTIONS {
+            if let Ok(p) = program::<FExit>(ebpf, f.exit) {
+                let _ = p.unload();
+            }
+            if let Ok(p) = program::<FEntry>(ebpf, f.entry) {
+                let _ = p.unload();
+            }
+        }
     };
+    for f in programs::FUTEX_FUNCTIONS {
+        let r = match f
+            .kernel
+            .iter()
+            .find_map(|k| Some((*k, functions.params(k)?)))
+        {
+            None => Err(format!("kernel BTF has no {}", f.kernel.join(" or "))),
+            Some((kernel, n)) if n != f.params => Err(format!(
+                "{kernel} takes {n} parameters, the program expects {}",
+                f.params
+            )),
+            Some((kernel, _)) => (|| {
+                let exit: &mut FExit = program(ebpf, f.exit)?;
+                exit.load(kernel, &btf)?;
+                exit.attach()?;
+                let entry: &mut FEntry = program(ebpf, f.entry)?;
+                entry.load(kernel, &btf)?;
+                entry.attach()?;
+                Ok::<_, AttachError>(kernel)
+            })()
+            .map_err(|e| format!("{kernel}: {e}")),
+        };
+        match r {
+            Ok(kernel) => hooks.push(kernel.to_owned()),
+            // An older kernel without `futex_waitv(2)`: nothing to say.
+            Err(_) if !f.required && f.kernel.iter().all(|k| functions.params(k).is_none()) => {}
+            Err(e) if !f.required => skipped.push(format!("not attached to {e}")),
+            Err(e) => {
+                undo(ebpf);
+                return Err(e);
+            }
+        }
+    }
+    Ok((hooks, skipped))
+}
+
+/// The futex syscalls' tracepoints: futex(2), and `futex_waitv(2)` and `futex_wait(2)` where
+/// the kernel has them (5.16, 6.7).
+fn attach_futex_syscalls(ebpf: &mut Ebpf) -> FutexAttempt {
     // Each exit before its entry: an entry seen without its exit would leave a wait whose
     // thread's next futex call (a wake) ended it with a made-up duration.
     let required = [
@@ -305,6 +398,13 @@ fn attach_futex(ebpf: &mut Ebpf, contention: &ContentionConfig) -> ProbeStatus {
         (programs::FUTEX_EXIT, "sys_exit_futex_wait"),
         (programs::FUTEX_WAITV_ENTER, "sys_enter_futex_wait"),
     ];
+    let unload = |ebpf: &mut Ebpf| {
+        for (name, _) in required.iter().chain(&optional) {
+            if let Ok(p) = program::<TracePoint>(ebpf, name) {
+                let _ = p.unload();
+            }
+        }
+    };
     for name in [
         programs::FUTEX_EXIT,
         programs::FUTEX_ENTER,
@@ -313,12 +413,11 @@ fn attach_futex(ebpf: &mut Ebpf, contention: &ContentionConfig) -> ProbeStatus {
         if let Err(e) =
             program::<TracePoint>(ebpf, name).and_then(|p| p.load().map_err(AttachError::from))
         {
-            status
-                .errors
-                .push(Failure::of(ProbeMode::Tracepoint, format!("{name}: {e}")));
-            return status;
+            unload(ebpf);
+            return Err(format!("{name}: {e}"));
         }
     }
+    let mut hooks = Vec::new();
     for (i, (name, tracepoint)) in required.iter().chain(&optional).enumerate() {
         let r = program::<TracePoint>(ebpf, name).and_then(|p| {
             p.attach("syscalls", tracepoint)
@@ -326,26 +425,16 @@ fn attach_futex(ebpf: &mut Ebpf, contention: &ContentionConfig) -> ProbeStatus {
                 .map_err(AttachError::from)
         });
         match r {
-            Ok(()) => status.hooks.push(format!("syscalls/{tracepoint}")),
+            Ok(()) => hooks.push(format!("syscalls/{tracepoint}")),
             // An older kernel without the newer syscalls: not an error.
             Err(_) if i >= required.len() => {}
             Err(e) => {
-                status.errors.push(Failure::of(
-                    ProbeMode::Tracepoint,
-                    format!("syscalls/{tracepoint}: {e}"),
-                ));
-                for (name, _) in required.iter().chain(&optional) {
-                    if let Ok(p) = program::<TracePoint>(ebpf, name) {
-                        let _ = p.unload();
-                    }
-                }
-                status.hooks.clear();
-                return status;
+                unload(ebpf);
+                return Err(format!("syscalls/{tracepoint}: {e}"));
             }
         }
     }
-    status.mode = ProbeMode::Tracepoint;
-    status
+    Ok((hooks, Vec::new()))
 }
 
 /// A capability with one way to attach.
@@ -443,9 +532,11 @@ fn attach_oom_limits(
                 ProbeMode::Kprobe => {
                     program::<KProbe>(ebpf, programs::OOM_ENTER_KPROBE).and_then(|p| {
                         p.load().map_err(AttachError::from)?;
-                        p.attach(programs::OUT_OF_MEMORY, 0)
-                            .map(drop)
-                            .map_err(AttachError::from)
+                        p.attach(programs::OUT_OF_MEMORY, 0).map(drop).map_err(|e| {
+                            // Not kept loaded for nothing.
+                            let _ = p.unload();
+                            AttachError::from(e)
+                        })
                     })
                 }
                 _ => program::<FEntry>(ebpf, programs::OOM_ENTER_FENTRY).and_then(|p| {
@@ -590,6 +681,17 @@ fn attach_kprobes(ebpf: &mut Ebpf) -> Attempt {
             Err(e) => attempt.1.push((handler, e.to_string())),
         }
     }
+    if attempt.0.is_empty() {
+        // Attached nowhere: not kept loaded for nothing.
+        for name in [
+            programs::LIMIT_WRITE_KPROBE,
+            programs::LIMIT_WRITE_KRETPROBE,
+        ] {
+            if let Ok(p) = program::<KProbe>(ebpf, name) {
+                let _ = p.unload();
+            }
+        }
+    }
     attempt
 }
 
@@ -648,12 +750,37 @@ fn attach_tracepoints(
     Ok(hooks)
 }
 
-/// Detaches and unloads every program of `ebpf`, each on a thread of its own: detaching some
-/// hooks waits for the kernel (an RCU grace period, for a trampoline one of RCU tasks, which
-/// takes long on a busy machine), and programs detached together share those waits.
-pub fn unload_all(mut ebpf: Ebpf) {
+/// Whether program `name` only adds to maps the agent reads periodically (futex waits, CPU
+/// samples, off-CPU time) and writes nothing to the event rings: at shutdown these detach after
+/// the rings are drained, so the kernel's time to remove their trampolines does not eat into
+/// the drain.
+#[must_use]
+pub fn aggregates_only(name: &str) -> bool {
+    [
+        programs::FUTEX_ENTER,
+        programs::FUTEX_WAITV_ENTER,
+        programs::FUTEX_EXIT,
+        programs::CPU_SAMPLE,
+        programs::SCHED_SWITCH,
+        programs::SCHED_SWITCH_COMPAT,
+    ]
+    .contains(&name)
+        || programs::FUTEX_FUNCTIONS
+            .iter()
+            .any(|f| f.entry == name || f.exit == name)
+}
+
+/// Detaches and unloads the programs of `ebpf` that `which` names, each on a thread of its own:
+/// detaching some hooks waits for the kernel (an RCU grace period, for a trampoline one of RCU
+/// tasks, which takes long on a busy machine), and programs detached together share those
+/// waits where the kernel allows.
+pub fn unload_where(ebpf: &mut Ebpf, which: impl Fn(&str) -> bool + Sync) {
+    let which = &which;
     std::thread::scope(|s| {
         for (name, program) in ebpf.programs_mut() {
+            if !which(name) {
+                continue;
+            }
             s.spawn(move || {
                 let start = std::time::Instant::now();
                 let r = match program {
@@ -909,6 +1036,11 @@ mod tests {
         known.extend(programs::SYSCALL_WRITES_COMPAT.map(|(p, _)| p));
         known.extend(programs::BENCH_EMPTY.map(|(p, _)| p));
         known.extend(LimitFile::ALL.map(LimitFile::fexit_program));
+        known.extend(
+            programs::FUTEX_FUNCTIONS
+                .iter()
+                .flat_map(|f| [f.entry, f.exit]),
+        );
         let built: HashSet<&str> = obj.programs.keys().map(String::as_str).collect();
         let missing: Vec<_> = known.difference(&built).collect();
         assert!(missing.is_empty(), "not in the built object: {missing:?}");

@@ -2,6 +2,7 @@
 //! offsets from BTF, decoding of the programs' records, the rings, the Go uprobes, and the
 //! inotify fallback for limit writes without BPF.
 
+pub mod bpf_stats;
 pub mod btf;
 pub mod decode;
 pub mod go;

@@ -118,6 +118,36 @@ pub const fn limit_write_coverage(mode: ProbeMode) -> &'static str {
     }
 }
 
+/// What the syscall tracepoints in use cost the whole node, or `None` when no capability uses
+/// them: while any is attached, every syscall of every task takes the kernel's slower entry
+/// path, whichever syscall the programs are on. `nodewarden check` and the start-up log say so.
+#[must_use]
+pub fn syscall_tracepoint_cost(status: &[ProbeStatus]) -> Option<String> {
+    let users: Vec<&str> = status
+        .iter()
+        .filter(|s| s.mode == ProbeMode::Syscalls)
+        .map(|s| s.capability.as_str())
+        .collect();
+    if users.is_empty() {
+        return None;
+    }
+    let mut text = format!(
+        "syscall tracepoints attached ({}): every syscall of every process on the node takes the kernel's slower entry path while they are (measured: getppid() about 35-45% slower; see docs/benchmarks.md)",
+        users.join(", ")
+    );
+    if users.contains(&Capability::FutexWaits.as_str()) {
+        text.push_str(
+            "; futex_waits avoids them where the kernel allows fexit, or with contention.futex_waits = false",
+        );
+    }
+    if users.contains(&Capability::LimitWrites.as_str()) {
+        text.push_str(
+            "; limit_writes avoids them with probes.limit_writes = \"inotify\" (writers then unknown)",
+        );
+    }
+    Some(text)
+}
+
 impl fmt::Display for ProbeMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -213,5 +243,45 @@ impl fmt::Display for ProbeStatus {
             write!(f, "\n{:<17}(passed over) {e}", "")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(capability: Capability, mode: ProbeMode) -> ProbeStatus {
+        ProbeStatus {
+            capability,
+            mode,
+            hooks: vec!["h".to_owned()],
+            errors: Vec::new(),
+            fallbacks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_cost_of_syscall_tracepoints_is_told_with_the_way_out() {
+        let none = [
+            status(Capability::FutexWaits, ProbeMode::Fexit),
+            status(Capability::LimitWrites, ProbeMode::Fexit),
+            status(Capability::OomKills, ProbeMode::Tracepoint),
+        ];
+        assert_eq!(syscall_tracepoint_cost(&none), None);
+        let futex = [
+            status(Capability::FutexWaits, ProbeMode::Syscalls),
+            status(Capability::LimitWrites, ProbeMode::Fexit),
+        ];
+        let text = syscall_tracepoint_cost(&futex).expect("futex on syscalls");
+        assert!(text.contains("(futex_waits)"), "{text}");
+        assert!(text.contains("contention.futex_waits = false"), "{text}");
+        assert!(!text.contains("limit_writes"), "{text}");
+        let both = [
+            status(Capability::FutexWaits, ProbeMode::Syscalls),
+            status(Capability::LimitWrites, ProbeMode::Syscalls),
+        ];
+        let text = syscall_tracepoint_cost(&both).expect("both on syscalls");
+        assert!(text.contains("(futex_waits, limit_writes)"), "{text}");
+        assert!(text.contains("probes.limit_writes = \"inotify\""), "{text}");
     }
 }

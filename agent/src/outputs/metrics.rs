@@ -12,6 +12,7 @@ use prometheus::{
 
 use std::sync::{Arc, Mutex};
 
+use crate::kernel::bpf_stats::{ProgramRuns, RunStats};
 use crate::model::{
     cache::{Cache, Evictions},
     cgroup::Who,
@@ -272,7 +273,22 @@ impl Metrics {
                 m.shared.contention.clone(),
             )))
             .expect("metric names are unique");
+        m.registry
+            .register(Box::new(build_info()))
+            .expect("metric names are unique");
+        // What the agent itself costs: CPU seconds, resident memory, open files.
+        m.registry
+            .register(Box::new(super::process::ProcessCollector::new()))
+            .expect("metric names are unique");
         m
+    }
+
+    /// Exports the run counts and run time of the agent's eBPF programs, read from `stats` at
+    /// every scrape, and whether the kernel counts them.
+    pub fn bpf_programs(&self, stats: Box<dyn RunStats>) {
+        if let Err(e) = self.registry.register(Box::new(BpfRuns::new(stats))) {
+            tracing::error!("eBPF program run metrics: {e}");
+        }
     }
 
     /// Sets `nodewarden_probe_info` for each capability's status.
@@ -406,10 +422,20 @@ pub fn label(name: &str, value: &str) -> LabelPair {
 }
 
 /// A counter family from (labels, value) series.
+#[expect(clippy::cast_precision_loss, reason = "counts exposed as floats")]
 pub fn counter_family(
     name: &str,
     help: &str,
     series: impl Iterator<Item = (Vec<LabelPair>, u64)>,
+) -> MetricFamily {
+    float_counter_family(name, help, series.map(|(labels, v)| (labels, v as f64)))
+}
+
+/// A counter family of fractional values (seconds) from (labels, value) series.
+pub fn float_counter_family(
+    name: &str,
+    help: &str,
+    series: impl Iterator<Item = (Vec<LabelPair>, f64)>,
 ) -> MetricFamily {
     let mut f = MetricFamily::default();
     f.set_name(name.to_owned());
@@ -417,8 +443,7 @@ pub fn counter_family(
     f.set_field_type(MetricType::COUNTER);
     for (labels, value) in series {
         let mut c = Counter::default();
-        #[expect(clippy::cast_precision_loss, reason = "counts exposed as floats")]
-        c.set_value(value as f64);
+        c.set_value(value);
         let mut m = Metric::default();
         m.set_label(labels);
         m.set_counter(c);
@@ -521,6 +546,78 @@ fn folded(folded: Folded) -> Counts {
             .collect()
     };
     Counts::new(FOLDED, FOLDED_HELP, &["label"], Box::new(series))
+}
+
+/// `nodewarden_build_info{version,commit}`, always 1.
+fn build_info() -> prometheus::IntGauge {
+    let g = prometheus::IntGauge::with_opts(
+        Opts::new(
+            "nodewarden_build_info",
+            "Always 1; the agent's version and the git commit it was built from (unknown when built outside a git checkout).",
+        )
+        .const_label("version", env!("CARGO_PKG_VERSION"))
+        .const_label("commit", env!("NODEWARDEN_COMMIT")),
+    )
+    .expect("static metric definition");
+    g.set(1);
+    g
+}
+
+const BPF_STATS_ENABLED: &str = "nodewarden_bpf_stats_enabled";
+const BPF_STATS_ENABLED_HELP: &str = "1 while the kernel counts eBPF program runs and run time (the agent holds BPF_ENABLE_STATS, or sysctl kernel.bpf_stats_enabled is 1); 0: the program counters below do not move.";
+const BPF_RUNS: &str = "nodewarden_bpf_program_runs_total";
+const BPF_RUNS_HELP: &str = "Runs of each of the agent's loaded and attached eBPF programs, by the program's name in the object, counted by the kernel while nodewarden_bpf_stats_enabled is 1.";
+const BPF_RUN_SECONDS: &str = "nodewarden_bpf_program_run_seconds_total";
+const BPF_RUN_SECONDS_HELP: &str = "Time each of the agent's loaded and attached eBPF programs ran, by the program's name in the object, measured by the kernel while nodewarden_bpf_stats_enabled is 1.";
+
+/// The agent's eBPF programs' run statistics, read from the kernel at scrape time. The
+/// `program` label is bounded: its values are the programs of the agent's object (a few
+/// dozen), never anything the node chooses.
+#[derive(Debug)]
+struct BpfRuns {
+    stats: Box<dyn RunStats>,
+    enabled: prometheus::IntGauge,
+    descs: [Desc; 2],
+}
+
+impl BpfRuns {
+    fn new(stats: Box<dyn RunStats>) -> Self {
+        Self {
+            stats,
+            enabled: prometheus::IntGauge::new(BPF_STATS_ENABLED, BPF_STATS_ENABLED_HELP)
+                .expect("static metric definition"),
+            descs: [
+                desc(BPF_RUNS, BPF_RUNS_HELP, &["program"]),
+                desc(BPF_RUN_SECONDS, BPF_RUN_SECONDS_HELP, &["program"]),
+            ],
+        }
+    }
+}
+
+impl Collector for BpfRuns {
+    fn desc(&self) -> Vec<&Desc> {
+        self.enabled.desc().into_iter().chain(&self.descs).collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.enabled.set(i64::from(self.stats.enabled()));
+        let programs = self.stats.programs();
+        let labels = |p: &ProgramRuns| vec![label("program", &p.program)];
+        let mut families = self.enabled.collect();
+        families.push(counter_family(
+            BPF_RUNS,
+            BPF_RUNS_HELP,
+            programs.iter().map(|p| (labels(p), p.runs)),
+        ));
+        families.push(float_counter_family(
+            BPF_RUN_SECONDS,
+            BPF_RUN_SECONDS_HELP,
+            programs
+                .iter()
+                .map(|p| (labels(p), p.run_time.as_secs_f64())),
+        ));
+        families
+    }
 }
 
 #[cfg(test)]
@@ -639,15 +736,99 @@ mod tests {
             });
             p.snapshot.cpu.push(cpu);
         }
+        m.bpf_programs(Box::new(FakeRuns {
+            enabled: true,
+            programs: vec![runs("p", 1, 1)],
+        }));
         let docs = include_str!("../../../docs/metrics.md");
         let names = m.names();
-        assert_eq!(names.len(), 26, "{names:?}");
+        // Ours, the process collector's seven and the eBPF programs' three.
+        assert_eq!(names.len(), 37, "{names:?}");
         for name in names {
             assert!(
                 docs.contains(&format!("`{name}`")),
                 "{name} is not in docs/metrics.md"
             );
         }
+    }
+
+    /// Run statistics as a kernel would give them.
+    #[derive(Debug)]
+    struct FakeRuns {
+        enabled: bool,
+        programs: Vec<ProgramRuns>,
+    }
+
+    impl RunStats for FakeRuns {
+        fn enabled(&self) -> bool {
+            self.enabled
+        }
+        fn programs(&self) -> Vec<ProgramRuns> {
+            self.programs.clone()
+        }
+    }
+
+    fn runs(program: &str, runs: u64, run_time_ns: u64) -> ProgramRuns {
+        ProgramRuns {
+            program: program.to_owned(),
+            runs,
+            run_time: std::time::Duration::from_nanos(run_time_ns),
+        }
+    }
+
+    #[test]
+    fn bpf_program_runs_are_exported_with_whether_they_are_counted() {
+        let m = Metrics::new(Shared::default());
+        assert!(!m.render().contains("nodewarden_bpf_"));
+        m.bpf_programs(Box::new(FakeRuns {
+            enabled: true,
+            programs: vec![
+                runs("sched_switch", 12_345, 2_500_000_000),
+                runs("futex_exit", 0, 0),
+            ],
+        }));
+        let text = m.render();
+        for line in [
+            "nodewarden_bpf_stats_enabled 1",
+            "nodewarden_bpf_program_runs_total{program=\"sched_switch\"} 12345",
+            "nodewarden_bpf_program_run_seconds_total{program=\"sched_switch\"} 2.5",
+            "nodewarden_bpf_program_runs_total{program=\"futex_exit\"} 0",
+            "nodewarden_bpf_program_run_seconds_total{program=\"futex_exit\"} 0",
+            "# TYPE nodewarden_bpf_program_run_seconds_total counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+
+        // Not counted, and no program loaded: the gauge says so, and no program has series.
+        let m = Metrics::new(Shared::default());
+        m.bpf_programs(Box::new(FakeRuns {
+            enabled: false,
+            programs: Vec::new(),
+        }));
+        let text = m.render();
+        assert!(
+            text.lines().any(|l| l == "nodewarden_bpf_stats_enabled 0"),
+            "{text}"
+        );
+        assert!(!text.contains("nodewarden_bpf_program_"), "{text}");
+    }
+
+    #[test]
+    fn build_info_and_process_metrics_are_exported() {
+        let text = Metrics::new(Shared::default()).render();
+        let info = format!(
+            "nodewarden_build_info{{commit=\"{}\",version=\"{}\"}} 1",
+            env!("NODEWARDEN_COMMIT"),
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.lines().any(|l| l == info), "no {info:?} in:\n{text}");
+        assert!(!env!("NODEWARDEN_COMMIT").is_empty());
+        let rss = text
+            .lines()
+            .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+            .and_then(|v| v.parse::<f64>().ok());
+        assert!(rss.is_some_and(|r| r > 0.0), "{text}");
+        assert!(text.contains("\nprocess_cpu_seconds_total "), "{text}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod feed;
 pub mod http;
 pub mod logs;
 pub mod metrics;
+pub mod process;
 pub mod traces;
 
 use crate::executor::{Job, Queue};

@@ -14,11 +14,32 @@ use super::{Agent, KillOnDrop};
 /// Starts the agent with the default configuration, checks `capability` attached in `mode`,
 /// runs `scenario` against it, and checks it then stops cleanly.
 pub fn with_agent(capability: &str, mode: &str, scenario: impl FnOnce(&Agent)) {
-    let agent = Agent::start(&[]);
+    with_agent_config(None, capability, mode, scenario);
+}
+
+/// [`with_agent`] with `config` (TOML; the built-in configuration when `None`).
+pub fn with_agent_config(
+    config: Option<&str>,
+    capability: &str,
+    mode: &str,
+    scenario: impl FnOnce(&Agent),
+) {
+    let agent = Agent::start_with(config, &[]);
     assert_eq!(agent.probe_mode(capability), mode, "log:\n{}", agent.log());
     scenario(&agent);
     let (status, log) = agent.stop();
     assert!(status.success(), "agent exit {status}; log:\n{log}");
+}
+
+/// The futex probe mode the default configuration gets here: fexit on the kernel's futex wait
+/// functions where fentry programs load (the x86-64 guests), the syscall tracepoints where they
+/// do not (the development machine's kernel refuses them; arm64 6.1 has no fentry).
+pub fn default_futex_mode() -> &'static str {
+    if std::env::var_os("NODEWARDEN_IN_VM").is_some() && cfg!(target_arch = "x86_64") {
+        "fexit"
+    } else {
+        "syscalls"
+    }
 }
 
 /// A test program (`agent/tests/programs`), built for this architecture by
@@ -37,11 +58,34 @@ pub fn program(name: &str) -> PathBuf {
 }
 
 /// bpftrace's log2 histogram of the woken futex waits of processes called `comm`, with the
-/// count and the total, measured on the same tracepoints and wait operations as the agent.
-fn bpftrace_script(comm: &str) -> String {
+/// count and the total, measured on the same hooks as the agent's `mode`: the syscall
+/// tracepoints and wait operations, or (fexit) the kernel's plain wait function.
+fn bpftrace_script(comm: &str, mode: &str) -> String {
+    let (enter, exit, ret) = if mode == "fexit" {
+        // `__futex_wait` since 6.7, which `futex_wait` calls.
+        let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+        let function = if kallsyms.contains(" __futex_wait\n") {
+            "__futex_wait"
+        } else {
+            "futex_wait"
+        };
+        (
+            format!("kfunc:{function} /comm == \"{comm}\"/"),
+            format!("kretfunc:{function}"),
+            "retval",
+        )
+    } else {
+        (
+            format!(
+                "tracepoint:syscalls:sys_enter_futex /comm == \"{comm}\" && ((args->op & 127) == 0 || (args->op & 127) == 9 || (args->op & 127) == 6 || (args->op & 127) == 13 || (args->op & 127) == 11)/"
+            ),
+            "tracepoint:syscalls:sys_exit_futex".to_owned(),
+            "args->ret",
+        )
+    };
     format!(
-        r#"tracepoint:syscalls:sys_enter_futex /comm == "{comm}" && ((args->op & 127) == 0 || (args->op & 127) == 9 || (args->op & 127) == 6 || (args->op & 127) == 13 || (args->op & 127) == 11)/ {{ @start[tid] = nsecs; }}
-tracepoint:syscalls:sys_exit_futex /@start[tid]/ {{ if (args->ret >= 0) {{ $d = nsecs - @start[tid]; @h = hist($d); @n = count(); @s = sum($d); }} delete(@start[tid]); }}
+        r#"{enter} {{ @start[tid] = nsecs; }}
+{exit} /@start[tid]/ {{ if ({ret} >= 0) {{ $d = nsecs - @start[tid]; @h = hist($d); @n = count(); @s = sum($d); }} delete(@start[tid]); }}
 BEGIN {{ printf("ready\n"); }}
 END {{ clear(@start); }}"#
     )
@@ -116,14 +160,14 @@ fn agent_buckets(body: &str, comm: &str) -> BTreeMap<u64, u64> {
 }
 
 /// A contended pthread mutex (8 threads, 3 s): the agent's histogram of woken waits agrees
-/// within 10% with bpftrace's, measured at the same time on the same tracepoints.
+/// within 10% with bpftrace's, measured at the same time on the same hooks.
 pub fn futex_waits_agree_with_bpftrace(agent: &Agent) {
     let program = program("nw-mutex");
     let comm = "nw-mutex";
     let mut bpftrace = KillOnDrop(
         Command::new("bpftrace")
             .arg("-e")
-            .arg(bpftrace_script(comm))
+            .arg(bpftrace_script(comm, &agent.probe_mode("futex_waits")))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -344,7 +388,7 @@ pub fn contention_episode_becomes_a_span() {
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         ("OTEL_BSP_SCHEDULE_DELAY", "200"),
     ]);
-    assert_eq!(agent.probe_mode("futex_waits"), "tracepoint");
+    assert_eq!(agent.probe_mode("futex_waits"), default_futex_mode());
     let running = KillOnDrop(
         Command::new(program("nw-mutex"))
             .args(["-t", "8", "-d", "8"])
