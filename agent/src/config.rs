@@ -237,13 +237,22 @@ pub struct MetricsConfig {
     #[serde(default = "default_deleted_cgroup_ttl_s")]
     pub deleted_cgroup_ttl_s: u64,
     /// Whether the kernel counts each eBPF program's runs and run time (`BPF_ENABLE_STATS`) for
-    /// the agent's own cost metrics; it adds two clock reads to every run of every program.
-    #[serde(default = "default_bpf_stats")]
-    pub bpf_stats: bool,
+    /// the agent's own cost metrics.
+    #[serde(default)]
+    pub bpf_stats: BpfStats,
 }
 
-fn default_bpf_stats() -> bool {
-    true
+/// Whether the kernel counts eBPF program runs and run time: two clock reads more at every run
+/// of every program on the node. On a syscall tracepoint that is every write(2) of the node
+/// (about 140 ns more per write on the development machine), so `auto` leaves them off there.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum BpfStats {
+    /// On, unless a capability attached to syscall tracepoints.
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 fn default_deleted_cgroup_ttl_s() -> u64 {
@@ -259,7 +268,7 @@ impl Default for MetricsConfig {
         Self {
             listen: default_metrics_listen(),
             deleted_cgroup_ttl_s: default_deleted_cgroup_ttl_s(),
-            bpf_stats: default_bpf_stats(),
+            bpf_stats: BpfStats::default(),
         }
     }
 }
@@ -434,7 +443,7 @@ pub struct Config {
     /// How long a removed cgroup's series stay.
     pub deleted_cgroup_ttl: Duration,
     /// Whether the kernel's per-program run statistics are turned on.
-    pub bpf_stats: bool,
+    pub bpf_stats: BpfStats,
     pub events_socket: Option<PathBuf>,
     pub kubelet_log_dir: PathBuf,
     /// The rules file; `None` for the embedded default rules.

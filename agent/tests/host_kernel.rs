@@ -189,13 +189,24 @@ fn prometheus_scrapes_the_agent() {
 
 /// The agent reports its own cost: build info, the process metrics (resident memory checked
 /// against /proc), and each attached eBPF program's runs and run time from the kernel's
-/// statistics, which the agent turns on: they grow with the activity its probes see, and
-/// the programs with series are those its BPF links hold.
+/// statistics, which the agent turns on when asked: they grow with the activity its probes
+/// see, and the programs with series are those its BPF links hold. By default (`auto`) they
+/// stay off on this kernel, whose probes are on syscall tracepoints.
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
 fn agent_reports_its_own_cost() {
     assert!(is_root(), "{NEEDS_ROOT}");
-    let agent = Agent::start(&[]);
+    let default = Agent::start(&[]);
+    let body = common::scrape(default.metrics).expect("scrape");
+    assert_eq!(
+        common::sample(&body, "nodewarden_bpf_stats_enabled"),
+        Some(0.0),
+        "auto leaves the statistics off with probes on syscall tracepoints; log:\n{}",
+        default.log()
+    );
+    let (status, log) = default.stop();
+    assert!(status.success(), "agent exit {status}; log:\n{log}");
+    let agent = Agent::start_with(Some("[metrics]\nbpf_stats = \"on\"\n"), &[]);
     let pid = agent.child.id();
     let body = common::scrape(agent.metrics).expect("scrape");
     check_build_info(&body);

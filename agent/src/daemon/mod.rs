@@ -83,9 +83,8 @@ async fn run_until_stopped(
         None => None,
     };
 
-    // Before the programs attach, so that their first runs count.
-    let bpf_stats = bpf_stats::start(config.bpf_stats);
     let mut attached = attach::attach(config, &metrics)?;
+    let bpf_stats = bpf_stats::start(config.bpf_stats, &attached.status);
     metrics.bpf_programs(Box::new(bpf_stats::KernelRunStats::new(
         attached.ebpf.clone(),
         bpf_stats,

@@ -10,6 +10,10 @@ use aya::{
 };
 
 use super::go::SharedEbpf;
+use crate::{
+    config::BpfStats,
+    model::probe::{ProbeMode, ProbeStatus},
+};
 
 /// The kernel's switch for counting without an fd (`sysctl kernel.bpf_stats_enabled`).
 const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -57,18 +61,28 @@ pub fn enable() -> Result<OwnedFd, EnableError> {
     enable_stats(Stats::RunTime).map_err(|e| e.io_error.into())
 }
 
-/// Turns the statistics on when `wanted` and says in one log line whether the kernel counts.
-/// The fd returned is to be held for the agent's lifetime.
+/// Turns the statistics on as `choice` says, given the probes' `status`, and says in one log
+/// line whether the kernel counts. The fd returned is to be held for the agent's lifetime.
 #[must_use]
-pub fn start(wanted: bool) -> Option<OwnedFd> {
+pub fn start(choice: BpfStats, status: &[ProbeStatus]) -> Option<OwnedFd> {
     let counting = if sysctl_on() {
         "counted anyway: kernel.bpf_stats_enabled is 1"
     } else {
         "not counted: nodewarden_bpf_stats_enabled is 0"
     };
-    if !wanted {
-        tracing::info!("eBPF program run statistics not turned on (metrics.bpf_stats): {counting}");
-        return None;
+    let on_syscalls = status.iter().any(|s| s.mode == ProbeMode::Syscalls);
+    match choice {
+        BpfStats::Off => {
+            tracing::info!("eBPF program run statistics off (metrics.bpf_stats): {counting}");
+            return None;
+        }
+        BpfStats::Auto if on_syscalls => {
+            tracing::info!(
+                "eBPF program run statistics off: programs on syscall tracepoints run at every such syscall of the node, and counting adds two clock reads to each run (metrics.bpf_stats = \"on\" turns them on): {counting}"
+            );
+            return None;
+        }
+        BpfStats::Auto | BpfStats::On => {}
     }
     match enable() {
         Ok(fd) => {

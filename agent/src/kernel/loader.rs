@@ -66,6 +66,7 @@ pub fn load(
         GuardAttach::No(_) => 1,
     };
     let mut ebpf = load_object(offsets, contention, max_files)?;
+    let btf = KernelBtf::default();
     let go = if offsets.has_exec_file() {
         single(
             Capability::GoFatalErrors,
@@ -80,12 +81,12 @@ pub fn load(
         )
     };
     let status = vec![
-        attach_futex(&mut ebpf, functions, choices.futex_waits, contention),
+        attach_futex(&mut ebpf, &btf, functions, choices.futex_waits, contention),
         attach_sampling(&mut ebpf, contention),
         attach_offcpu(&mut ebpf, contention),
         go,
-        attach_limit_writes(&mut ebpf, offsets, choices.limit_writes),
-        attach_oom_limits(&mut ebpf, offsets, choices.oom_limits),
+        attach_limit_writes(&mut ebpf, &btf, offsets, choices.limit_writes),
+        attach_oom_limits(&mut ebpf, &btf, offsets, choices.oom_limits),
         single(
             Capability::OomVictims,
             ProbeMode::RawTp,
@@ -124,16 +125,36 @@ pub fn load(
                 Ok(())
             },
         ),
-        attach_guard(&mut ebpf, offsets, guard),
+        attach_guard(&mut ebpf, &btf, offsets, guard),
     ];
     Ok(Probes { ebpf, status })
+}
+
+/// The kernel's BTF as aya parses it, for loading fentry, fexit and LSM programs: parsed once,
+/// when first needed, and dropped when loading ends (it takes tens of megabytes while held,
+/// and each parse a noticeable share of the start-up).
+#[derive(Default)]
+struct KernelBtf(std::cell::OnceCell<Result<Btf, String>>);
+
+impl KernelBtf {
+    fn get(&self) -> Result<&Btf, AttachError> {
+        self.0
+            .get_or_init(|| Btf::from_sys_fs().map_err(|e| AttachError::from(e).to_string()))
+            .as_ref()
+            .map_err(|e| AttachError::KernelBtf(e.clone()))
+    }
 }
 
 /// Where the kernel lists its active LSMs.
 const ACTIVE_LSMS: &str = "/sys/kernel/security/lsm";
 
 /// The guard: the BPF LSM program on `file_open`, where BPF LSM is active.
-fn attach_guard(ebpf: &mut Ebpf, offsets: &KernelOffsets, guard: GuardAttach) -> ProbeStatus {
+fn attach_guard(
+    ebpf: &mut Ebpf,
+    btf: &KernelBtf,
+    offsets: &KernelOffsets,
+    guard: GuardAttach,
+) -> ProbeStatus {
     if let GuardAttach::No(why) = guard {
         return ProbeStatus::unavailable(Capability::Guard, Failure::general(why));
     }
@@ -151,9 +172,8 @@ fn attach_guard(ebpf: &mut Ebpf, offsets: &KernelOffsets, guard: GuardAttach) ->
         ProbeMode::Lsm,
         programs::FILE_OPEN_HOOK,
         || {
-            let btf = Btf::from_sys_fs().map_err(AttachError::from)?;
             let p: &mut Lsm = program(ebpf, programs::GUARD_FILE_OPEN)?;
-            p.load(programs::FILE_OPEN_HOOK, &btf)
+            p.load(programs::FILE_OPEN_HOOK, btf.get()?)
                 .map_err(AttachError::from)?;
             p.attach().map(drop).map_err(AttachError::from)
         },
@@ -284,6 +304,7 @@ fn attach_offcpu(ebpf: &mut Ebpf, contention: &ContentionConfig) -> ProbeStatus 
 /// tracepoints of the futex syscalls, which every syscall on the node pays for while attached.
 fn attach_futex(
     ebpf: &mut Ebpf,
+    btf: &KernelBtf,
     functions: &Functions,
     choice: FutexMode,
     contention: &ContentionConfig,
@@ -302,7 +323,7 @@ fn attach_futex(
     let mut passed_over = Vec::new();
     for &mode in modes {
         let attempt = if mode == ProbeMode::Fexit {
-            attach_futex_functions(ebpf, functions)
+            attach_futex_functions(ebpf, btf, functions)
         } else {
             attach_futex_syscalls(ebpf)
         };
@@ -333,8 +354,8 @@ type FutexAttempt = Result<(Vec<String>, Vec<String>), String>;
 
 /// fexit then fentry on each futex wait function the kernel has: all required ones or none.
 /// Each exit before its entry, so that no wait is seen starting without its end.
-fn attach_futex_functions(ebpf: &mut Ebpf, functions: &Functions) -> FutexAttempt {
-    let btf = Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {}", AttachError::from(e)))?;
+fn attach_futex_functions(ebpf: &mut Ebpf, btf: &KernelBtf, functions: &Functions) -> FutexAttempt {
+    let btf = btf.get().map_err(|e| e.to_string())?;
     let mut hooks = Vec::new();
     let mut skipped = Vec::new();
     let undo = |ebpf: &mut Ebpf| {
@@ -360,10 +381,10 @@ fn attach_futex_functions(ebpf: &mut Ebpf, functions: &Functions) -> FutexAttemp
             )),
             Some((kernel, _)) => (|| {
                 let exit: &mut FExit = program(ebpf, f.exit)?;
-                exit.load(kernel, &btf)?;
+                exit.load(kernel, btf)?;
                 exit.attach()?;
                 let entry: &mut FEntry = program(ebpf, f.entry)?;
-                entry.load(kernel, &btf)?;
+                entry.load(kernel, btf)?;
                 entry.attach()?;
                 Ok::<_, AttachError>(kernel)
             })()
@@ -460,6 +481,7 @@ fn single(
 /// used when it attaches to at least one handler; handlers it could not attach to are reported.
 fn attach_limit_writes(
     ebpf: &mut Ebpf,
+    btf: &KernelBtf,
     offsets: &KernelOffsets,
     choice: LimitWriteMode,
 ) -> ProbeStatus {
@@ -483,7 +505,7 @@ fn attach_limit_writes(
         let (hooks, failures) = match mode {
             ProbeMode::Kprobe => attach_kprobes(ebpf),
             ProbeMode::Syscalls => attach_syscalls(ebpf, offsets),
-            _ => attach_fexits(ebpf),
+            _ => attach_fexits(ebpf, btf),
         };
         let attached = !hooks.is_empty();
         let errors = grouped(mode, attached, failures);
@@ -514,6 +536,7 @@ fn attach_limit_writes(
 /// userspace derives it from the cgroups' `memory.events.local` (mode `memory.events`).
 fn attach_oom_limits(
     ebpf: &mut Ebpf,
+    btf: &KernelBtf,
     offsets: &KernelOffsets,
     choice: OomLimitMode,
 ) -> ProbeStatus {
@@ -540,8 +563,7 @@ fn attach_oom_limits(
                     })
                 }
                 _ => program::<FEntry>(ebpf, programs::OOM_ENTER_FENTRY).and_then(|p| {
-                    let btf = Btf::from_sys_fs().map_err(AttachError::from)?;
-                    p.load(programs::OUT_OF_MEMORY, &btf)
+                    p.load(programs::OUT_OF_MEMORY, btf.get()?)
                         .map_err(AttachError::from)?;
                     p.attach().map(drop).map_err(AttachError::from)
                 }),
@@ -630,8 +652,8 @@ fn grouped(mode: ProbeMode, attached: bool, failures: Vec<(&'static str, String)
         .collect()
 }
 
-fn attach_fexits(ebpf: &mut Ebpf) -> Attempt {
-    let btf = match Btf::from_sys_fs() {
+fn attach_fexits(ebpf: &mut Ebpf, btf: &KernelBtf) -> Attempt {
+    let btf = match btf.get() {
         Ok(b) => b,
         Err(e) => return (Vec::new(), vec![("kernel BTF", e.to_string())]),
     };
@@ -640,7 +662,7 @@ fn attach_fexits(ebpf: &mut Ebpf) -> Attempt {
         let handler = limit.kernel_handler();
         let r = (|| {
             let p: &mut FExit = program(ebpf, limit.fexit_program())?;
-            p.load(handler, &btf).map_err(AttachError::from)?;
+            p.load(handler, btf).map_err(AttachError::from)?;
             p.attach().map_err(AttachError::from)?;
             Ok::<_, AttachError>(())
         })();
@@ -815,6 +837,8 @@ pub enum AttachError {
     Program(#[from] aya::programs::ProgramError),
     #[error("{}", explain(.0))]
     Btf(#[from] aya::BtfError),
+    #[error("kernel BTF: {0}")]
+    KernelBtf(String),
     #[error("{what}: {source}")]
     Cpus {
         what: &'static str,

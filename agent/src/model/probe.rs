@@ -132,7 +132,7 @@ pub fn syscall_tracepoint_cost(status: &[ProbeStatus]) -> Option<String> {
         return None;
     }
     let mut text = format!(
-        "syscall tracepoints attached ({}): every syscall of every process on the node takes the kernel's slower entry path while they are (measured: getppid() about 35-45% slower; see docs/benchmarks.md)",
+        "syscall tracepoints attached ({}): every syscall of every process on the node takes the kernel's slower entry path while they are (measured: getppid() 38% to 59% slower; docs/benchmarks.md)",
         users.join(", ")
     );
     if users.contains(&Capability::FutexWaits.as_str()) {
@@ -142,7 +142,7 @@ pub fn syscall_tracepoint_cost(status: &[ProbeStatus]) -> Option<String> {
     }
     if users.contains(&Capability::LimitWrites.as_str()) {
         text.push_str(
-            "; limit_writes avoids them with probes.limit_writes = \"inotify\" (writers then unknown)",
+            "; limit_writes also runs a program at every write(2), pwrite64(2) and writev(2) of the node (a one-byte write() measured 4.6 times slower) and avoids them with probes.limit_writes = \"inotify\" (writers then unknown)",
         );
     }
     Some(text)
