@@ -26,7 +26,10 @@ use std::{
 use clap::{Parser, Subcommand};
 
 use crate::{
-    cli::{bench, check, desired, diagnose, events, guard_bench, latency, restore_bench, top},
+    cli::{
+        bench, burst_bench, check, desired, diagnose, events, guard_bench, idle_bench, latency,
+        restore_bench, syscall_bench, top,
+    },
     config::Config,
     model::{pattern::Pattern, record::RecordKind},
     outputs::{logs, traces::Traces},
@@ -174,6 +177,62 @@ enum Cmd {
         /// Waits before each bad write, spread over [0, N) ms (for a periodic restorer).
         #[arg(long, default_value_t = 0)]
         jitter_ms: u64,
+    },
+    /// Time `getppid()`, write(2) to /dev/null and pwrite(2) to a file with no agent and with
+    /// the agent in each of several configurations, in interleaved rounds (used by `cargo
+    /// xtask bench`).
+    #[command(hide = true)]
+    BenchSyscalls {
+        #[arg(long, default_value_t = 15)]
+        rounds: usize,
+        /// Calls of each syscall per measurement.
+        #[arg(long, default_value_t = 100_000)]
+        calls: u64,
+        /// The regular file written (created, then removed).
+        #[arg(long)]
+        file: PathBuf,
+        /// Where the agents' configurations, logs and sockets go.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Pause after each agent start and stop, in ms.
+        #[arg(long, default_value_t = 500)]
+        settle_ms: u64,
+    },
+    /// The idle agent's CPU, memory and /metrics by the number of cgroups on the node, in the
+    /// kernel lab's VM (used by `cargo xtask bench`).
+    #[command(hide = true)]
+    BenchIdle {
+        /// Cgroup counts, in increasing order.
+        #[arg(long, value_delimiter = ',', default_values_t = [0, 1000, 10_000])]
+        counts: Vec<usize>,
+        /// The cgroup the test cgroups are made in (created, removed at the end).
+        #[arg(long)]
+        parent: PathBuf,
+        #[arg(long, default_value_t = 30)]
+        idle_seconds: u64,
+        #[arg(long, default_value_t = 9)]
+        scrapes: usize,
+        /// Where the agent's configuration, log and socket go.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Limit writes at a fixed rate against the agent: reported, lost, its CPU, in the kernel
+    /// lab's VM (used by `cargo xtask bench`).
+    #[command(hide = true)]
+    BenchBurst {
+        #[arg(long, default_value_t = 10_000)]
+        rate: u32,
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Cgroups written in turn.
+        #[arg(long, default_value_t = 4)]
+        cgroups: usize,
+        /// The cgroup they are made in (created, removed at the end).
+        #[arg(long)]
+        parent: PathBuf,
+        /// Where the agent's configuration, log and socket go.
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// Every watched limit, its desired value and where that value comes from (the running
     /// agent's state file, `remediation.state_file`).
@@ -332,6 +391,39 @@ pub fn main() -> ExitCode {
             socket.as_deref(),
             Duration::from_millis(jitter_ms),
         )),
+        Cmd::BenchSyscalls {
+            rounds,
+            calls,
+            file,
+            dir,
+            settle_ms,
+        } => exit(syscall_bench::run(
+            rounds,
+            calls,
+            &file,
+            &dir,
+            Duration::from_millis(settle_ms),
+        )),
+        Cmd::BenchIdle {
+            counts,
+            parent,
+            idle_seconds,
+            scrapes,
+            dir,
+        } => exit(idle_bench::run(
+            &counts,
+            &parent,
+            Duration::from_secs(idle_seconds),
+            scrapes,
+            &dir,
+        )),
+        Cmd::BenchBurst {
+            rate,
+            seconds,
+            cgroups,
+            parent,
+            dir,
+        } => exit(burst_bench::run(rate, seconds, cgroups, &parent, &dir)),
         Cmd::Rules {
             cmd: RulesCmd::Validate { file },
         } => exit(cli::rules::validate(&file)),

@@ -16,6 +16,8 @@ use serde_json::Value;
 
 use common::{Agent, otlp};
 
+#[path = "vm_kernel/burst.rs"]
+mod burst;
 #[path = "vm_kernel/guard.rs"]
 mod guard;
 #[path = "vm_kernel/heal.rs"]

@@ -6,7 +6,10 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{bench_contention, bench_guard, bench_latency, bench_restore, build, setup, vm};
+use crate::{
+    bench_burst, bench_contention, bench_guard, bench_idle, bench_latency, bench_restore,
+    bench_syscalls, build, setup, vm,
+};
 
 /// Rounds of the three configurations, interleaved so drift hits them alike.
 const ROUNDS: usize = 7;
@@ -34,6 +37,12 @@ pub enum Part {
     Restore,
     /// The guard's cost on open(2), in the VM.
     Guard,
+    /// What the agent costs syscalls it does not watch, per configuration (host and VM).
+    Syscalls,
+    /// The idle agent's CPU, memory and /metrics by cgroup count (in the VM).
+    Idle,
+    /// A burst of limit writes: reported, lost, the agent's CPU (in the VM).
+    Burst,
 }
 
 pub fn main(baseline: Option<&str>, only: Option<Part>) -> Result<i32> {
@@ -49,6 +58,9 @@ pub fn main(baseline: Option<&str>, only: Option<Part>) -> Result<i32> {
             Part::Latency => bench_latency::run(&bin, &agents(baseline, &bin)?)?,
             Part::Restore => bench_restore::run(&bin)?,
             Part::Guard => bench_guard::run(&bin)?,
+            Part::Syscalls => bench_syscalls::run(&bin)?,
+            Part::Idle => bench_idle::run(&bin)?,
+            Part::Burst => bench_burst::run(&bin)?,
         };
         print!("{md}");
         return Ok(0);
@@ -58,6 +70,9 @@ pub fn main(baseline: Option<&str>, only: Option<Part>) -> Result<i32> {
     md.push_str(&bench_latency::run(&bin, &agents(baseline, &bin)?)?);
     md.push_str(&bench_restore::run(&bin)?);
     md.push_str(&bench_guard::run(&bin)?);
+    md.push_str(&bench_syscalls::run(&bin)?);
+    md.push_str(&bench_idle::run(&bin)?);
+    md.push_str(&bench_burst::run(&bin)?);
     let path = vm::workspace_root().join("docs/benchmarks.md");
     std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
     print!("{md}");
@@ -133,18 +148,7 @@ fn report(
     let added_many = syscalls_many - none_many;
     let ratio_many = added_many / added_empty;
     let kernel = setup::output(Command::new("uname").arg("-srm"))?;
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines().find_map(|l| {
-                l.strip_prefix("model name")?
-                    .split(':')
-                    .nth(1)
-                    .map(str::trim)
-                    .map(str::to_owned)
-            })
-        })
-        .unwrap_or_else(|| "unknown".to_owned());
+    let cpu = cpu_model();
     let date = setup::output(Command::new("date").arg("-u").arg("+%Y-%m-%d"))?;
 
     let date = date.trim();
@@ -183,8 +187,43 @@ throughout.
     ))
 }
 
+/// This machine's CPU model, from /proc/cpuinfo.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split(':')
+                    .nth(1)
+                    .map(str::trim)
+                    .map(str::to_owned)
+            })
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
 /// The median of `v` (the upper one of an even count); sorts `v`.
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// Runs `script` (sh) in the lab's VM on `kernel` as one step named `what`, and parses the JSON
+/// it leaves in `json` (under target/, which the guest shares).
+pub fn vm_json(
+    what: &str,
+    kernel: &str,
+    opts: &vm::RunOptions,
+    script: String,
+    json: &std::path::Path,
+) -> Result<serde_json::Value> {
+    let argv = ["sh".to_owned(), "-c".to_owned(), script];
+    let status = setup::step(what, || vm::run(kernel, opts, &argv))?;
+    if status != 0 {
+        bail!("{what}: the VM's command exited with {status}");
+    }
+    let text =
+        std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+    serde_json::from_str(text.trim()).with_context(|| format!("{}: {text:?}", json.display()))
 }

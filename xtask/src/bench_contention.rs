@@ -65,6 +65,8 @@ pub fn run(agent: &Path) -> Result<String> {
     let mut watched = vec![0; CASES.len()];
     // Sleeps per second of each program, without the agent.
     let mut sleeps: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
+    // CPU seconds, with the agent: the program's, the agent process's, the eBPF programs'.
+    let mut cpu: Vec<Vec<Cpu>> = vec![Vec::new(); CASES.len()];
     setup::step(
         &format!(
             "{ROUNDS} rounds of {} programs, without and with the agent",
@@ -78,9 +80,8 @@ pub fn run(agent: &Path) -> Result<String> {
                     let alone = measure(&dir, case, None)?;
                     without[i].push(alone.value);
                     sleeps[i].push(alone.sleeps_per_s);
-                    let running = Running::start(agent, None)?;
-                    let beside = measure(&dir, case, Some(PORT))?;
-                    running.stop();
+                    let (beside, cost) = measure_with_agent(agent, &dir, case)?;
+                    cpu[i].push(cost);
                     with[i].push(beside.value);
                     watched[i] += usize::from(beside.watched);
                 }
@@ -137,6 +138,7 @@ pub fn run(agent: &Path) -> Result<String> {
          syscall tracepoints costs on this kernel (see the limit-write table above for that\n\
          floor).\n",
     );
+    cpu_table(&mut cpu, &mut md);
     let per_sleep = switch_costs(agent, &dir, &mut md)?;
     // What watching costs each program: its sleeps per second (measured without the agent)
     // times the cost of a watched sleep, over the machine's CPUs: a bound free of the drift.
@@ -156,6 +158,36 @@ pub fn run(agent: &Path) -> Result<String> {
         let _ = writeln!(md, "| {what} | {rate:.0} | {:.2}% |", share * 100.0);
     }
     Ok(md)
+}
+
+/// The table of CPU seconds of the runs with the agent: the program's, the agent's and its eBPF
+/// programs', and their ratio.
+fn cpu_table(cpu: &mut [Vec<Cpu>], md: &mut String) {
+    md.push_str(
+        "\nThe same runs, in CPU time rather than throughput (which drifts with the machine): the\n\
+         program's own (user and system, from wait4), the agent process's (its\n\
+         `process_cpu_seconds_total`) and the kernel's count of the time every eBPF program of the\n\
+         agent ran (`nodewarden_bpf_program_run_seconds_total`; that time is spent in the\n\
+         programs' own context, on every process of the machine), over each whole run (warm-up\n\
+         included). Medians of the rounds.\n\n\
+         | program | program CPU s | agent CPU s | eBPF run time s | (agent + eBPF) / program |\n\
+         |---|---|---|---|---|\n",
+    );
+    for (i, (what, _, _)) in CASES.iter().enumerate() {
+        let pick = |f: fn(&Cpu) -> f64| median(&mut cpu[i].iter().map(f).collect::<Vec<_>>());
+        let mut shares: Vec<f64> = cpu[i]
+            .iter()
+            .map(|c| (c.agent + c.ebpf) / c.program)
+            .collect();
+        let _ = writeln!(
+            md,
+            "| {what} | {:.2} | {:.3} | {:.3} | **{:.2}%** |",
+            pick(|c| c.program),
+            pick(|c| c.agent),
+            pick(|c| c.ebpf),
+            median(&mut shares) * 100.0
+        );
+    }
 }
 
 /// Agent configurations for the context-switch costs: only the off-CPU probe differs.
@@ -222,6 +254,55 @@ fn switch_costs(agent: &Path, dir: &Path, md: &mut String) -> Result<f64> {
     Ok(added[2])
 }
 
+/// CPU seconds of one run with the agent.
+#[derive(Clone, Copy)]
+struct Cpu {
+    /// The program's user and system time.
+    program: f64,
+    /// The agent process's.
+    agent: f64,
+    /// The time the agent's eBPF programs ran, in whatever context.
+    ebpf: f64,
+}
+
+/// Runs a program beside the agent (its default configuration, with the kernel's per-program
+/// statistics on for the eBPF column: `auto` leaves them off where probes are on syscall
+/// tracepoints), and the CPU seconds the run cost.
+fn measure_with_agent(
+    agent: &Path,
+    dir: &Path,
+    case: &(&str, &str, &[&str]),
+) -> Result<(Measured, Cpu)> {
+    let running = Running::start(agent, Some("[metrics]\nbpf_stats = \"on\"\n"))?;
+    let before = agent_cost(PORT)?;
+    let beside = measure(dir, case, Some(PORT))?;
+    let after = agent_cost(PORT)?;
+    running.stop();
+    let cost = Cpu {
+        program: beside.cpu_s,
+        agent: after.0 - before.0,
+        ebpf: after.1 - before.1,
+    };
+    Ok((beside, cost))
+}
+
+/// The agent's CPU seconds and its eBPF programs' total run time so far, from its metrics.
+fn agent_cost(port: u16) -> Result<(f64, f64)> {
+    let body = metrics(port).context("scraping the agent")?;
+    let value = |l: &str| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok());
+    let process = body
+        .lines()
+        .find(|l| l.starts_with("process_cpu_seconds_total "))
+        .and_then(value)
+        .context("no process_cpu_seconds_total")?;
+    let ebpf = body
+        .lines()
+        .filter(|l| l.starts_with("nodewarden_bpf_program_run_seconds_total{"))
+        .filter_map(value)
+        .sum();
+    Ok((process, ebpf))
+}
+
 /// What one run of a program gave.
 struct Measured {
     /// What it printed.
@@ -230,6 +311,8 @@ struct Measured {
     watched: bool,
     /// Its voluntary context switches (sleeps) per second.
     sleeps_per_s: f64,
+    /// Its user and system CPU seconds.
+    cpu_s: f64,
 }
 
 /// Runs a program; `agent_port` when the agent runs.
@@ -275,6 +358,10 @@ fn measure(
             .with_context(|| format!("{program} printed {out:?}"))?,
         watched: seen,
         sleeps_per_s: usage.ru_nvcsw as f64 / start.elapsed().as_secs_f64(),
+        cpu_s: [usage.ru_utime, usage.ru_stime]
+            .iter()
+            .map(|t| t.tv_sec as f64 + t.tv_usec as f64 / 1e6)
+            .sum(),
     })
 }
 
@@ -359,11 +446,14 @@ impl Running {
 
 /// Whether the agent answers on /metrics with its probes attached.
 fn serving(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+    metrics(port).is_ok_and(|body| body.contains("nodewarden_probe_info"))
+}
+
+/// The agent's /metrics response.
+fn metrics(port: u16) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
     let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body.contains("nodewarden_probe_info")
+    s.read_to_string(&mut body)?;
+    Ok(body)
 }

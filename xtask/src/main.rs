@@ -1,10 +1,13 @@
 //! `cargo xtask`: everything that needs root, the special eBPF toolchain or a VM.
 
 mod bench;
+mod bench_burst;
 mod bench_contention;
 mod bench_guard;
+mod bench_idle;
 mod bench_latency;
 mod bench_restore;
+mod bench_syscalls;
 mod build;
 mod fuzz;
 mod lint;

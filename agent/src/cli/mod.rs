@@ -1,15 +1,19 @@
 //! The commands besides `run`: each reads the running agent, the kernel or a process, and
 //! prints for a person.
 
+pub mod agent_bench;
 pub mod bench;
+pub mod burst_bench;
 pub mod check;
 pub mod desired;
 pub mod diagnose;
 pub mod events;
 pub mod guard_bench;
+pub mod idle_bench;
 pub mod latency;
 pub mod restore_bench;
 pub mod rules;
+pub mod syscall_bench;
 pub mod top;
 
 /// `text` for a terminal: control characters (an escape sequence in a process's name, a path

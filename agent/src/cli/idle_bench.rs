@@ -1,0 +1,135 @@
+//! `nodewarden bench-idle` (hidden, the kernel lab's VM only): what the agent costs when
+//! nothing happens, by the number of cgroups on the node. For each count, that many cgroups
+//! (memory and pids controllers, a `memory.max` each) exist before the agent starts in its
+//! default configuration; once it has read them all, it idles, and its CPU time, memory and
+//! `/metrics` are measured. Prints JSON for `cargo xtask bench`.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+
+use super::agent_bench::{self, Running};
+
+/// How long the agent may take to start and read every cgroup.
+const START_LIMIT: Duration = Duration::from_secs(600);
+
+/// One cgroup count's figures.
+#[derive(Debug, serde::Serialize)]
+struct Figures {
+    cgroups: usize,
+    /// Spawn to probes attached, and to the series settled (every cgroup read).
+    ready_s: f64,
+    settled_s: f64,
+    /// CPU seconds the agent used until settled.
+    startup_cpu_s: f64,
+    /// The idle window: its length and the CPU seconds used in it.
+    idle_s: f64,
+    idle_cpu_s: f64,
+    rss_bytes: u64,
+    rss_anon_bytes: u64,
+    metrics_bytes: usize,
+    series: usize,
+    /// Each scrape's time, after the idle window.
+    scrape_ms: Vec<f64>,
+}
+
+/// Measures each of `counts` (cgroups under `parent`, created cumulatively and removed at the
+/// end): `idle` of idling after the agent settled, then `scrapes` scrapes. `dir` holds the
+/// agent's files.
+pub fn run(
+    counts: &[usize],
+    parent: &Path,
+    idle: Duration,
+    scrapes: usize,
+    dir: &Path,
+) -> Result<()> {
+    agent_bench::require_vm()?;
+    std::fs::create_dir_all(dir)?;
+    let metrics: SocketAddr = "127.0.0.1:19791".parse()?;
+    let config = agent_bench::config_text(&[])?;
+    let mut all = Vec::new();
+    let result = (|| -> Result<()> {
+        for &count in counts {
+            let start = Instant::now();
+            agent_bench::create_cgroups(parent, count)?;
+            eprintln!(
+                "bench-idle: {count} cgroups in {:.1} s",
+                start.elapsed().as_secs_f64()
+            );
+            let agent =
+                Running::start(dir, &format!("idle-{count}"), &config, metrics, START_LIMIT)?;
+            all.push(measure(&agent, count, idle, scrapes)?);
+            agent.stop()?;
+        }
+        Ok(())
+    })();
+    agent_bench::remove_cgroups(parent);
+    result?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim(),
+            "counts": all,
+        })
+    );
+    Ok(())
+}
+
+fn measure(agent: &Running, count: usize, idle: Duration, scrapes: usize) -> Result<Figures> {
+    let settled = settle(agent)?;
+    let startup_cpu_s = agent.cpu_seconds()?;
+    let (cpu0, t0) = (agent.cpu_seconds()?, Instant::now());
+    std::thread::sleep(idle);
+    let (cpu1, idle_s) = (agent.cpu_seconds()?, t0.elapsed().as_secs_f64());
+    let (rss_bytes, rss_anon_bytes) = agent.memory()?;
+    let mut scrape_ms = Vec::new();
+    let mut body = String::new();
+    for _ in 0..scrapes.max(1) {
+        let (b, took) = agent_bench::scrape(agent.metrics)?;
+        scrape_ms.push(took.as_secs_f64() * 1e3);
+        body = b;
+    }
+    let figures = Figures {
+        cgroups: count,
+        ready_s: agent.ready_after.as_secs_f64(),
+        settled_s: settled.as_secs_f64() + agent.ready_after.as_secs_f64(),
+        startup_cpu_s,
+        idle_s,
+        idle_cpu_s: cpu1 - cpu0,
+        rss_bytes,
+        rss_anon_bytes,
+        metrics_bytes: body.len(),
+        series: agent_bench::series(&body),
+        scrape_ms,
+    };
+    eprintln!("bench-idle: {figures:?}");
+    Ok(figures)
+}
+
+/// Waits until the agent has read the hierarchy at start (`nodewarden_resyncs_total{reason=
+/// "start"}`) and its series stop changing in number over 2 s, then 5 s more; returns how long
+/// after ready that was.
+fn settle(agent: &Running) -> Result<Duration> {
+    let start = Instant::now();
+    let mut last = None;
+    loop {
+        let (body, _) = agent_bench::scrape(agent.metrics)?;
+        let read = agent_bench::sum(&body, "nodewarden_resyncs_total", &["reason=\"start\""]);
+        let now = agent_bench::series(&body);
+        if read >= 1.0 && last == Some(now) {
+            break;
+        }
+        last = Some(now);
+        if start.elapsed() > START_LIMIT {
+            bail!("the agent's series did not settle within {START_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let settled = start.elapsed();
+    std::thread::sleep(Duration::from_secs(5));
+    Ok(settled)
+}

@@ -1,0 +1,115 @@
+//! `cargo xtask bench`, idle part (issue 14): in the lab's VM, the agent in its default
+//! configuration doing nothing, with 0, 1,000 and 10,000 cgroups on the node (`nodewarden
+//! bench-idle`): its CPU share, its memory, the size of `/metrics` and the time a scrape takes.
+
+use std::{fmt::Write as _, path::Path, time::Duration};
+
+use anyhow::{Context as _, Result};
+use serde_json::Value;
+
+use crate::{
+    bench::{median, vm_json},
+    vm,
+};
+
+const KERNEL: &str = "bookworm-6.1";
+const COUNTS: &str = "0,1000,10000";
+const IDLE_S: u64 = 30;
+const SCRAPES: usize = 9;
+/// Guest memory: 10,000 memory cgroups take several hundred MiB of the kernel's.
+const MEMORY_MIB: u32 = 2048;
+/// The targets with 1,000 cgroups: CPU share of one core, and resident memory.
+const TARGET_CPU_PCT: f64 = 0.5;
+const TARGET_RSS_MB: f64 = 40.0;
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Runs `bench-idle` in the VM; returns the markdown section.
+pub fn run(bin: &Path) -> Result<String> {
+    let out = vm::workspace_root().join("target/bench-idle");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    let script = format!(
+        "NODEWARDEN_IN_VM=1 '{bin}' bench-idle --counts {COUNTS} --parent /sys/fs/cgroup/nw-idle \
+         --idle-seconds {IDLE_S} --scrapes {SCRAPES} --dir /tmp/nw-bench > '{out}/idle.json'\n",
+        bin = bin.display(),
+        out = out.display()
+    );
+    let opts = vm::RunOptions {
+        memory_mib: MEMORY_MIB,
+        timeout: Duration::from_secs(3600),
+        ..vm::RunOptions::default()
+    };
+    let v = vm_json(
+        &format!("the idle agent in the VM ({KERNEL}) with {COUNTS} cgroups"),
+        KERNEL,
+        &opts,
+        script,
+        &out.join("idle.json"),
+    )?;
+    report(&v)
+}
+
+fn report(v: &Value) -> Result<String> {
+    let counts = v["counts"].as_array().context("no counts")?;
+    let mut md = format!(
+        "\n## Idle cost by the number of cgroups\n\n\
+         In the lab's VM (`{}`, {KERNEL}, x86_64 under TCG emulation, 2 vCPUs, {MEMORY_MIB} MiB): \
+         before the agent starts, that many cgroups exist under one parent (memory and pids \
+         controllers, a `memory.max` each). The agent runs its default configuration (release \
+         build); once it has read every cgroup (its series stop changing in number), it idles \
+         for {IDLE_S} s: its CPU time over that window (user and system, all threads, from \
+         /proc/PID/stat) as a share of one core, its resident memory at the end (VmRSS, and \
+         RssAnon, its own heap), then {SCRAPES} scrapes of `/metrics` (median time, and the \
+         slowest). Series per cgroup: the series added over the run with no cgroup, per \
+         cgroup. Under emulation CPU times are 10 to 50 times a real machine's.\n\n\
+         | cgroups | CPU idle (% of a core) | RSS | RssAnon | /metrics | series | series per cgroup | scrape (median, max) | ready, settled after | CPU to settle |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+        v["kernel"].as_str().unwrap_or("?"),
+    );
+    let f = |c: &Value, k: &str| c[k].as_f64().unwrap_or(f64::NAN);
+    let base_series = counts.first().map_or(f64::NAN, |c| f(c, "series"));
+    let mut verdict = String::new();
+    for c in counts {
+        let n = f(c, "cgroups");
+        let cpu_pct = f(c, "idle_cpu_s") / f(c, "idle_s") * 100.0;
+        let rss = f(c, "rss_bytes") / MIB;
+        let mut scrapes: Vec<f64> = c["scrape_ms"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default();
+        let scrape = if scrapes.is_empty() {
+            "-".to_owned()
+        } else {
+            let m = median(&mut scrapes);
+            format!("{m:.1} ms, {:.1} ms", scrapes[scrapes.len() - 1])
+        };
+        let per = if n > 0.0 {
+            format!("{:.2}", (f(c, "series") - base_series) / n)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            md,
+            "| {n:.0} | {cpu_pct:.2}% | {rss:.1} MiB | {:.1} MiB | {:.0} KiB | {:.0} | {per} | {scrape} | {:.1} s, {:.1} s | {:.1} s |",
+            f(c, "rss_anon_bytes") / MIB,
+            f(c, "metrics_bytes") / 1024.0,
+            f(c, "series"),
+            f(c, "ready_s"),
+            f(c, "settled_s"),
+            f(c, "startup_cpu_s"),
+        );
+        if (n - 1000.0).abs() < 0.5 {
+            let met = |ok: bool| if ok { "met" } else { "**missed**" };
+            verdict = format!(
+                "\nTargets with 1,000 cgroups: CPU under {TARGET_CPU_PCT}% of a core: \
+                 {cpu_pct:.2}% ({}), under emulation; RSS under {TARGET_RSS_MB:.0} MB: \
+                 {:.1} MB, {rss:.1} MiB ({}).\n",
+                met(cpu_pct < TARGET_CPU_PCT),
+                rss * MIB / 1e6,
+                met(rss * MIB < TARGET_RSS_MB * 1e6),
+            );
+        }
+    }
+    md.push_str(&verdict);
+    Ok(md)
+}
