@@ -122,9 +122,7 @@ impl Running {
 
     /// The agent's CPU time so far (user and system, all threads), in seconds.
     pub fn cpu_seconds(&self) -> Result<f64> {
-        let stat = procfs::process::Process::new(self.pid())?.stat()?;
-        #[expect(clippy::cast_precision_loss, reason = "clock ticks")]
-        Ok((stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64)
+        crate::enrich::procfs::cpu_seconds(self.child.id()).context("the agent has exited")
     }
 
     /// The agent's resident memory and the anonymous part of it, in bytes.

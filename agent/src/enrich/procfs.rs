@@ -66,9 +66,16 @@ pub fn cgroup_of(pid: u32) -> Option<String> {
 /// A process's user and system CPU seconds so far; `None` once it has exited.
 #[must_use]
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = process(pid)?.stat().ok()?;
+    Some(stat_cpu_seconds(&process(pid)?.stat().ok()?))
+}
+
+/// The user and system CPU seconds in a process's `stat`.
+#[must_use]
+pub fn stat_cpu_seconds(stat: &procfs::process::Stat) -> f64 {
     #[expect(clippy::cast_precision_loss, reason = "CPU seconds")]
-    Some(stat.utime.saturating_add(stat.stime) as f64 / procfs::ticks_per_second().max(1) as f64)
+    let seconds =
+        stat.utime.saturating_add(stat.stime) as f64 / procfs::ticks_per_second().max(1) as f64;
+    seconds
 }
 
 /// Whether process `pid` exists.

@@ -394,7 +394,12 @@ fn attach_futex_functions(ebpf: &mut Ebpf, btf: &KernelBtf, functions: &Function
             Ok(kernel) => hooks.push(kernel.to_owned()),
             // An older kernel without `futex_waitv(2)`: nothing to say.
             Err(_) if !f.required && f.kernel.iter().all(|k| functions.params(k).is_none()) => {}
-            Err(e) if !f.required => skipped.push(format!("not attached to {e}")),
+            Err(e) if !f.required => {
+                // Its exit may have attached before its entry failed: not kept for nothing.
+                let _ = program::<FExit>(ebpf, f.exit).map(FExit::unload);
+                let _ = program::<FEntry>(ebpf, f.entry).map(FEntry::unload);
+                skipped.push(format!("not attached to {e}"));
+            }
             Err(e) => {
                 undo(ebpf);
                 return Err(e);

@@ -13,6 +13,7 @@ use prometheus::{
 };
 
 use super::metrics::{desc, float_counter_family};
+use crate::enrich::procfs::stat_cpu_seconds;
 
 /// One of the process metric families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,9 +157,8 @@ fn read(process: ProcResult<Process>) -> Vec<(Family, f64)> {
     };
     let mut values = Vec::with_capacity(Family::ALL.len());
     if let Some(stat) = ok("stat", p.stat()) {
-        let ticks = stat.utime.saturating_add(stat.stime);
         values.extend([
-            (Family::CpuSeconds, ticks as f64 / ticks_per_second()),
+            (Family::CpuSeconds, stat_cpu_seconds(&stat)),
             (Family::ResidentBytes, stat.rss_bytes().get() as f64),
             (Family::VirtualBytes, stat.vsize as f64),
             (Family::Threads, stat.num_threads as f64),
