@@ -15,10 +15,11 @@ use aya_ebpf::{
 };
 
 /// The events userspace must not miss (limit writes, cgroup changes, OOM kills, Go fatal
-/// errors). 256 KiB holds about 1,600 limit writes: more than a second of the busiest writer
-/// seen, and bursts of OOM kills fit. Nothing high-volume shares it.
+/// errors). 1 MiB holds about 5,200 limit writes of 200 bytes: half a second of a burst of
+/// 10,000 a second while the agent is held up (256 KiB lost 2 to 4% of such a burst to a
+/// full ring), and bursts of OOM kills fit. Nothing high-volume shares it.
 #[map(name = "EVENTS")]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
 
 /// Execs of executables not reported before: one record per file, not per exec.
 #[map(name = "EXECS")]

@@ -29,6 +29,10 @@ mod lossless;
 #[path = "vm_kernel/oom.rs"]
 mod oom;
 
+/// Limit writes that overflow the event ring while the agent is stopped: the ring (1 MiB)
+/// holds about 5,000 (208 bytes each with the ring's header).
+pub(crate) const OVERFLOWING_WRITES: u64 = 12_000;
+
 /// The agent's live event feed, collected in the background.
 pub(crate) struct Feed {
     records: Arc<Mutex<Vec<Value>>>,

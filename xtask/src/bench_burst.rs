@@ -74,13 +74,13 @@ fn report(v: &Value) -> String {
          copy of `nodewarden` on the tmpfs, not from the 9p share, as on a node whose \
          executables are on a local disk). Reported: \
          `nodewarden_cgroup_limit_writes_total` of the writer (its thread's comm), summed; \
-         lost: `nodewarden_events_lost_total{{kind=\"limit_write\"}}`, by reason; found by \
-         a resync: the same counter's `writer=\"unknown\"` series, the changes the agent \
-         found when it read every limit again after a loss (it counts them as writes: a lost \
-         write whose change it found is in both columns, so they are not added up); read once the \
-         counts add up to the writes, or stop moving for 10 s. The agent's CPU is its \
+         lost: `nodewarden_events_lost_total{{kind=\"limit_write\"}}`, by reason; without a \
+         writer: the same counter's `writer=\"unknown\"` series (none expected: a change the \
+         agent finds when it reads every limit again after a loss is not counted as a write, \
+         its writes having been counted lost); read once the counts add up to the writes, or \
+         stop moving for 10 s. The agent's CPU is its \
          user and system time, all threads.\n\n\
-         | writes issued | rate reached | reported | counted lost | unaccounted | found by a resync | drained after the last write | agent CPU during the burst | and while draining | RSS after |\n\
+         | writes issued | rate reached | reported | counted lost | unaccounted | counted without a writer | drained after the last write | agent CPU during the burst | and while draining | RSS after |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
         v["kernel"].as_str().unwrap_or("?"),
         v["modes"]["limit_writes"].as_str().unwrap_or("?"),
@@ -95,7 +95,7 @@ fn report(v: &Value) -> String {
         } else {
             format!(" ({by_reason})")
         },
-        f("resync_found"),
+        f("unattributed"),
         f("drain_s"),
         f("cpu_burst_s"),
         f("cpu_burst_s") / f("issue_s") * 100.0,

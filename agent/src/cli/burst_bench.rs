@@ -29,10 +29,9 @@ const WRITER: &str = "nw-burst-writer";
 struct Counts {
     /// Writes the probes reported (writer [`WRITER`]).
     reported: f64,
-    /// Changes found by reading the limits again after a loss, counted as writes of an
-    /// unknown writer (`seen_by` resync): a lost write whose change a resync found is in both
-    /// this and the losses.
-    resync_found: f64,
+    /// Writes counted without a writer (`writer="unknown"`): none is expected (a change a
+    /// resync finds after a loss is not counted as a write: its writes were counted lost).
+    unattributed: f64,
     /// By reason.
     lost: BTreeMap<&'static str, f64>,
     /// Kernel records that did not decode (any kind: they may have been limit writes).
@@ -62,7 +61,7 @@ impl Counts {
                 "nodewarden_cgroup_limit_writes_total",
                 &[&format!("writer=\"{WRITER}\"")],
             ),
-            resync_found: agent_bench::sum(
+            unattributed: agent_bench::sum(
                 &body,
                 "nodewarden_cgroup_limit_writes_total",
                 &["writer=\"unknown\""],
@@ -172,7 +171,7 @@ fn burst(rate: u32, seconds: u32, targets: &[std::path::PathBuf], dir: &Path) ->
         "late": late,
         "issue_s": took.as_secs_f64(),
         "reported": counts.reported - before.reported,
-        "resync_found": counts.resync_found - before.resync_found,
+        "unattributed": counts.unattributed - before.unattributed,
         "lost": lost,
         "undecoded": counts.undecoded - before.undecoded,
         "resyncs_events_lost": counts.resyncs - before.resyncs,

@@ -208,6 +208,8 @@ pub struct EventLoop {
     pub reload: Reload,
     /// Guard changes lost so far (the executor's queue was full), as last acted on.
     pub guard_changes_lost: u64,
+    /// Lines of the agent's log dropped, as last counted.
+    pub log_lines_lost: u64,
     /// In syscalls mode: inotify's notifications waiting for the ring (writes by paths the
     /// tracepoints do not see are reported from them).
     pub unseen: Option<super::unseen::Unseen>,
@@ -281,7 +283,9 @@ impl EventLoop {
                     None => self.pods = None,
                 },
                 _ = reconcile.tick() => {
-                    self.pipeline.reconcile();
+                    let mut out = Vec::new();
+                    self.pipeline.reconcile(&mut out);
+                    self.apply(out);
                     self.reload.trust(self.pipeline.trust().clone());
                 }
                 _ = rules_check.tick(), if watch_rules => self.reload.rules(false),
@@ -316,10 +320,10 @@ impl EventLoop {
         if !decoded.is_empty() {
             self.kernel_losses();
         }
-        let mut out = Vec::new();
+        let mut events = Vec::with_capacity(decoded.len());
         for d in decoded {
             match d {
-                Ok(e) => self.pipeline.handle(e, &mut out),
+                Ok(e) => events.push(e),
                 Err(e) => {
                     // It may have been a limit write or a cgroup change.
                     self.losses.add(LossKind::Record, LossReason::Decode, 1);
@@ -328,6 +332,8 @@ impl EventLoop {
                 }
             }
         }
+        let mut out = Vec::new();
+        self.pipeline.handle_all(events, &mut out);
         self.apply(out);
         empty
     }
@@ -430,6 +436,13 @@ impl EventLoop {
             let mut out = Vec::new();
             self.pipeline.guard_lost(&mut out);
             self.apply(out);
+        }
+        let lines = crate::outputs::logs::dropped_lines();
+        if lines > self.log_lines_lost {
+            let more = lines - self.log_lines_lost;
+            self.log_lines_lost = lines;
+            self.losses
+                .add(LossKind::LogLine, LossReason::QueueFull, more);
         }
         let mut out = Vec::new();
         self.pipeline.tick(&mut out);

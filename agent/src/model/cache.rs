@@ -45,10 +45,12 @@ pub enum Cache {
     Pods,
     /// Limit files the guard protects: a full state refuses new ones (counted here).
     GuardFiles,
+    /// Writers' executable paths, by process and the executable the kernel saw.
+    WriterExes,
 }
 
 impl Cache {
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 17] = [
         Self::CgroupPaths,
         Self::UnknownCgroups,
         Self::RemovedCgroups,
@@ -65,6 +67,7 @@ impl Cache {
         Self::Guards,
         Self::Pods,
         Self::GuardFiles,
+        Self::WriterExes,
     ];
 
     /// The label value.
@@ -87,6 +90,7 @@ impl Cache {
             Self::Guards => "guards",
             Self::Pods => "pods",
             Self::GuardFiles => "guard_files",
+            Self::WriterExes => "writer_exes",
         }
     }
 }

@@ -15,7 +15,7 @@ use crate::model::{
     cgroup::Who,
     contention::Episode,
     label::{Bound, Label},
-    record::{OomKill, Record},
+    record::{OomKill, Record, SeenBy},
     update::Update,
 };
 
@@ -127,13 +127,17 @@ impl Outputs {
         };
         match record {
             Record::LimitWrite(r) => {
-                let writer = r.writer.as_ref().map_or("unknown", |w| w.comm.as_str());
-                let writer = self.writers.value(writer);
-                count(
-                    &self.metrics.limit_writes,
-                    &Who::of(&r.cgroup, r.k8s.as_ref()),
-                    &[r.limit.file_name(), writer, &r.result],
-                );
+                // A change a resync found was made by writes counted already: as lost, or
+                // reported without their value. Counted again, one write would count twice.
+                if r.seen_by != SeenBy::Resync {
+                    let writer = r.writer.as_ref().map_or("unknown", |w| w.comm.as_str());
+                    let writer = self.writers.value(writer);
+                    count(
+                        &self.metrics.limit_writes,
+                        &Who::of(&r.cgroup, r.k8s.as_ref()),
+                        &[r.limit.file_name(), writer, &r.result],
+                    );
+                }
                 let incident = r.incident.as_ref().and_then(|i| self.incidents.peek(i));
                 self.traces.limit_write(r, incident);
             }
@@ -190,12 +194,10 @@ mod tests {
     use super::*;
     use crate::model::record::{GoFatal, tests::limit_write_example};
 
-    /// 100,000 writers and Go crashes, each with a name of its own (anyone names a process):
-    /// the series stay bounded and every fold is counted.
-    #[test]
-    fn names_chosen_by_processes_cannot_grow_the_series_without_bound() {
+    /// Outputs with metrics only, and a limit write to give them.
+    fn outputs_and_a_write() -> (Metrics, Outputs, Box<crate::model::record::LimitWrite>) {
         let metrics = Metrics::new(metrics::Shared::default());
-        let mut outputs = Outputs::new(
+        let outputs = Outputs::new(
             metrics.clone(),
             Traces::disabled(),
             Feed::new(),
@@ -205,6 +207,14 @@ mod tests {
         let Record::LimitWrite(write) = limit_write_example() else {
             unreachable!("the example is a limit write");
         };
+        (metrics, outputs, write)
+    }
+
+    /// 100,000 writers and Go crashes, each with a name of its own (anyone names a process):
+    /// the series stay bounded and every fold is counted.
+    #[test]
+    fn names_chosen_by_processes_cannot_grow_the_series_without_bound() {
+        let (metrics, mut outputs, write) = outputs_and_a_write();
         let n = 100_000;
         for i in 0..n {
             let mut w = write.clone();
@@ -243,5 +253,32 @@ mod tests {
             "{text}"
         );
         assert!(text.len() < 1 << 20, "{} bytes", text.len());
+    }
+
+    /// A change found by a resync is in the log and the feed, not in the write counter: the
+    /// writes that made it were counted (as lost, or reported) when they happened.
+    #[test]
+    fn a_change_a_resync_found_is_not_counted_as_a_write_again() {
+        let (metrics, mut outputs, write) = outputs_and_a_write();
+        for seen_by in [SeenBy::Fexit, SeenBy::Resync, SeenBy::Poll] {
+            let mut w = write.clone();
+            w.seen_by = seen_by;
+            w.writer = (seen_by == SeenBy::Fexit)
+                .then(|| write.writer.clone())
+                .flatten();
+            outputs.apply(Update::Record(Record::LimitWrite(w)));
+        }
+        let text = metrics.render();
+        let counted: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("nodewarden_cgroup_limit_writes_total{"))
+            .collect();
+        assert_eq!(counted.len(), 2, "{text}");
+        assert!(
+            counted
+                .iter()
+                .any(|l| l.contains("writer=\"unknown\"") && l.ends_with(" 1")),
+            "the poll's change counts once: {text}"
+        );
     }
 }

@@ -315,6 +315,12 @@ impl Pipeline {
         self.heal.kept = None;
     }
 
+    /// Whether events were lost since the files were last read, or values the agent before
+    /// kept wait for the first read: the values known are not the files'.
+    pub(super) fn heal_stale(&self) -> bool {
+        self.heal.lost_at.is_some() || self.heal.kept.is_some()
+    }
+
     /// Events were lost at `now`: no restore until a scan started after it ends.
     pub(super) fn heal_lost(&mut self, now: u64) {
         self.heal.lost_at.get_or_insert(now);

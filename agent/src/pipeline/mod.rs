@@ -9,6 +9,10 @@ mod oom;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
+
+use agent_common::ExecKey;
+
 pub use self::heal::HealSettings;
 use self::{clock::Clock, heal::Heal};
 use crate::{
@@ -66,6 +70,13 @@ pub const UNKNOWN_CGROUP: &str = "unknown";
 /// Removed cgroups whose series are kept until they expire.
 const MAX_REMOVED: usize = 65_536;
 
+/// Writers whose executable's path is kept.
+const MAX_WRITER_EXES: usize = 4_096;
+
+/// Reconciler passes that compare the values known read the files again every this many
+/// passes (every 5 minutes at the default interval): a belt to the probes' braces.
+const READ_EVERY_NTH_RECONCILE: u32 = 10;
+
 /// What the pipeline asks of the node.
 pub struct Sources {
     pub cgroups: Box<dyn Cgroups + Send>,
@@ -108,6 +119,12 @@ pub struct Pipeline {
     /// The pods of this node, from the API server.
     pods: Pods,
     heal: Heal,
+    /// The path of a writer's executable, by its tgid and the file the kernel saw it run:
+    /// asking `/proc` (a readlink and a stat) for every write of a burst cost a fifth of the
+    /// agent's time. A pid reused by the same file names the same file.
+    writer_exes: Bounded<(u32, ExecKey), String>,
+    /// Reconciler passes so far.
+    reconciles: u32,
 }
 
 impl Pipeline {
@@ -130,17 +147,42 @@ impl Pipeline {
             removed: Bounded::new(Cache::RemovedCgroups, MAX_REMOVED, evictions.clone()),
             resync: None,
             pods: Pods::new(evictions),
+            writer_exes: Bounded::new(Cache::WriterExes, MAX_WRITER_EXES, evictions.clone()),
+            reconciles: 0,
         }
     }
 
     /// Handles one decoded event.
     pub fn handle(&mut self, event: Event, out: &mut Vec<Update>) {
         match event {
-            Event::LimitWrite(w) => self.limit_write(&w, out),
+            Event::LimitWrite(w) => self.limit_write(&w, false, out),
             Event::OomKill(k) => self.oom_kill(&k, out),
             Event::Cgroup(c) => self.cgroup_change(c, out),
             Event::GoFatal(g) => self.go_fatal(&g, out),
             Event::GuardDenial(d) => self.guard_denial(&d, out),
+        }
+    }
+
+    /// Handles decoded events in their order. A successful limit write followed in the same
+    /// batch by another to the same file is not read back: the file holds the later value
+    /// already, so the written text, parsed, says what it left.
+    pub fn handle_all(&mut self, events: Vec<Event>, out: &mut Vec<Update>) {
+        let mut last = HashMap::new();
+        for (i, e) in events.iter().enumerate() {
+            if let Event::LimitWrite(w) = e
+                && w.result.is_ok()
+            {
+                last.insert((w.target_cgroup_id, w.limit), i);
+            }
+        }
+        for (i, e) in events.into_iter().enumerate() {
+            match e {
+                Event::LimitWrite(w) => {
+                    let superseded = last.get(&(w.target_cgroup_id, w.limit)) != Some(&i);
+                    self.limit_write(&w, superseded, out);
+                }
+                e => self.handle(e, out),
+            }
         }
     }
 
@@ -152,9 +194,37 @@ impl Pipeline {
         self.heal_lost(now);
     }
 
-    /// The reconciler's pass: every watched limit read and compared with its desired value.
-    pub fn reconcile(&mut self) {
-        self.resync.get_or_insert(ResyncReason::Reconcile);
+    /// The reconciler's pass: every watched limit compared with its desired value (which
+    /// moves without a write: a pod's new spec). Where the probes see every write in the
+    /// kernel's handler (fexit, kprobe), nothing was lost since the files were last read and
+    /// every cgroup's limits are tracked, the values known are the files' and are compared as
+    /// they are, without reading a file: on a node of 1,000 cgroups reading them all took most
+    /// of an idle agent's CPU. The files are read (a scan) otherwise, and on every
+    /// [`READ_EVERY_NTH_RECONCILE`]th pass all the same.
+    pub fn reconcile(&mut self, out: &mut Vec<Update>) {
+        let pass = self.reconciles;
+        self.reconciles = self.reconciles.wrapping_add(1);
+        let known = matches!(self.settings.limit_writes, SeenBy::Fexit | SeenBy::Kprobe)
+            && self.resync.is_none()
+            && !self.heal_stale()
+            && !self.limits.full();
+        if !known || pass.is_multiple_of(READ_EVERY_NTH_RECONCILE) {
+            self.resync.get_or_insert(ResyncReason::Reconcile);
+            return;
+        }
+        let now = self.sources.clock.monotonic_ns();
+        let ids: Vec<u64> = self.limits.ids().collect();
+        for id in ids {
+            let Some(path) = self.paths.known(id).map(str::to_owned) else {
+                continue;
+            };
+            let k8s = self.k8s(&path);
+            for limit in crate::rules::file::WATCHABLE {
+                if let Some(value) = self.limits.get(id, limit) {
+                    self.heal_found(id, &path, k8s.as_ref(), limit, value, now, out);
+                }
+            }
+        }
     }
 
     /// The periodic poll of the limit files (limit writes seen without BPF): a scan, unless
@@ -369,19 +439,35 @@ impl Pipeline {
     /// [`Self::process`] for a task whose executable the kernel identified at the moment
     /// (`identity`): the path `/proc` gives later is kept only if it still names that file. A
     /// writer that exec'd since, or whose pid a new process took, leaves the path unknown
-    /// rather than another program's.
+    /// rather than another program's. A path found is kept for that process and file.
     fn process_as(&mut self, t: &Task, identity: &Identity) -> Process {
-        let mut p = self.process(t);
-        if let Some(key) = identity.exe
-            && p.exe.is_some()
-            && self.sources.procs.exe_key(t.tgid) != Some(key)
-        {
-            p.exe = None;
+        let Some(key) = identity.exe else {
+            return self.process(t);
+        };
+        let exe = if let Some(path) = self.writer_exes.get(&(t.tgid, key)) {
+            Some(path.clone())
+        } else {
+            let procs = &self.sources.procs;
+            let path = procs
+                .exe(t.tgid)
+                .filter(|_| procs.exe_key(t.tgid) == Some(key));
+            if let Some(p) = &path {
+                self.writer_exes.put((t.tgid, key), p.clone());
+            }
+            path
+        };
+        Process {
+            pid: t.tgid,
+            tid: t.pid,
+            comm: t.comm.clone(),
+            exe,
+            cgroup: self.cgroup_label(t.cgroup_id),
         }
-        p
     }
 
-    fn limit_write(&mut self, w: &LimitWrite, out: &mut Vec<Update>) {
+    /// A write to a limit file; `superseded`: a later successful write to the same file is
+    /// known already (see [`Self::held`]).
+    fn limit_write(&mut self, w: &LimitWrite, superseded: bool, out: &mut Vec<Update>) {
         let cgroup = self.cgroup_label(w.target_cgroup_id);
         let result = match w.result {
             Ok(_) => "ok".to_owned(),
@@ -394,7 +480,7 @@ impl Pipeline {
         let writer = self.process_as(&w.writer, &w.identity);
         let mut moved = None;
         let held = match w.result {
-            Ok(_) => self.held(&cgroup, w),
+            Ok(_) => self.held(&cgroup, w, superseded),
             Err(_) => None,
         };
         let (old, new) = match (w.result, held) {
@@ -456,18 +542,31 @@ impl Pipeline {
     /// The value a successful write left: the file read back, as the kernel holds it (it
     /// parses `0x`, octal and wrapping suffixes, rounds to pages, keeps cpu.max's period when
     /// only a quota is written); the written text parsed only when the file cannot be read (the
-    /// cgroup is gone). A value known neither way asks for a resync, so the gauge does not keep
-    /// reporting the old limit.
-    fn held(&mut self, cgroup: &str, w: &LimitWrite) -> Option<limit::LimitValue> {
-        let read = (cgroup != UNKNOWN_CGROUP)
-            .then(|| {
-                self.sources
-                    .cgroups
-                    .limit(w.target_cgroup_id, cgroup, w.limit)
-            })
-            .flatten()
-            .and_then(|text| limit::parse(w.limit, &text).ok());
-        let held = read.or_else(|| limit::parse(w.limit, &w.value).ok());
+    /// cgroup is gone), or holds a later write's value already (`superseded`: read back, it
+    /// would give this write the later one's value). A value known neither way asks for a
+    /// resync, so the gauge does not keep reporting the old limit.
+    fn held(
+        &mut self,
+        cgroup: &str,
+        w: &LimitWrite,
+        superseded: bool,
+    ) -> Option<limit::LimitValue> {
+        let written = || limit::parse(w.limit, &w.value).ok();
+        let read = || {
+            (cgroup != UNKNOWN_CGROUP)
+                .then(|| {
+                    self.sources
+                        .cgroups
+                        .limit(w.target_cgroup_id, cgroup, w.limit)
+                })
+                .flatten()
+                .and_then(|text| limit::parse(w.limit, &text).ok())
+        };
+        let held = if superseded {
+            written().or_else(read)
+        } else {
+            read().or_else(written)
+        };
         if held.is_none() {
             self.resync.get_or_insert(ResyncReason::UnreadWrite);
         }

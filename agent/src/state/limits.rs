@@ -85,6 +85,12 @@ impl LimitState {
         self.values.keys().copied()
     }
 
+    /// Whether [`MAX_CGROUPS`] are tracked: another cgroup's limits would not be.
+    #[must_use]
+    pub fn full(&self) -> bool {
+        self.values.len() >= MAX_CGROUPS
+    }
+
     /// The cgroup's entry; `None` when [`MAX_CGROUPS`] are tracked and it is not one of them.
     fn cgroup(&mut self, id: u64) -> Option<&mut HashMap<LimitFile, Known>> {
         if self.values.len() >= MAX_CGROUPS && !self.values.contains_key(&id) {

@@ -485,7 +485,7 @@ fn after_a_ring_overflow_nothing_acts_before_the_resync_then_everything_is_resto
     for (i, p) in pods.iter().enumerate() {
         write_as("nw-bad-writer", &p.cgroup, "memory.max", M512);
         if i == 2 {
-            for n in 0..5000u64 {
+            for n in 0..crate::OVERFLOWING_WRITES {
                 Pod::set(
                     &flood.container,
                     "memory.high",

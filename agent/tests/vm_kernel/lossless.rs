@@ -91,7 +91,7 @@ fn gauges_equal_their_files(body: &str) -> usize {
     checked
 }
 
-/// `nodewarden_events_lost_total` above zero after the agent missed 5,000 limit writes and
+/// `nodewarden_events_lost_total` above zero after the agent missed 12,000 limit writes and
 /// 2,000 execs (`SIGSTOP`ped meanwhile), and every limit gauge equal to its file once the agent
 /// has read the hierarchy again.
 #[test]
@@ -111,7 +111,7 @@ fn lost_events_are_counted_and_the_limits_read_again() {
         .expect("sh");
     assert!(execs.success());
     let file = cg.path.join("memory.high");
-    for i in 0..5000u64 {
+    for i in 0..crate::OVERFLOWING_WRITES {
         std::fs::write(&file, ((1u64 << 30) + i * 4096).to_string()).expect("memory.high");
     }
     let written = file_value("/nw-lost", "memory.high");

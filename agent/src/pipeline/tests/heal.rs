@@ -307,7 +307,7 @@ fn a_new_cgroups_first_values_are_its_desired_ones() {
 fn a_periodic_reconcile_finds_drift_and_reports_nothing_when_there_is_none() {
     let mut h = started(enforcing());
     h.clock.set(40 * S);
-    h.pipeline.reconcile();
+    h.pipeline.reconcile(&mut Vec::new());
     let (reason, since) = h.pipeline.take_resync().expect("a pass is wanted");
     assert_eq!(reason, ResyncReason::Reconcile);
     let path = pod_path();
@@ -327,6 +327,49 @@ fn a_periodic_reconcile_finds_drift_and_reports_nothing_when_there_is_none() {
         &mut out,
     );
     assert_eq!(verdicts(&out), [(Verdict::Restore, None)]);
+}
+
+/// With every write seen (fexit) and nothing lost, the reconciler compares the values it knows
+/// (a pod's spec moved the desired value: no write did) and reads the files only every tenth
+/// pass, or after a loss.
+#[test]
+fn the_reconciler_reads_the_files_only_when_the_values_known_may_be_stale() {
+    use crate::model::pods::PodChange;
+    let mut h = started(enforcing());
+    let path = pod_path();
+    let pass = |h: &mut Harness, at: u64| {
+        h.clock.set(at);
+        let mut out = Vec::new();
+        h.pipeline.reconcile(&mut out);
+        let read = h.pipeline.take_resync().map(|(reason, since)| {
+            assert_eq!(reason, ResyncReason::Reconcile);
+            h.pipeline.apply_scan(
+                &scan(&[(1, "/", "max"), (POD_ID, &path, G)]),
+                since,
+                reason,
+                &mut out,
+            );
+        });
+        (read.is_some(), verdicts(&out))
+    };
+    assert_eq!(pass(&mut h, 40 * S), (true, vec![]), "the first pass reads");
+    assert_eq!(pass(&mut h, 70 * S), (false, vec![]), "no drift, no news");
+    // The pod's spec says 3G now, the file holds 1G: no write, the drift is found in memory.
+    h.pipeline
+        .pods(PodChange::Listed(vec![pod_view(3 << 30, None)]));
+    assert_eq!(
+        pass(&mut h, 100 * S),
+        (false, vec![(Verdict::Restore, None)])
+    );
+    // Events lost: the next pass reads (the loss's own resync is taken first here).
+    h.pipeline.events_lost();
+    let _ = h.pipeline.take_resync();
+    assert!(pass(&mut h, 130 * S).0, "read after a loss");
+    // Every tenth pass reads all the same.
+    let reads: Vec<bool> = (0..10)
+        .map(|i| pass(&mut h, (160 + 30 * i) * S).0)
+        .collect();
+    assert_eq!(reads.iter().filter(|r| **r).count(), 1, "{reads:?}");
 }
 
 /// The pod of [`pod_path`] as the API server describes it: one container limited to
@@ -407,7 +450,7 @@ fn the_pod_spec_is_the_desired_value_and_names_the_pod() {
         verdicts(&out),
         [(Verdict::Accept, Some(Reason::TrustedWriter))]
     );
-    h.pipeline.reconcile();
+    h.pipeline.reconcile(&mut Vec::new());
     let (reason, since) = h.pipeline.take_resync().expect("a pass is wanted");
     let mut out = Vec::new();
     let path = pod_path();

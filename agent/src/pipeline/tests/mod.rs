@@ -386,8 +386,61 @@ fn a_successful_write_records_the_value_the_kernel_holds() {
     );
 }
 
+/// A batch of records holding several writes to one file: the file holds the last one's value
+/// when they are handled, so only the last is read back; each earlier one is its own written
+/// text.
+#[test]
+fn writes_to_one_file_in_a_batch_each_carry_their_own_value() {
+    let mut h = Harness::new();
+    h.start(&[(1, "/", "max"), (7, "/a", "max"), (8, "/b", "max")]);
+    let file = |h: &mut Harness, path: &str, text: &str| {
+        h.fake
+            .node()
+            .files
+            .insert((path.into(), LimitFile::MemoryMax), text.into());
+    };
+    file(&mut h, "/a", "268435456\n");
+    file(&mut h, "/b", "4096\n");
+    let mut out = Vec::new();
+    h.pipeline.handle_all(
+        vec![
+            write_at(7, "64M", Ok(3), 5),
+            write_at(8, "4097", Ok(4), 6),
+            write_at(7, "128M", Ok(4), 7),
+            write_at(7, "1G", Err(22), 8),
+            write_at(7, "0x10000000", Ok(10), 9),
+        ],
+        &mut out,
+    );
+    let seen: Vec<_> = records(&out)
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::LimitWrite(w) => Some((
+                w.cgroup.as_str(),
+                w.old.as_deref(),
+                w.new.as_deref(),
+                w.result.as_str(),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("/a", Some("max"), Some("67108864"), "ok"),
+            // The last write to its file: read back (the kernel rounds to pages).
+            ("/b", Some("max"), Some("4096"), "ok"),
+            ("/a", Some("67108864"), Some("134217728"), "ok"),
+            ("/a", Some("134217728"), None, "EINVAL"),
+            ("/a", Some("134217728"), Some("268435456"), "ok"),
+        ]
+    );
+    assert_eq!(h.pipeline.take_resync(), None);
+}
+
 /// The writer's executable is the kernel's, taken at the write: the path `/proc` gives later
-/// is kept only while it still names that file (not after an exec, or a pid taken anew).
+/// is kept only while it still names that file (not after an exec, or a pid taken anew), and
+/// remembered for that process and file.
 #[test]
 fn the_writers_path_is_kept_only_while_it_names_the_kernels_executable() {
     let mut h = Harness::new();
@@ -411,11 +464,16 @@ fn the_writers_path_is_kept_only_while_it_names_the_kernels_executable() {
             .exe
             .clone()
     };
-    h.fake.node().exe_keys.insert(42, key(10));
-    assert_eq!(written(&mut h, 5).as_deref(), Some("/bin/dash"));
     // It exec'd another program since.
     h.fake.node().exe_keys.insert(42, key(11));
-    assert_eq!(written(&mut h, 6), None);
+    assert_eq!(written(&mut h, 5), None);
+    h.fake.node().exe_keys.insert(42, key(10));
+    assert_eq!(written(&mut h, 6).as_deref(), Some("/bin/dash"));
+    // Known now for that process and file: its next writes do not ask /proc, which no longer
+    // has it (it exited).
+    h.fake.node().exes.remove(&42);
+    h.fake.node().exe_keys.remove(&42);
+    assert_eq!(written(&mut h, 7).as_deref(), Some("/bin/dash"));
 }
 
 #[test]
