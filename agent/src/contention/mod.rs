@@ -140,8 +140,11 @@ pub fn run(maps: Maps, cx: &Context, episodes: &SyncSender<Episode>, stop: &Atom
                 tracing::debug!("a futex contention span dropped: the event loop is behind");
             }
         }
-        while start.elapsed() < EVERY && !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(50));
+        // Woken early by the worker's stop.
+        while let Some(left) = EVERY.checked_sub(start.elapsed())
+            && !stop.load(Ordering::Relaxed)
+        {
+            std::thread::park_timeout(left);
         }
     }
 }

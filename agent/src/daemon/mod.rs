@@ -127,7 +127,11 @@ async fn run_until_stopped(
         traces.clone(),
         &panics_tx,
         guard_maps,
-    )?;
+    )?
+    .waking({
+        let queue = queue.clone();
+        move || queue.submit(crate::executor::Job::Wake)
+    });
     let mut outputs = Outputs::new(
         metrics.clone(),
         traces.clone(),
@@ -402,8 +406,9 @@ fn start_go(
             }
             go.consider(pid);
         }
+        // Each timeout is a wake-up of an idle agent, and a stop may wait for it.
         while !stop.load(Ordering::Relaxed) {
-            match execs.recv_timeout(std::time::Duration::from_millis(100)) {
+            match execs.recv_timeout(std::time::Duration::from_secs(1)) {
                 Ok(e) => go.exec(e.tgid, e.key),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,

@@ -17,11 +17,20 @@ use tokio::sync::mpsc;
 use crate::outputs::metrics::{Metrics, labelled};
 
 /// A worker thread and its stop flag.
-#[derive(Debug)]
 pub struct Worker {
     pub name: &'static str,
     stop: Arc<AtomicBool>,
     handle: JoinHandle<()>,
+    /// Wakes a worker that waits on something other than [`std::thread::park_timeout`].
+    wake: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where a panicking worker says so.
@@ -45,7 +54,12 @@ pub fn spawn(
                 panicked(name, &metrics, &panics);
             }
         })?;
-    Ok(Worker { name, stop, handle })
+    Ok(Worker {
+        name,
+        stop,
+        handle,
+        wake: None,
+    })
 }
 
 /// Watches an async task (an endpoint): its panic stops the agent as a worker's does. Returns
@@ -74,9 +88,23 @@ fn panicked(name: &'static str, metrics: &Metrics, panics: &Panics) {
 }
 
 impl Worker {
-    /// Asks the worker to stop (it looks at its flag between units of work).
+    /// `wake` is called when the worker is asked to stop: idle workers wait without a timeout
+    /// that polls their flag (each poll a wake-up of an idle agent), so something must wake
+    /// them.
+    #[must_use]
+    pub fn waking(mut self, wake: impl Fn() + Send + Sync + 'static) -> Self {
+        self.wake = Some(Box::new(wake));
+        self
+    }
+
+    /// Asks the worker to stop (it looks at its flag between units of work), and wakes it:
+    /// from [`std::thread::park_timeout`], or by its waker.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.handle.thread().unpark();
+        if let Some(wake) = &self.wake {
+            wake();
+        }
     }
 
     /// Waits until `deadline` for the worker to end; one still running is left behind (the
@@ -109,6 +137,45 @@ mod tests {
         w.join(Instant::now() + Duration::from_secs(10));
         assert_eq!(rx.try_recv(), Ok("test"));
         assert_eq!(metrics.worker_panics.with_label_values(&["test"]).get(), 1);
+    }
+
+    /// Idle workers wait a minute at a time, without polling their flag: the stop wakes them
+    /// (parked, or by their waker), so they end long before a join's deadline.
+    #[test]
+    fn a_stop_wakes_idle_workers() {
+        let metrics = Metrics::new(Shared::default());
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let parked = {
+            let ended = ended.clone();
+            spawn("parked", &metrics, &tx, move |stop| {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::park_timeout(Duration::from_secs(60));
+                }
+                ended.fetch_add(1, Ordering::SeqCst);
+            })
+            .expect("spawn")
+        };
+        let (wake, woken) = std::sync::mpsc::channel::<()>();
+        let waiting = {
+            let ended = ended.clone();
+            spawn("waiting", &metrics, &tx, move |stop| {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = woken.recv_timeout(Duration::from_secs(60));
+                }
+                ended.fetch_add(1, Ordering::SeqCst);
+            })
+            .expect("spawn")
+            .waking(move || {
+                let _ = wake.send(());
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        for w in [parked, waiting] {
+            w.stop();
+            w.join(Instant::now() + Duration::from_secs(30));
+        }
+        assert_eq!(ended.load(Ordering::SeqCst), 2, "both woke and ended");
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub enum Job {
     Guard(GuardChange),
     /// A guard denial, to record.
     Denial(Box<GuardDenial>),
+    /// Nothing: wakes the executor to look at its stop flag.
+    Wake,
 }
 
 /// Where jobs go: a bounded queue that never blocks the sender.
@@ -91,6 +93,8 @@ impl Queue {
                     self.losses
                         .add(LossKind::Decision, LossReason::QueueFull, 1);
                 }
+                // A full queue wakes the executor anyway.
+                Job::Wake => {}
             }
         }
     }
@@ -138,6 +142,9 @@ impl std::fmt::Debug for Executor {
 /// How long a state snapshot may wait for quieter moments.
 const KEEP_WITHIN: Duration = Duration::from_secs(1);
 
+/// The longest the executor waits for a job when it has nothing to do: it is woken to stop.
+const IDLE_WAIT: Duration = Duration::from_secs(60);
+
 /// `CLOCK_MONOTONIC` now, in ns: the kernel's event timestamps' clock.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -171,7 +178,11 @@ impl Executor {
     /// still done (restores first: they are at the head).
     pub fn run(mut self, jobs: &mpsc::Receiver<Job>, stop: &AtomicBool) {
         loop {
-            match jobs.recv_timeout(Duration::from_millis(100)) {
+            // Idle, it sleeps until a job (or [`Job::Wake`]) comes; a snapshot waits its time.
+            let wait = self.pending.as_ref().map_or(IDLE_WAIT, |(_, since)| {
+                KEEP_WITHIN.saturating_sub(since.elapsed())
+            });
+            match jobs.recv_timeout(wait) {
                 Ok(job) => self.take(job),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -196,6 +207,7 @@ impl Executor {
             }
             Job::Guard(c) => self.guard(&c),
             Job::Denial(d) => self.denial(*d),
+            Job::Wake => {}
         }
     }
 

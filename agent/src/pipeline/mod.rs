@@ -73,8 +73,9 @@ const MAX_REMOVED: usize = 65_536;
 /// Writers whose executable's path is kept.
 const MAX_WRITER_EXES: usize = 4_096;
 
-/// Reconciler passes that compare the values known read the files again every this many
-/// passes (every 5 minutes at the default interval): a belt to the probes' braces.
+/// Reconciler passes that compare the values known read the files again once this many
+/// passes went by since the last read (5 minutes at the default interval): a belt to the
+/// probes' braces.
 const READ_EVERY_NTH_RECONCILE: u32 = 10;
 
 /// What the pipeline asks of the node.
@@ -123,8 +124,8 @@ pub struct Pipeline {
     /// asking `/proc` (a readlink and a stat) for every write of a burst cost a fifth of the
     /// agent's time. A pid reused by the same file names the same file.
     writer_exes: Bounded<(u32, ExecKey), String>,
-    /// Reconciler passes so far.
-    reconciles: u32,
+    /// Reconciler passes since the files were last read (by any scan).
+    reconciles_since_read: u32,
 }
 
 impl Pipeline {
@@ -148,7 +149,7 @@ impl Pipeline {
             resync: None,
             pods: Pods::new(evictions),
             writer_exes: Bounded::new(Cache::WriterExes, MAX_WRITER_EXES, evictions.clone()),
-            reconciles: 0,
+            reconciles_since_read: 0,
         }
     }
 
@@ -199,16 +200,15 @@ impl Pipeline {
     /// kernel's handler (fexit, kprobe), nothing was lost since the files were last read and
     /// every cgroup's limits are tracked, the values known are the files' and are compared as
     /// they are, without reading a file: on a node of 1,000 cgroups reading them all took most
-    /// of an idle agent's CPU. The files are read (a scan) otherwise, and on every
-    /// [`READ_EVERY_NTH_RECONCILE`]th pass all the same.
+    /// of an idle agent's CPU. The files are read (a scan) otherwise, and when
+    /// [`READ_EVERY_NTH_RECONCILE`] passes went by since they were last read.
     pub fn reconcile(&mut self, out: &mut Vec<Update>) {
-        let pass = self.reconciles;
-        self.reconciles = self.reconciles.wrapping_add(1);
+        self.reconciles_since_read = self.reconciles_since_read.saturating_add(1);
         let known = matches!(self.settings.limit_writes, SeenBy::Fexit | SeenBy::Kprobe)
             && self.resync.is_none()
             && !self.heal_stale()
             && !self.limits.full();
-        if !known || pass.is_multiple_of(READ_EVERY_NTH_RECONCILE) {
+        if !known || self.reconciles_since_read >= READ_EVERY_NTH_RECONCILE {
             self.resync.get_or_insert(ResyncReason::Reconcile);
             return;
         }
@@ -260,6 +260,7 @@ impl Pipeline {
         let time = self.sources.clock.unix_nano(now);
         let scanned: std::collections::HashSet<u64> = scan.cgroups.iter().map(|c| c.id).collect();
         self.heal_scan_applies(since);
+        self.reconciles_since_read = 0;
         if reason == ResyncReason::Start {
             self.guard_trust(out);
         }
