@@ -519,8 +519,6 @@ pub enum LossKind {
     /// Userspace: a change to the guard's maps the executor had no room for (the guard's
     /// state is then rebuilt).
     GuardChange = 16,
-    /// Userspace: a line of the agent's log its writer thread had no room for.
-    LogLine = 17,
 }
 
 /// Why: the second index of [`LossCounts::counts`].
@@ -550,7 +548,7 @@ pub enum LossReason {
 }
 
 /// Number of [`LossKind`]s.
-pub const LOSS_KINDS: usize = 18;
+pub const LOSS_KINDS: usize = 17;
 /// Number of [`LossReason`]s.
 pub const LOSS_REASONS: usize = 10;
 
@@ -574,7 +572,6 @@ impl LossKind {
         Self::Decision,
         Self::GuardDenial,
         Self::GuardChange,
-        Self::LogLine,
     ];
 
     /// The label value.
@@ -598,7 +595,6 @@ impl LossKind {
             Self::Decision => "decision",
             Self::GuardDenial => "guard_denial",
             Self::GuardChange => "guard_change",
-            Self::LogLine => "log_line",
         }
     }
 
@@ -630,7 +626,7 @@ impl LossKind {
                 R::StackMissing,
             ],
             Self::Record => &[R::Decode],
-            Self::Decision | Self::GuardChange | Self::LogLine => &[R::QueueFull],
+            Self::Decision | Self::GuardChange => &[R::QueueFull],
         }
     }
 

@@ -282,7 +282,7 @@ fn parse_glob(s: &str) -> Result<Pattern, String> {
 #[expect(clippy::too_many_lines, reason = "one arm per command")]
 #[must_use]
 pub fn main() -> ExitCode {
-    let _log = logs::init();
+    logs::init();
     match Cli::parse().cmd {
         Cmd::Run {
             config,

@@ -208,8 +208,6 @@ pub struct EventLoop {
     pub reload: Reload,
     /// Guard changes lost so far (the executor's queue was full), as last acted on.
     pub guard_changes_lost: u64,
-    /// Lines of the agent's log dropped, as last counted.
-    pub log_lines_lost: u64,
     /// In syscalls mode: inotify's notifications waiting for the ring (writes by paths the
     /// tracepoints do not see are reported from them).
     pub unseen: Option<super::unseen::Unseen>,
@@ -436,13 +434,6 @@ impl EventLoop {
             let mut out = Vec::new();
             self.pipeline.guard_lost(&mut out);
             self.apply(out);
-        }
-        let lines = crate::outputs::logs::dropped_lines();
-        if lines > self.log_lines_lost {
-            let more = lines - self.log_lines_lost;
-            self.log_lines_lost = lines;
-            self.losses
-                .add(LossKind::LogLine, LossReason::QueueFull, more);
         }
         let mut out = Vec::new();
         self.pipeline.tick(&mut out);

@@ -184,7 +184,6 @@ async fn run_until_stopped(
         scan: None,
         reload: event_loop::Reload::new(config.clone(), metrics.clone()),
         guard_changes_lost: 0,
-        log_lines_lost: 0,
         unseen: (backed_up && watcher.is_some()).then(unseen::Unseen::default),
     };
     let (mut rings, watcher) = event_loop::register(attached.rings.take(), watcher)?;

@@ -1,48 +1,18 @@
 //! The agent's log: `tracing`, with aya-log's and other `log` records bridged in; one line per
-//! event, written to stderr by a thread of its own.
+//! event.
 
-use std::sync::OnceLock;
-
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 use crate::model::record::Record;
 
-/// Lines waiting for the log's thread at most: a reader of stderr that stalls (a container
-/// runtime's log pipe) costs lines, counted, instead of the event loop (lines are a few hundred
-/// bytes: about 1 MB).
-const MAX_QUEUED_LINES: usize = 4_096;
-
-/// Lines dropped because the queue was full.
-static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
-
-/// Installs the log subscriber: `RUST_LOG` filters (default `info`), output to stderr, written
-/// by a thread of its own. Keep the guard until exit: dropping it flushes the lines queued.
-#[must_use]
-pub fn init() -> Option<WorkerGuard> {
+/// Installs the log subscriber: `RUST_LOG` filters (default `info`), output to stderr.
+pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, guard) = NonBlockingBuilder::default()
-        .buffered_lines_limit(MAX_QUEUED_LINES)
-        .lossy(true)
-        .thread_name("nodewarden-log")
-        .finish(std::io::stderr());
-    let counter = writer.error_counter();
     // try_init: a second call (tests) keeps the first subscriber.
-    tracing_subscriber::fmt()
+    let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
-        .try_init()
-        .ok()?;
-    let _ = DROPPED.set(counter);
-    Some(guard)
-}
-
-/// Log lines dropped so far because the log's thread was behind.
-#[must_use]
-pub fn dropped_lines() -> u64 {
-    DROPPED
-        .get()
-        .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// The log line of a record.

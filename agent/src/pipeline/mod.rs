@@ -121,7 +121,7 @@ pub struct Pipeline {
     pods: Pods,
     heal: Heal,
     /// The path of a writer's executable, by its tgid and the file the kernel saw it run:
-    /// asking `/proc` (a readlink and a stat) for every write of a burst cost a fifth of the
+    /// asking `/proc` (a readlink and a stat) for every write of a burst cost a quarter of the
     /// agent's time. A pid reused by the same file names the same file.
     writer_exes: Bounded<(u32, ExecKey), String>,
     /// Reconciler passes since the files were last read (by any scan).
