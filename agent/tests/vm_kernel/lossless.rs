@@ -91,7 +91,7 @@ fn gauges_equal_their_files(body: &str) -> usize {
     checked
 }
 
-/// `nodewarden_events_lost_total` above zero after the agent missed 12,000 limit writes and
+/// `nodewarden_events_lost_total` above zero after the agent missed 6,500 limit writes and
 /// 2,000 execs (`SIGSTOP`ped meanwhile), and every limit gauge equal to its file once the agent
 /// has read the hierarchy again.
 #[test]
