@@ -121,7 +121,7 @@ fn names_chosen_by_processes_leave_the_metrics_bounded() {
 }
 
 /// Limit writes of one round, each thread named afresh.
-const WRITES: usize = 50_000;
+const WRITES: usize = 20_000;
 /// Short-lived processes of one round.
 const PROCESSES: usize = 2_500;
 
