@@ -428,35 +428,37 @@ impl Pipeline {
     /// A task as a record's process: its executable asked of `/proc` (the writer may be gone
     /// already, a shell's `echo`: then it is unknown).
     fn process(&mut self, t: &Task) -> Process {
-        Process {
-            pid: t.tgid,
-            tid: t.pid,
-            comm: t.comm.clone(),
-            exe: self.sources.procs.exe(t.tgid),
-            cgroup: self.cgroup_label(t.cgroup_id),
-        }
+        let exe = self.sources.procs.exe(t.tgid);
+        self.process_with(t, exe)
     }
 
     /// [`Self::process`] for a task whose executable the kernel identified at the moment
     /// (`identity`): the path `/proc` gives later is kept only if it still names that file. A
     /// writer that exec'd since, or whose pid a new process took, leaves the path unknown
-    /// rather than another program's. A path found is kept for that process and file.
+    /// rather than another program's.
     fn process_as(&mut self, t: &Task, identity: &Identity) -> Process {
-        let Some(key) = identity.exe else {
-            return self.process(t);
+        let exe = match identity.exe {
+            Some(key) => self.writer_exe(t.tgid, key),
+            None => self.sources.procs.exe(t.tgid),
         };
-        let exe = if let Some(path) = self.writer_exes.get(&(t.tgid, key)) {
-            Some(path.clone())
-        } else {
-            let procs = &self.sources.procs;
-            let path = procs
-                .exe(t.tgid)
-                .filter(|_| procs.exe_key(t.tgid) == Some(key));
-            if let Some(p) = &path {
-                self.writer_exes.put((t.tgid, key), p.clone());
-            }
-            path
-        };
+        self.process_with(t, exe)
+    }
+
+    /// The path of `tgid`'s executable while it is still the file `key`; a path found is kept
+    /// for that process and file.
+    fn writer_exe(&mut self, tgid: u32, key: ExecKey) -> Option<String> {
+        if let Some(path) = self.writer_exes.get(&(tgid, key)) {
+            return Some(path.clone());
+        }
+        let procs = &self.sources.procs;
+        let path = procs
+            .exe(tgid)
+            .filter(|_| procs.exe_key(tgid) == Some(key))?;
+        self.writer_exes.put((tgid, key), path.clone());
+        Some(path)
+    }
+
+    fn process_with(&mut self, t: &Task, exe: Option<String>) -> Process {
         Process {
             pid: t.tgid,
             tid: t.pid,
