@@ -18,6 +18,23 @@ use crate::{build, fuzz, lint, programs, setup, vm};
 /// `--kernel bullseye-5.10`.
 const DEFAULT_X86_KERNELS: [&str; 2] = ["bookworm-6.1", "trixie-6.12"];
 
+/// VM tests whose subject is the agent's own handling of what it has seen, not what a kernel or
+/// an architecture does: label bounds, the order of resync and action after a loss, rule
+/// reloads, the modes, the event CLI, reading a huge executable, naming cgroups by their path.
+/// They run in the first VM suite of a `cargo xtask test` only; each later suite (the other
+/// kernels, arm64) lists them as left out. Together they took about 150 s a suite under TCG,
+/// which kept CI within its budget.
+const FIRST_SUITE_ONLY: [&str; 8] = [
+    "events_cli_streams_filtered_events",
+    "heal::after_a_ring_overflow_nothing_acts_before_the_resync_then_everything_is_restored",
+    "heal::rules_reload_on_change_and_sighup_and_an_invalid_file_is_refused_whole",
+    "heal::the_incident_in_dry_run_and_observe_is_recorded_and_nothing_written",
+    "hostile::names_chosen_by_processes_leave_the_metrics_bounded",
+    "kubernetes_cgroups_are_named",
+    "lossless::a_huge_executable_costs_the_agent_its_headers_only",
+    "pod_selector_picks_the_pods_processes",
+];
+
 /// Which suites to run (all by default).
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -87,16 +104,17 @@ pub fn main(args: &Args) -> Result<i32> {
             Ok(())
         });
         if let Some(exe) = exe {
-            for kernel in &kernels {
+            for (i, kernel) in kernels.iter().enumerate() {
+                let skip: &[&str] = if i == 0 { &[] } else { &FIRST_SUITE_ONLY };
                 suite(format!("VM kernel tests on {kernel}"), &mut || {
-                    vm_tests(kernel, &exe)
+                    vm_tests(kernel, &exe, skip)
                 });
             }
         }
         if !args.no_arm64 {
             suite(
                 "aarch64: cross-build, `nodewarden check` and VM kernel tests on arm64".into(),
-                &mut arm64_tests,
+                &mut || arm64_tests(&[&FIRST_SUITE_ONLY[..], &NOT_ON_ARM64[..]].concat()),
             );
         }
     }
@@ -171,8 +189,9 @@ const VM_SILENCE_S: u64 = 300;
 /// as a test's agent started), or whose kernel panics (seen once, on trixie 6.12: an int3 Oops
 /// in `syscall_trace_enter` as syscall tracepoints were switched on), is killed at the kernel's
 /// report or after `VM_SILENCE_S` of silence, and a new VM runs the tests that had not
-/// finished, once. The kernel's report stays in the output.
-fn vm_tests(kernel: &str, exe: &Path) -> Result<()> {
+/// finished, once. The kernel's report stays in the output. The tests named in `skip` are
+/// listed as left out, not run.
+fn vm_tests(kernel: &str, exe: &Path, skip: &[&str]) -> Result<()> {
     // The guest gets NODEWARDEN_* variables; this one lets the VM tests write cgroups there.
     // SAFETY: xtask is single-threaded here.
     unsafe { std::env::set_var("NODEWARDEN_IN_VM", "1") };
@@ -180,7 +199,14 @@ fn vm_tests(kernel: &str, exe: &Path) -> Result<()> {
     // or `FAILED NAME`.
     let progress = vm::workspace_root().join(format!("target/vm-progress-{kernel}.txt"));
     let _ = std::fs::remove_file(&progress);
+    if !skip.is_empty() {
+        eprintln!(
+            "xtask: on {kernel}, left out (run by the first VM suite; see FIRST_SUITE_ONLY and NOT_ON_ARM64 in xtask/src/test.rs): {}",
+            skip.join(", ")
+        );
+    }
     let (exe, done) = (exe.display(), progress.display());
+    let skip = skip.join(" ");
     let t = VM_TEST_TIMEOUT_S;
     let script = format!(
         r#"run() {{
@@ -198,6 +224,7 @@ fn vm_tests(kernel: &str, exe: &Path) -> Result<()> {
 touch '{done}'
 for t in $('{exe}' --ignored --list --format terse | sed -n 's/: test$//p'); do
     grep -q " $t\$" '{done}' && continue
+    case " {skip} " in *" $t "*) continue;; esac
     run "$t"; s=$?
     if [ $s -eq 137 ]; then
         echo "HUNG: $t was killed; running it once more"
@@ -232,10 +259,15 @@ done
     Ok(())
 }
 
+/// Left out of the arm64 suite besides [`FIRST_SUITE_ONLY`]: what the kernel makes of the text
+/// written to a limit file is its version's, not its architecture's, and the arm64 kernel is
+/// the same 6.1 as bookworm-6.1 on x86_64, which runs it (40 s under arm64 emulation).
+const NOT_ON_ARM64: [&str; 1] = ["hostile::limit_gauges_equal_the_files_whatever_the_written_text"];
+
 /// Cross-builds for aarch64, runs `nodewarden check` in the arm64 VM (it must start, read the
 /// kernel's BTF and report each capability: arm64 6.1 refuses fexit, so limit writes use
 /// kprobes, and the guard), then the VM kernel tests built for aarch64.
-fn arm64_tests() -> Result<()> {
+fn arm64_tests(skip: &[&str]) -> Result<()> {
     let bin = build::dist(build::AARCH64)?;
     let report = vm::workspace_root().join("target/arm64-check.txt");
     let _ = std::fs::remove_file(&report);
@@ -270,5 +302,5 @@ fn arm64_tests() -> Result<()> {
         }
     }
     let exe = build::dist_test(build::AARCH64, "vm_kernel")?;
-    vm_tests(kernel, &exe)
+    vm_tests(kernel, &exe, skip)
 }
