@@ -283,7 +283,11 @@ fn parse_glob(s: &str) -> Result<Pattern, String> {
 #[must_use]
 pub fn main() -> ExitCode {
     logs::init();
-    match Cli::parse().cmd {
+    let cmd = Cli::parse().cmd;
+    if cmd.prints_for_a_reader() {
+        end_quietly_when_the_reader_goes();
+    }
+    match cmd {
         Cmd::Run {
             config,
             metrics_listen,
@@ -440,6 +444,33 @@ pub fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+    }
+}
+
+impl Cmd {
+    /// Commands whose output is for a reader that may go early (`head`, a pager). The agent
+    /// and the benchmarks keep SIGPIPE ignored, as Rust sets it: a client gone from a socket is
+    /// an error they handle, not their end.
+    fn prints_for_a_reader(&self) -> bool {
+        matches!(
+            self,
+            Self::Events { .. }
+                | Self::Top { .. }
+                | Self::DiagnoseLocks { .. }
+                | Self::Desired { .. }
+                | Self::Check { .. }
+                | Self::Rules { .. }
+                | Self::CheckConfig { .. }
+        )
+    }
+}
+
+/// A closed stdout ends the process by SIGPIPE, as it ends `cat`, instead of a panic in
+/// `println!` (its default under Rust's ignored SIGPIPE).
+fn end_quietly_when_the_reader_goes() {
+    // SAFETY: restores one signal's default disposition; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

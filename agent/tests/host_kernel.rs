@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::Command;
+use std::{process::Command, time::Duration};
 
 use common::{Agent, NODEWARDEN, is_root};
 
@@ -41,6 +41,12 @@ fn agent_starts_reports_probes_and_stops_on_sigterm() {
                     && l.contains("limit_writes")),
             "limit_writes not attached but not reported in the log:\n{log}"
         );
+    }
+
+    // The kubelet's probes: live (the event loop turns) and ready (start-up is over).
+    for (path, body) in [("/healthz", "ok\n"), ("/readyz", "ready\n")] {
+        let answer = common::http_request(agent.metrics, path, Duration::from_secs(10));
+        assert_eq!(answer, Ok((200, body.to_owned())), "{path}");
     }
 
     let (status, log) = agent.stop();
@@ -160,7 +166,7 @@ fn prometheus_scrapes_the_agent() {
     };
     let start = std::time::Instant::now();
     let mut last = (None, None);
-    while start.elapsed() < std::time::Duration::from_secs(60) {
+    while start.elapsed() < Duration::from_secs(60) {
         last = (
             query("up%7Bjob%3D%22nodewarden%22%7D"),
             query(
@@ -172,7 +178,7 @@ fn prometheus_scrapes_the_agent() {
         {
             break;
         }
-        std::thread::sleep(std::time::Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(250));
     }
     drop(prometheus);
     let _ = std::fs::remove_dir_all(&dir);
@@ -285,7 +291,7 @@ fn agent_reports_its_own_cost() {
         if last.0 == last.1 {
             break;
         }
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(
         last.0, last.1,
@@ -440,7 +446,7 @@ fn syscalls_mode_ignores_ordinary_writes() {
     drop(file);
     let _ = std::fs::remove_file(&path);
 
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(500));
     let body = common::scrape(agent.metrics).expect("scrape");
     assert!(
         !body.contains("nodewarden_cgroup_limit_writes_total{"),
@@ -638,7 +644,7 @@ fn connect_nonblocking(addr: std::net::SocketAddr) -> Option<std::os::fd::OwnedF
 }
 
 /// The share of one CPU process `pid` used over `window` (user and system time).
-fn cpu_share(pid: u32, window: std::time::Duration) -> f64 {
+fn cpu_share(pid: u32, window: Duration) -> f64 {
     let ticks = || -> u64 {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
         // After the name (which may hold spaces and parentheses): state is field 3, utime 14,
@@ -660,4 +666,27 @@ fn cpu_share(pid: u32, window: std::time::Duration) -> f64 {
     #[expect(clippy::cast_precision_loss, reason = "a share")]
     let share = used as f64 / hz as f64 / start.elapsed().as_secs_f64();
     share
+}
+
+/// `nodewarden check-config | head -1`: the closed pipe ends the command by SIGPIPE, as it ends
+/// `cat`, not by a panic (needs neither root nor a kernel: runs with the unit tests).
+#[test]
+fn a_closed_stdout_ends_a_printing_command_quietly() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(NODEWARDEN)
+        .arg("check-config")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "status {}; stderr:\n{stderr}",
+        out.status
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }

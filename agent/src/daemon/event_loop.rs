@@ -40,6 +40,7 @@ use crate::{
     },
     outputs::{
         Outputs,
+        health::Health,
         metrics::{Metrics, labelled},
     },
     pipeline::Pipeline,
@@ -194,6 +195,8 @@ pub struct EventLoop {
     pub pipeline: Pipeline,
     pub outputs: Outputs,
     pub losses: Losses,
+    /// Marked at every tick: `/healthz` fails when the loop stops turning.
+    pub health: Health,
     pub loss_map: Option<LossMap>,
     pub cgroupfs: Option<Arc<CgroupFs>>,
     /// To the Go watcher.
@@ -423,6 +426,7 @@ impl EventLoop {
     /// Time-driven work, the kernel's loss counts (a loss of limit writes or cgroup changes
     /// wants a resync), and the contention spans.
     fn tick(&mut self) {
+        self.health.turned(Instant::now());
         self.kernel_losses();
         self.unseen_writes();
         let dropped = self

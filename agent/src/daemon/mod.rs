@@ -162,6 +162,7 @@ async fn run_until_stopped(
         );
     }
 
+    shared.health.ready(Instant::now());
     let (stop_tx, endpoints) = serve(listener, events_listener, &metrics, feed, &panics_tx);
     tracing::info!(
         "nodewarden running (mode {:?}); metrics at http://{}/metrics",
@@ -175,6 +176,7 @@ async fn run_until_stopped(
         pipeline,
         outputs,
         losses: shared.losses.clone(),
+        health: shared.health.clone(),
         loss_map: attached.losses.take(),
         cgroupfs,
         execs: execs_tx,

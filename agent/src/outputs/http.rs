@@ -1,4 +1,5 @@
-//! The HTTP endpoint Prometheus scrapes: `GET /metrics`.
+//! The HTTP endpoint Prometheus scrapes, `GET /metrics`, and a kubelet probes: `GET /healthz`
+//! (the event loop turns) and `GET /readyz` (and start-up is over; see [`super::health`]).
 //!
 //! Anyone who can reach the port can open connections, so each is bounded: a request head must
 //! arrive within [`HEADER_READ_TIMEOUT`] (also the longest a kept-alive connection waits
@@ -311,10 +312,14 @@ fn respond<B>(req: &Request<B>, metrics: &Metrics) -> Response<Full<Bytes>> {
             "text/plain; version=0.0.4; charset=utf-8",
             metrics.render(),
         ),
+        (&Method::GET, "/healthz") => health(metrics.shared.health.live(Instant::now()), "ok"),
+        (&Method::GET, "/readyz") => {
+            health(metrics.shared.health.is_ready(Instant::now()), "ready")
+        }
         (&Method::GET, "/") => (
             StatusCode::OK,
             "text/plain; charset=utf-8",
-            "nodewarden: metrics at /metrics (lock contention: `nodewarden top`, as root, on the event socket)\n"
+            "nodewarden: metrics at /metrics, probes at /healthz and /readyz (lock contention: `nodewarden top`, as root, on the event socket)\n"
                 .to_owned(),
         ),
         _ => (
@@ -330,6 +335,22 @@ fn respond<B>(req: &Request<B>, metrics: &Metrics) -> Response<Full<Bytes>> {
         hyper::header::HeaderValue::from_static(content_type),
     );
     resp
+}
+
+/// A probe's answer: 200 and `ok`, or 503 and why not.
+fn health(state: Result<(), String>, ok: &str) -> (StatusCode, &'static str, String) {
+    match state {
+        Ok(()) => (
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            format!("{ok}\n"),
+        ),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain; charset=utf-8",
+            format!("{why}\n"),
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -354,6 +375,18 @@ mod tests {
         );
         assert_eq!(respond(&get("/metrics"), &metrics).status(), StatusCode::OK);
         assert_eq!(respond(&get("/"), &metrics).status(), StatusCode::OK);
+    }
+
+    #[test]
+    fn the_probes_answer_503_until_start_up_is_over() {
+        let metrics = Metrics::new(Shared::default());
+        assert_eq!(
+            respond(&get("/readyz"), &metrics).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        metrics.shared.health.ready(Instant::now());
+        assert_eq!(respond(&get("/readyz"), &metrics).status(), StatusCode::OK);
+        assert_eq!(respond(&get("/healthz"), &metrics).status(), StatusCode::OK);
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct Shared {
     pub folded: Folded,
     /// Contention, as its readers last published it.
     pub contention: Arc<Mutex<Published>>,
+    /// Whether the event loop turns and start-up is over, for `/healthz` and `/readyz`.
+    pub health: super::health::Health,
 }
 
 /// The agent's metrics, registered in their own registry.

@@ -3,6 +3,7 @@
 
 pub mod contention;
 pub mod feed;
+pub mod health;
 pub mod http;
 pub mod logs;
 pub mod metrics;
