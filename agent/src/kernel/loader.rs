@@ -65,7 +65,9 @@ pub fn load(
         GuardAttach::Yes { max_files } => max_files,
         GuardAttach::No(_) => 1,
     };
+    let start = std::time::Instant::now();
     let mut ebpf = load_object(offsets, contention, max_files)?;
+    tracing::debug!(took = ?start.elapsed(), "eBPF object loaded");
     let btf = KernelBtf::default();
     let go = if offsets.has_exec_file() {
         single(
@@ -81,12 +83,12 @@ pub fn load(
         )
     };
     let status = vec![
-        attach_futex(&mut ebpf, &btf, functions, choices.futex_waits, contention),
+        timed(|| attach_futex(&mut ebpf, &btf, functions, choices.futex_waits, contention)),
         attach_sampling(&mut ebpf, contention),
-        attach_offcpu(&mut ebpf, contention),
+        timed(|| attach_offcpu(&mut ebpf, contention)),
         go,
-        attach_limit_writes(&mut ebpf, &btf, offsets, choices.limit_writes),
-        attach_oom_limits(&mut ebpf, &btf, offsets, choices.oom_limits),
+        timed(|| attach_limit_writes(&mut ebpf, &btf, offsets, choices.limit_writes)),
+        timed(|| attach_oom_limits(&mut ebpf, &btf, offsets, choices.oom_limits)),
         single(
             Capability::OomVictims,
             ProbeMode::RawTp,
@@ -125,9 +127,22 @@ pub fn load(
                 Ok(())
             },
         ),
-        attach_guard(&mut ebpf, &btf, offsets, guard),
+        timed(|| attach_guard(&mut ebpf, &btf, offsets, guard)),
     ];
     Ok(Probes { ebpf, status })
+}
+
+/// Runs one capability's attach step and logs how long it took: a start-up that hangs in the
+/// kernel (a grace period, text patching) shows in the debug log where it stopped.
+fn timed(step: impl FnOnce() -> ProbeStatus) -> ProbeStatus {
+    let start = std::time::Instant::now();
+    let status = step();
+    tracing::debug!(
+        capability = status.capability.as_str(),
+        took = ?start.elapsed(),
+        "attach step done"
+    );
+    status
 }
 
 /// The kernel's BTF as aya parses it, for loading fentry, fexit and LSM programs: parsed once,
@@ -470,7 +485,7 @@ fn single(
     hook: &str,
     f: impl FnOnce() -> Result<(), AttachError>,
 ) -> ProbeStatus {
-    match f() {
+    timed(|| match f() {
         Ok(()) => ProbeStatus {
             capability,
             mode,
@@ -479,7 +494,7 @@ fn single(
             fallbacks: Vec::new(),
         },
         Err(e) => ProbeStatus::unavailable(capability, Failure::of(mode, format!("{hook}: {e}"))),
-    }
+    })
 }
 
 /// Limit writes: fexit on each handler, else one kprobe/kretprobe pair on all of them. A mode is

@@ -14,6 +14,15 @@ use std::{
 /// The agent binary cargo built for these tests.
 pub const NODEWARDEN: &str = env!("CARGO_BIN_EXE_nodewarden");
 
+/// Longest an agent may take to attach its programs and serve its metrics. It takes 2 to 5 s
+/// under emulation; under arm64 emulation a start now and then runs about ten times slower, the
+/// agent alone and on CPU in user space parsing the kernel's BTF (15 s seen for a step that
+/// took 1.8 s in the runs around it, and once more than 60 s in CI).
+const START_LIMIT: Duration = Duration::from_secs(150);
+
+/// A start slower than this is said in the test's output.
+const START_NOTED: Duration = Duration::from_secs(20);
+
 /// A running `nodewarden run`, killed if the test ends without stopping it.
 pub struct Agent {
     pub child: Child,
@@ -83,7 +92,7 @@ impl Agent {
             metrics,
             log,
         };
-        agent.wait_for_metrics(Duration::from_secs(60));
+        agent.wait_for_metrics(START_LIMIT);
         agent
     }
 
@@ -118,13 +127,20 @@ impl Agent {
             if let Some(body) = scrape(self.metrics)
                 && body.contains("nodewarden_probe_info")
             {
+                if start.elapsed() > START_NOTED {
+                    eprintln!(
+                        "note: the agent took {:.0?} to serve its metrics",
+                        start.elapsed()
+                    );
+                }
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!(
-            "agent served no metrics within {limit:?}; log:\n{}",
-            self.log()
+            "agent served no metrics within {limit:?}; log:\n{}\n{}",
+            self.log(),
+            tasks_of(self.child.id())
         );
     }
 
@@ -357,4 +373,44 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// What each thread of process `pid` is doing (its state, the kernel function it waits in and
+/// its kernel stack), and the kernel's last messages: for a start-up that did not finish, where
+/// it is stuck.
+pub fn tasks_of(pid: u32) -> String {
+    use std::fmt::Write as _;
+    let mut out = format!("threads of process {pid}:\n");
+    let tasks = match std::fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(t) => t,
+        Err(e) => return format!("{out}/proc/{pid}/task: {e}\n"),
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let read =
+            |f: &str| std::fs::read_to_string(path.join(f)).unwrap_or_else(|e| e.to_string());
+        let stat = read("stat");
+        // The state is the field after the command name, which ends at the last ')'.
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').next())
+            .unwrap_or("?");
+        let _ = writeln!(
+            out,
+            "{} {} state {state} wchan {}\n{}",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan"),
+            read("stack")
+        );
+    }
+    if let Ok(dmesg) = Command::new("dmesg").output() {
+        let text = String::from_utf8_lossy(&dmesg.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        let _ = writeln!(out, "kernel log, last lines:");
+        for l in &lines[lines.len().saturating_sub(30)..] {
+            let _ = writeln!(out, "{l}");
+        }
+    }
+    out
 }
