@@ -1,6 +1,6 @@
 //! Building the agent (whose build.rs builds the eBPF programs) for the host or for aarch64.
 
-use std::{path::PathBuf, process::Command};
+use std::{fs::File, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -86,6 +86,11 @@ pub fn dist(target: &str) -> Result<PathBuf> {
     setup::step(&format!("cargo build --release --target {target}"), || {
         setup::run(&mut cmd)
     })?;
+    dist_binary(target)
+}
+
+/// The release `nodewarden` built for `target`.
+fn dist_binary(target: &str) -> Result<PathBuf> {
     let bin = vm::workspace_root()
         .join(DIST_TARGET_DIR)
         .join(target)
@@ -98,16 +103,42 @@ pub fn dist(target: &str) -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// Builds the agent's integration test `name` (and the agent it runs) for `target` in release
-/// mode; returns the test executable.
-pub fn dist_test(target: &str, name: &str) -> Result<PathBuf> {
-    let mut cmd = dist_cargo("test", target)?;
-    cmd.args(["--test", name, "--no-run", "--message-format=json"]);
-    let out = setup::step(
-        &format!("cargo test --no-run --test {name} --target {target}"),
-        || setup::output(&mut cmd),
-    )?;
-    test_executable_from(&out, name)
+/// A release build for another target: the agent and one of its integration tests.
+#[derive(Debug)]
+pub struct Dist {
+    pub agent: PathBuf,
+    pub test: PathBuf,
+}
+
+/// Installs what building for `target` needs, now, and returns the build of the release agent
+/// and its integration test `test`, to run later on another thread (apt must not run beside
+/// the caller's own apt steps; the build can): cargo's messages go to `log`.
+pub fn dist_later(
+    target: &str,
+    test: &'static str,
+    log: &File,
+) -> Result<impl FnOnce() -> Result<Dist> + Send + use<>> {
+    let mut build = dist_cargo("build", target)?;
+    build.stdout(log.try_clone()?).stderr(log.try_clone()?);
+    let mut tests = dist_cargo("test", target)?;
+    tests
+        .args(["--test", test, "--no-run", "--message-format=json"])
+        .stderr(log.try_clone()?);
+    let target = target.to_owned();
+    Ok(move || {
+        setup::step(&format!("cargo build --release --target {target}"), || {
+            setup::run(&mut build)
+        })?;
+        let agent = dist_binary(&target)?;
+        let out = setup::step(
+            &format!("cargo test --no-run --test {test} --target {target}"),
+            || setup::output(&mut tests),
+        )?;
+        Ok(Dist {
+            agent,
+            test: test_executable_from(&out, test)?,
+        })
+    })
 }
 
 /// The executable of test target `name` in cargo's JSON messages.

@@ -73,13 +73,44 @@ pub fn main(args: &Args) -> Result<i32> {
     } else {
         Profile::Release
     };
+    setup::ebpf_toolchain()?;
+    setup::fuzz_packages()?;
+    setup::cargo_fuzz(None)?;
+    build(profile, None)?;
     run(&targets, args.seconds, profile, args.save).map(|()| 0)
 }
 
 /// The `cargo xtask test` suite: every target for [`BOUNDED_SECONDS`], built unoptimized,
-/// finds kept out of the repository.
-pub fn bounded() -> Result<()> {
-    run(&TARGETS, BOUNDED_SECONDS, Profile::Dev, false)
+/// finds kept out of the repository. The packages are installed now; the returned run may go
+/// on another thread, with cargo's messages in `log` when given (each target's own output goes
+/// to a log of its own anyway).
+pub fn bounded(log: Option<PathBuf>) -> Result<impl FnOnce() -> Result<()> + Send + 'static> {
+    setup::ebpf_toolchain()?;
+    setup::fuzz_packages()?;
+    Ok(move || {
+        let file = log
+            .as_ref()
+            .map(|p| File::create(p).with_context(|| format!("creating {}", p.display())))
+            .transpose()?;
+        let built =
+            setup::cargo_fuzz(file.as_ref()).and_then(|()| build(Profile::Dev, file.as_ref()));
+        match (built, &log) {
+            (Err(e), Some(path)) => Err(e.context(setup::log_tail(path))),
+            (r, _) => r,
+        }?;
+        run(&TARGETS, BOUNDED_SECONDS, Profile::Dev, false)
+    })
+}
+
+/// Builds every target; cargo's messages go to `log` when given.
+fn build(profile: Profile, log: Option<&File>) -> Result<()> {
+    let root = vm::workspace_root();
+    setup::step("cargo fuzz build", || {
+        setup::run(setup::logged(
+            &mut cargo_fuzz(&root, "build", profile),
+            log,
+        )?)
+    })
 }
 
 /// The fuzz crate's cargo profile (see the comments in `fuzz/Cargo.toml`).
@@ -98,14 +129,9 @@ impl Profile {
     }
 }
 
-/// Builds the targets, runs each for `seconds`, and fails naming every target that crashed.
+/// Runs each built target for `seconds`, and fails naming every target that crashed.
 fn run(targets: &[&str], seconds: u64, profile: Profile, save: bool) -> Result<()> {
-    setup::ebpf_toolchain()?;
-    setup::fuzz_tools()?;
     let root = vm::workspace_root();
-    setup::step("cargo fuzz build", || {
-        setup::run(&mut cargo_fuzz(&root, "build", profile))
-    })?;
     let mut crashed = Vec::new();
     for target in targets {
         match run_one(&root, target, seconds, profile) {

@@ -3,6 +3,7 @@
 //! Every step is idempotent (it checks before it installs), prints what it does and how long it took.
 
 use std::{
+    fs::File,
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
@@ -160,13 +161,18 @@ fn linker_matches(linker: &Path, llvm: u32) -> bool {
 /// The cargo-fuzz release the fuzz targets are built and run with.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
-/// Installs what the fuzz targets need besides the eBPF toolchain (the agent's build script
-/// builds its programs): cargo-fuzz, and a C++ compiler for libFuzzer. They build on rustup's
-/// nightly compiler (sanitizer flags), which must be there.
-pub fn fuzz_tools() -> Result<()> {
+/// Installs the packages the fuzz targets need besides the eBPF toolchain (the agent's build
+/// script builds its programs): a C++ compiler for libFuzzer. They build on rustup's nightly
+/// compiler (sanitizer flags), which must be there. Then [`cargo_fuzz`] installs cargo-fuzz.
+pub fn fuzz_packages() -> Result<()> {
     output(Command::new("rustup").args(["run", "nightly", "rustc", "--version"]))
         .context("the fuzz targets need rustup's nightly toolchain")?;
-    apt_install(&["g++"])?;
+    apt_install(&["g++"])
+}
+
+/// Installs cargo-fuzz unless it is there; cargo's messages go to `log` when given. No apt: this
+/// may run on a background thread.
+pub fn cargo_fuzz(log: Option<&File>) -> Result<()> {
     let installed = output(Command::new(cargo_bin_dir().join("cargo-fuzz")).arg("--version"));
     if installed.is_ok_and(|v| v.contains(CARGO_FUZZ_VERSION)) {
         return Ok(());
@@ -174,9 +180,31 @@ pub fn fuzz_tools() -> Result<()> {
     step(
         &format!("cargo install cargo-fuzz@{CARGO_FUZZ_VERSION}"),
         || {
-            run(Command::new("cargo")
-                .args(["install", "--locked", "--force"])
-                .arg(format!("cargo-fuzz@{CARGO_FUZZ_VERSION}")))
+            let mut cmd = Command::new("cargo");
+            cmd.args(["install", "--locked", "--force"])
+                .arg(format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"));
+            run(logged(&mut cmd, log)?)
         },
+    )
+}
+
+/// `cmd` with its stdout and stderr sent to `log`, when given (work on a background thread
+/// keeps its output out of the foreground's).
+pub fn logged<'a>(cmd: &'a mut Command, log: Option<&File>) -> Result<&'a mut Command> {
+    if let Some(f) = log {
+        cmd.stdout(f.try_clone()?).stderr(f.try_clone()?);
+    }
+    Ok(cmd)
+}
+
+/// The last lines of the log at `path`, headed by its name: what a failed step in the
+/// background printed.
+pub fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    format!(
+        "the end of {}:\n{}",
+        path.display(),
+        lines[lines.len().saturating_sub(40)..].join("\n")
     )
 }
