@@ -125,6 +125,38 @@ fn check_says_whether_the_guard_can_attach_and_why_not() {
     eprintln!("{status}\n{summary}");
 }
 
+/// The alert rules pass `promtool check rules`, and their unit tests (each alert fires on the
+/// agent's series when what it watches for happens, and only then) pass `promtool test rules`.
+/// The unit test `the_alert_rules_name_only_what_the_agent_exports` ties the series in them to
+/// the agent's registry.
+#[test]
+#[ignore = "needs Debian's prometheus package (promtool): run by `cargo xtask test`"]
+fn alert_rules_pass_promtool() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
+    for args in [
+        ["check", "rules", "nodewarden-alerts.yaml"],
+        ["test", "rules", "nodewarden-alerts.test.yaml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("run promtool (Debian package `prometheus`; `cargo xtask test` installs it)");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "promtool {}:\n{text}", args.join(" "));
+        assert!(
+            text.contains("SUCCESS"),
+            "promtool {}:\n{text}",
+            args.join(" ")
+        );
+        eprintln!("promtool {}: {}", args.join(" "), text.trim());
+    }
+}
+
 /// A real Prometheus server scrapes the agent: the target is up and the probe gauges arrive.
 #[test]
 #[ignore = "needs root, a BPF-capable kernel and Debian's prometheus: run by `cargo xtask test`"]

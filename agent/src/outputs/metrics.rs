@@ -624,6 +624,8 @@ impl Collector for BpfRuns {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeSet, HashMap};
+
     use agent_common::LossReason;
 
     use super::*;
@@ -694,12 +696,12 @@ mod tests {
         );
     }
 
-    /// docs/metrics.md names every metric the agent exports.
-    #[test]
-    fn every_metric_is_documented() {
+    /// A registry with a series of every metric the agent exports.
+    fn every_metric() -> Metrics {
         let shared = Shared::default();
         let m = Metrics::new(shared.clone());
-        let who = ["/a", "", "", ""];
+        // Pod and container names too: an empty label is left out of the exposition.
+        let who = ["/a", "ns", "pod", "c"];
         m.oom_kills
             .with_label_values(&[&who[..], &["pod"]].concat());
         m.oom_incidents
@@ -742,6 +744,13 @@ mod tests {
             enabled: true,
             programs: vec![runs("p", 1, 1)],
         }));
+        m
+    }
+
+    /// docs/metrics.md names every metric the agent exports.
+    #[test]
+    fn every_metric_is_documented() {
+        let m = every_metric();
         let docs = include_str!("../../../docs/metrics.md");
         let names = m.names();
         // Ours, the process collector's seven and the eBPF programs' three.
@@ -752,6 +761,147 @@ mod tests {
                 "{name} is not in docs/metrics.md"
             );
         }
+    }
+
+    /// Labels Prometheus adds to every series it scrapes.
+    const TARGET_LABELS: [&str; 2] = ["job", "instance"];
+
+    /// Series Prometheus makes itself, with their labels (the target's).
+    const PROMETHEUS_SERIES: [&str; 1] = ["up"];
+
+    /// Every series name the agent exports (a histogram's `_bucket`, `_sum` and `_count`), with
+    /// the label names it has.
+    fn exported_series(m: &Metrics) -> HashMap<String, BTreeSet<String>> {
+        use prometheus::proto::MetricType;
+        let mut series: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for family in m.registry.gather() {
+            let labels: BTreeSet<String> = family
+                .get_metric()
+                .iter()
+                .flat_map(|m| m.get_label().iter().map(|l| l.name().to_owned()))
+                .chain(TARGET_LABELS.map(str::to_owned))
+                .collect();
+            let name = family.name();
+            if family.get_field_type() == MetricType::HISTOGRAM {
+                let mut bucket = labels.clone();
+                bucket.insert("le".to_owned());
+                series.insert(format!("{name}_bucket"), bucket);
+                series.insert(format!("{name}_sum"), labels.clone());
+                series.insert(format!("{name}_count"), labels);
+            } else {
+                series.insert(name.to_owned(), labels);
+            }
+        }
+        for name in PROMETHEUS_SERIES {
+            series.insert(name.to_owned(), TARGET_LABELS.map(str::to_owned).into());
+        }
+        series
+    }
+
+    /// The series an expression selects (name and the labels it matches on) and the labels it
+    /// groups or matches by.
+    #[derive(Default)]
+    struct Named {
+        selectors: Vec<(String, Vec<String>)>,
+        grouping: Vec<String>,
+    }
+
+    fn walk(e: &promql_parser::parser::Expr, out: &mut Named) {
+        use promql_parser::parser::Expr;
+        let mut selector = |vs: &promql_parser::parser::VectorSelector| {
+            let labels = vs
+                .matchers
+                .matchers
+                .iter()
+                .chain(vs.matchers.or_matchers.iter().flatten())
+                .map(|m| m.name.clone())
+                .filter(|n| n != "__name__")
+                .collect();
+            out.selectors
+                .push((vs.name.clone().unwrap_or_default(), labels));
+        };
+        match e {
+            Expr::VectorSelector(vs) => selector(vs),
+            Expr::MatrixSelector(ms) => selector(&ms.vs),
+            Expr::Aggregate(a) => {
+                if let Some(m) = &a.modifier {
+                    out.grouping.extend(m.labels().labels.iter().cloned());
+                }
+                walk(&a.expr, out);
+                if let Some(p) = &a.param {
+                    walk(p, out);
+                }
+            }
+            Expr::Binary(b) => {
+                if let Some(m) = b.modifier.as_ref().and_then(|m| m.matching.as_ref()) {
+                    out.grouping.extend(m.labels().labels.iter().cloned());
+                }
+                walk(&b.lhs, out);
+                walk(&b.rhs, out);
+            }
+            Expr::Unary(u) => walk(&u.expr, out),
+            Expr::Paren(p) => walk(&p.expr, out),
+            Expr::Subquery(q) => walk(&q.expr, out),
+            Expr::Call(c) => c.args.args.iter().for_each(|a| walk(a, out)),
+            Expr::NumberLiteral(_) | Expr::StringLiteral(_) | Expr::Extension(_) => {}
+        }
+    }
+
+    /// Every metric and label the alert rules (deploy/prometheus) name, in their expressions and
+    /// in the labels their annotations print, is one the agent exports (or Prometheus adds):
+    /// an alert on a renamed metric would never fire, and nothing else would say so.
+    #[test]
+    fn the_alert_rules_name_only_what_the_agent_exports() {
+        let exported = exported_series(&every_metric());
+        let text = include_str!("../../../deploy/prometheus/nodewarden-alerts.yaml");
+        let file: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).expect("rules YAML");
+        let mut alerts = 0;
+        for group in file["groups"].as_sequence().expect("groups") {
+            for rule in group["rules"].as_sequence().expect("rules") {
+                let name = rule["alert"].as_str().expect("alert name");
+                let expr = rule["expr"].as_str().expect("expr");
+                let ast = promql_parser::parser::parse(expr)
+                    .unwrap_or_else(|e| panic!("{name}: {e}\n{expr}"));
+                let mut named = Named::default();
+                walk(&ast, &mut named);
+                assert!(!named.selectors.is_empty(), "{name} selects nothing");
+                let mut known = BTreeSet::new();
+                for (series, labels) in &named.selectors {
+                    let Some(has) = exported.get(series) else {
+                        panic!("{name}: {series:?} is not a series the agent exports");
+                    };
+                    for l in labels {
+                        assert!(has.contains(l), "{name}: {series} has no label {l:?}");
+                    }
+                    known.extend(has.iter().cloned());
+                }
+                for l in &named.grouping {
+                    assert!(
+                        known.contains(l),
+                        "{name}: groups by {l:?}, which its series lack"
+                    );
+                }
+                // The labels an annotation prints: `{{ $labels.x }}`.
+                let annotations = serde_yaml_ng::to_string(&rule["annotations"]).expect("YAML");
+                for part in annotations.split("$labels.").skip(1) {
+                    let label: String = part
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    let kept = if named.grouping.is_empty() {
+                        known.contains(&label)
+                    } else {
+                        named.grouping.contains(&label)
+                    };
+                    assert!(
+                        kept,
+                        "{name}: an annotation prints {label:?}, which the alert lacks"
+                    );
+                }
+                alerts += 1;
+            }
+        }
+        assert_eq!(alerts, 10, "alerts checked");
     }
 
     /// Run statistics as a kernel would give them.
