@@ -16,8 +16,12 @@ use agent_common::LimitFile;
 
 use crate::model::event::Observed;
 
-/// How long a notification waits for the ring's record of the same write.
-pub const WAIT: Duration = Duration::from_millis(250);
+/// How long a notification waits for the ring's record of the same write. inotify is notified
+/// inside the write, the ring at the syscall's return: a writer descheduled in between for
+/// longer than this has its write reported twice, once without its writer. 250 ms was seen
+/// exceeded in the lab's VM under emulation on a loaded machine; the writes only inotify sees
+/// (`io_uring`, splice...) are reported this much later.
+pub const WAIT: Duration = Duration::from_secs(1);
 
 /// Limit files waiting at once, at most: one entry per file however often it changes, so this
 /// is reached only by more files than a node has; beyond it the state is resynced instead.
