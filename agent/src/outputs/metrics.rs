@@ -847,6 +847,38 @@ mod tests {
         }
     }
 
+    /// Checks that every series `expr` selects is exported with the labels it matches on, and
+    /// that the labels it groups by are among theirs. Returns the labels of the series selected
+    /// and the grouping labels.
+    fn check_query(
+        what: &str,
+        expr: &str,
+        exported: &HashMap<String, BTreeSet<String>>,
+    ) -> (BTreeSet<String>, Vec<String>) {
+        let ast =
+            promql_parser::parser::parse(expr).unwrap_or_else(|e| panic!("{what}: {e}\n{expr}"));
+        let mut named = Named::default();
+        walk(&ast, &mut named);
+        assert!(!named.selectors.is_empty(), "{what} selects nothing");
+        let mut known = BTreeSet::new();
+        for (series, labels) in &named.selectors {
+            let Some(has) = exported.get(series) else {
+                panic!("{what}: {series:?} is not a series the agent exports");
+            };
+            for l in labels {
+                assert!(has.contains(l), "{what}: {series} has no label {l:?}");
+            }
+            known.extend(has.iter().cloned());
+        }
+        for l in &named.grouping {
+            assert!(
+                known.contains(l),
+                "{what}: groups by {l:?}, which its series lack"
+            );
+        }
+        (known, named.grouping)
+    }
+
     /// Every metric and label the alert rules (deploy/prometheus) name, in their expressions and
     /// in the labels their annotations print, is one the agent exports (or Prometheus adds):
     /// an alert on a renamed metric would never fire, and nothing else would say so.
@@ -860,27 +892,7 @@ mod tests {
             for rule in group["rules"].as_sequence().expect("rules") {
                 let name = rule["alert"].as_str().expect("alert name");
                 let expr = rule["expr"].as_str().expect("expr");
-                let ast = promql_parser::parser::parse(expr)
-                    .unwrap_or_else(|e| panic!("{name}: {e}\n{expr}"));
-                let mut named = Named::default();
-                walk(&ast, &mut named);
-                assert!(!named.selectors.is_empty(), "{name} selects nothing");
-                let mut known = BTreeSet::new();
-                for (series, labels) in &named.selectors {
-                    let Some(has) = exported.get(series) else {
-                        panic!("{name}: {series:?} is not a series the agent exports");
-                    };
-                    for l in labels {
-                        assert!(has.contains(l), "{name}: {series} has no label {l:?}");
-                    }
-                    known.extend(has.iter().cloned());
-                }
-                for l in &named.grouping {
-                    assert!(
-                        known.contains(l),
-                        "{name}: groups by {l:?}, which its series lack"
-                    );
-                }
+                let (known, grouping) = check_query(name, expr, &exported);
                 // The labels an annotation prints: `{{ $labels.x }}`.
                 let annotations = serde_yaml_ng::to_string(&rule["annotations"]).expect("YAML");
                 for part in annotations.split("$labels.").skip(1) {
@@ -888,10 +900,10 @@ mod tests {
                         .chars()
                         .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                         .collect();
-                    let kept = if named.grouping.is_empty() {
+                    let kept = if grouping.is_empty() {
                         known.contains(&label)
                     } else {
-                        named.grouping.contains(&label)
+                        grouping.contains(&label)
                     };
                     assert!(
                         kept,
@@ -902,6 +914,63 @@ mod tests {
             }
         }
         assert_eq!(alerts, 10, "alerts checked");
+    }
+
+    /// Every query of the Grafana dashboard (deploy/grafana), its panels' and its template
+    /// variables', names only series and labels the agent exports.
+    #[test]
+    fn the_dashboard_queries_name_only_what_the_agent_exports() {
+        fn queries(v: &serde_json::Value, title: &str, out: &mut Vec<(String, String)>) {
+            match v {
+                serde_json::Value::Object(o) => {
+                    let title = o.get("title").and_then(|t| t.as_str()).unwrap_or(title);
+                    if let Some(e) = o.get("expr").and_then(|e| e.as_str()) {
+                        out.push((title.to_owned(), e.to_owned()));
+                    }
+                    o.values().for_each(|v| queries(v, title, out));
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| queries(v, title, out)),
+                _ => {}
+            }
+        }
+        let exported = exported_series(&every_metric());
+        let text = include_str!("../../../deploy/grafana/nodewarden-dashboard.json");
+        let dashboard: serde_json::Value = serde_json::from_str(text).expect("dashboard JSON");
+        let mut found = Vec::new();
+        queries(&dashboard["panels"], "", &mut found);
+        assert_eq!(found.len(), 20, "panel queries: {found:?}");
+        for (title, expr) in &found {
+            // Grafana's variables, as it would fill them in.
+            let expr = expr
+                .replace("$__rate_interval", "5m")
+                .replace("$instance", ".*");
+            check_query(title, &expr, &exported);
+        }
+        let variables = dashboard["templating"]["list"]
+            .as_array()
+            .expect("variables");
+        let mut label_values = 0;
+        for v in variables {
+            let Some(q) = v["query"]["query"].as_str() else {
+                continue;
+            };
+            let (series, label) = q
+                .strip_prefix("label_values(")
+                .and_then(|r| r.strip_suffix(')'))
+                .and_then(|r| r.split_once(", "))
+                .unwrap_or_else(|| {
+                    panic!("variable query {q:?} is not label_values(series, label)")
+                });
+            let has = exported
+                .get(series)
+                .unwrap_or_else(|| panic!("variable: {series:?} is not exported"));
+            assert!(
+                has.contains(label),
+                "variable: {series} has no label {label:?}"
+            );
+            label_values += 1;
+        }
+        assert_eq!(label_values, 1, "variables checked");
     }
 
     /// Run statistics as a kernel would give them.
