@@ -853,11 +853,28 @@ mod tests {
 
     #[test]
     fn shipped_configs_are_valid() {
-        let k8s = include_str!("../../deploy/kubernetes/config.toml");
-        let c = Config::parse(k8s, "deploy/kubernetes/config.toml").expect("valid");
-        assert_eq!(c.metrics_listen.port(), 9717);
-        assert_eq!(c.kubernetes.api, KubernetesApi::Auto);
-        assert!(c.remediation.audit_log.starts_with("/var/lib/nodewarden"));
+        for (path, text, mode) in [
+            (
+                "deploy/kubernetes/base/config.toml",
+                include_str!("../../deploy/kubernetes/base/config.toml"),
+                Mode::Observe,
+            ),
+            (
+                "deploy/kubernetes/overlays/enforce/config.toml",
+                include_str!("../../deploy/kubernetes/overlays/enforce/config.toml"),
+                Mode::Enforce,
+            ),
+        ] {
+            let c = Config::parse(text, path).expect("valid");
+            assert_eq!(c.mode, mode, "{path}");
+            assert_eq!(c.metrics_listen.port(), 9717);
+            assert_eq!(c.kubernetes.api, KubernetesApi::Auto);
+            assert!(c.remediation.audit_log.starts_with("/var/lib/nodewarden"));
+            // The enforce overlay's ConfigMap holds its rules beside the configuration.
+            let rules =
+                (mode == Mode::Enforce).then(|| PathBuf::from("/etc/nodewarden/rules.toml"));
+            assert_eq!(c.rules, rules, "{path}");
+        }
     }
 
     #[test]

@@ -157,6 +157,175 @@ fn alert_rules_pass_promtool() {
     }
 }
 
+/// Each Kubernetes overlay (deploy/kubernetes/overlays), rendered by `kubectl kustomize`, parses
+/// strictly into the Kubernetes API types: every object is of a known kind and goes through its
+/// type and back unchanged (a misspelt or misplaced field would be dropped by the type, and
+/// ignored by the API server). Then each overlay does what it is for.
+#[test]
+#[ignore = "needs kubectl (Debian package kubernetes-client): run by `cargo xtask test`"]
+fn kubernetes_overlays_parse_strictly() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    for (overlay, mode, cgroup_read_only) in
+        [("observe", "observe", true), ("enforce", "enforce", false)]
+    {
+        let out = Command::new("kubectl")
+            .arg("kustomize")
+            .arg(root.join("overlays").join(overlay))
+            .output()
+            .expect(
+                "run kubectl (Debian package kubernetes-client; `cargo xtask test` installs it)",
+            );
+        assert!(
+            out.status.success(),
+            "kubectl kustomize {overlay}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).expect("UTF-8");
+        let Rendered {
+            mut kinds,
+            daemonset,
+            config,
+        } = parse_strictly(overlay, &text);
+        kinds.sort();
+        assert_eq!(
+            kinds,
+            [
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "ConfigMap",
+                "DaemonSet",
+                "Namespace",
+                "Service",
+                "ServiceAccount"
+            ],
+            "{overlay}: the objects rendered"
+        );
+        // What the overlay is for: the mode, and whether the agent may write the cgroup tree.
+        let config = config.expect("ConfigMap").data.expect("data");
+        let toml = config.get("config.toml").expect("config.toml");
+        assert!(
+            toml.contains(&format!("mode = \"{mode}\"")),
+            "{overlay}: {toml}"
+        );
+        assert_eq!(
+            config.contains_key("rules.toml"),
+            mode == "enforce",
+            "{overlay}: {config:?}"
+        );
+        let pod = daemonset
+            .expect("DaemonSet")
+            .spec
+            .expect("spec")
+            .template
+            .spec
+            .expect("pod spec");
+        let mounts = pod.containers[0].volume_mounts.clone().unwrap_or_default();
+        let cgroup = mounts
+            .iter()
+            .find(|m| m.mount_path == "/sys/fs/cgroup")
+            .expect("cgroup mount");
+        assert_eq!(
+            cgroup.read_only,
+            Some(cgroup_read_only),
+            "{overlay}: {cgroup:?}"
+        );
+        let mut writable: Vec<&str> = mounts
+            .iter()
+            .filter(|m| m.read_only != Some(true))
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        writable.sort_unstable();
+        let expected: &[&str] = if cgroup_read_only {
+            &["/run/nodewarden", "/var/lib/nodewarden"]
+        } else {
+            &["/run/nodewarden", "/sys/fs/cgroup", "/var/lib/nodewarden"]
+        };
+        assert_eq!(writable, expected, "{overlay}: mounts writable");
+        assert_ne!(
+            pod.host_network,
+            Some(true),
+            "{overlay}: metrics are served on the pod's address"
+        );
+        eprintln!(
+            "{overlay}: {} objects parsed strictly, mode {mode}, writable {writable:?}",
+            kinds.len()
+        );
+    }
+}
+
+/// The objects of a rendered overlay, each parsed strictly into its API type.
+struct Rendered {
+    kinds: Vec<String>,
+    daemonset: Option<k8s_openapi::api::apps::v1::DaemonSet>,
+    config: Option<k8s_openapi::api::core::v1::ConfigMap>,
+}
+
+/// Parses every object of `text` (multi-document YAML) into its API type, requiring the round
+/// trip through the type to change nothing and namespaced objects to be in `nodewarden`.
+fn parse_strictly(overlay: &str, text: &str) -> Rendered {
+    use k8s_openapi::api::{
+        apps::v1::DaemonSet,
+        core::v1::{ConfigMap, Namespace, Service, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    };
+    use serde::Deserialize as _;
+    let mut kinds = Vec::new();
+    let mut daemonset = None;
+    let mut config = None;
+    for doc in serde_yaml_ng::Deserializer::from_str(text) {
+        let object = serde_json::Value::deserialize(doc).expect("YAML");
+        let kind = object["kind"].as_str().expect("kind").to_owned();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .expect("name")
+            .to_owned();
+        let back = match kind.as_str() {
+            "Namespace" => round_trip::<Namespace>(&object),
+            "ServiceAccount" => round_trip::<ServiceAccount>(&object),
+            "ClusterRole" => round_trip::<ClusterRole>(&object),
+            "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(&object),
+            "ConfigMap" => {
+                config =
+                    Some(serde_json::from_value::<ConfigMap>(object.clone()).expect("ConfigMap"));
+                round_trip::<ConfigMap>(&object)
+            }
+            "Service" => round_trip::<Service>(&object),
+            "DaemonSet" => {
+                daemonset =
+                    Some(serde_json::from_value::<DaemonSet>(object.clone()).expect("DaemonSet"));
+                round_trip::<DaemonSet>(&object)
+            }
+            other => panic!("{overlay}: {other} {name} is of a kind this test does not check"),
+        };
+        assert_eq!(
+            back, object,
+            "{overlay}: {kind} {name} changed going through its API type: a field it does not know"
+        );
+        let cluster_scoped =
+            ["Namespace", "ClusterRole", "ClusterRoleBinding"].contains(&kind.as_str());
+        assert_eq!(
+            object["metadata"]["namespace"].as_str(),
+            (!cluster_scoped).then_some("nodewarden"),
+            "{overlay}: {kind} {name} in the wrong namespace"
+        );
+        kinds.push(kind);
+    }
+    Rendered {
+        kinds,
+        daemonset,
+        config,
+    }
+}
+
+/// `object` turned into a `T` and back.
+fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(
+    object: &serde_json::Value,
+) -> serde_json::Value {
+    let typed: T =
+        serde_json::from_value(object.clone()).unwrap_or_else(|e| panic!("{e}: {object}"));
+    serde_json::to_value(typed).expect("serialize")
+}
+
 /// A real Prometheus server scrapes the agent: the target is up and the probe gauges arrive.
 #[test]
 #[ignore = "needs root, a BPF-capable kernel and Debian's prometheus: run by `cargo xtask test`"]

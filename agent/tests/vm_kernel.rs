@@ -28,6 +28,8 @@ mod hostile;
 mod lossless;
 #[path = "vm_kernel/oom.rs"]
 mod oom;
+#[path = "vm_kernel/privileges.rs"]
+mod privileges;
 
 /// Limit writes that overflow the event ring while the agent is stopped: the ring (1 MiB)
 /// holds about 5,040 (208 bytes each with the ring's header); each write costs the test a few

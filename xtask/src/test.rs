@@ -91,9 +91,14 @@ pub fn main(args: &Args) -> Result<i32> {
     );
     suite("host kernel tests".into(), &mut || {
         require_root()?;
-        // A real Prometheus server scrapes the agent in one of them; bpftrace measures futex
-        // waits independently in another.
+        // A real Prometheus server scrapes the agent in one of them, promtool tests the alert
+        // rules in another; bpftrace measures futex waits independently in a third.
         setup::apt_install(&["prometheus", "bpftrace"])?;
+        // kubectl renders the Kubernetes overlays (its kustomize) in another: Debian's, unless
+        // the machine has one.
+        if Command::new("kubectl").arg("version").output().is_err() {
+            setup::apt_install(&["kubernetes-client"])?;
+        }
         cargo_test(&["-p", "agent", "--test", "host_kernel"], &["--ignored"])
     });
     if args.no_vm {

@@ -629,7 +629,7 @@ protect = true
 fn the_guard_example_protects_container_memory_under_both_drivers() {
     let (name, text) = shipped_examples()
         .into_iter()
-        .find(|(n, _)| n.ends_with("guard-kubernetes-memory.toml"))
+        .find(|(n, _)| n.ends_with("overlays/enforce/rules.toml"))
         .expect("the guard example is shipped");
     let rules = file::parse(&text, &name).expect("valid");
     let identity = |path: &str| K8s::unnamed(path).expect("a Kubernetes path");

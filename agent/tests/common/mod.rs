@@ -23,6 +23,15 @@ const START_LIMIT: Duration = Duration::from_secs(150);
 /// A start slower than this is said in the test's output.
 const START_NOTED: Duration = Duration::from_secs(20);
 
+/// The capabilities the agents this process starts are limited to, when set (names as setpriv
+/// takes them: `bpf`, `sys_ptrace`...), with `no_new_privs`: what a deployment grants.
+static CAPABILITIES: std::sync::Mutex<Option<Vec<String>>> = std::sync::Mutex::new(None);
+
+/// From now on, the agents this process starts hold only `caps`.
+pub fn restrict_capabilities(caps: &[String]) {
+    *CAPABILITIES.lock().expect("lock") = Some(caps.to_vec());
+}
+
 /// A running `nodewarden run`, killed if the test ends without stopping it.
 pub struct Agent {
     pub child: Child,
@@ -51,7 +60,20 @@ impl Agent {
         let metrics = free_port();
         let log = std::env::temp_dir().join(format!("nodewarden-test-{}.log", metrics.port()));
         let log_file = std::fs::File::create(&log).expect("create agent log");
-        let mut cmd = Command::new(NODEWARDEN);
+        let mut cmd = match CAPABILITIES.lock().expect("lock").as_deref() {
+            // setpriv runs as root: its exec gives the agent the bounding set as its capabilities.
+            Some(caps) => {
+                let keep: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
+                let mut c = Command::new("setpriv");
+                c.arg("--no-new-privs")
+                    .arg("--inh-caps=-all")
+                    .arg(format!("--bounding-set=-all,{}", keep.join(",")))
+                    .arg("--")
+                    .arg(NODEWARDEN);
+                c
+            }
+            None => Command::new(NODEWARDEN),
+        };
         let events = Self::events_socket_for(metrics);
         cmd.args(["run", "--metrics-listen", &metrics.to_string()])
             .arg("--events-socket")

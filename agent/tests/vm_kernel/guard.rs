@@ -24,7 +24,7 @@ const WAIT: Duration = Duration::from_secs(30);
 /// The shipped example rules file that protects containers' memory limits.
 fn example_rules() -> String {
     format!(
-        "rules = \"{}/../deploy/rules/guard-kubernetes-memory.toml\"",
+        "rules = \"{}/../deploy/kubernetes/overlays/enforce/rules.toml\"",
         env!("CARGO_MANIFEST_DIR")
     )
 }

@@ -195,7 +195,7 @@ fn decisions(feed: &Feed, cgroup: &str) -> Vec<Value> {
 /// The incident: a pod's memory.max set to 512M by an unknown writer while its workload holds
 /// 300M and grows to 700M. In enforce the limit is back to 2G before the workload reaches 512M
 /// (no OOM kill); in dry-run and observe the kill happens and a would-restore is recorded.
-fn incident(mode: &str) {
+pub(super) fn incident(mode: &str) {
     require_vm();
     let pod = Pod::new(UID);
     Pod::set(&pod.cgroup, "memory.max", G2);
