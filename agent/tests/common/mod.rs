@@ -23,13 +23,47 @@ const START_LIMIT: Duration = Duration::from_secs(150);
 /// A start slower than this is said in the test's output.
 const START_NOTED: Duration = Duration::from_secs(20);
 
-/// The capabilities the agents this process starts are limited to, when set (names as setpriv
-/// takes them: `bpf`, `sys_ptrace`...), with `no_new_privs`: what a deployment grants.
-static CAPABILITIES: std::sync::Mutex<Option<Vec<String>>> = std::sync::Mutex::new(None);
+/// The capabilities the agents this process starts are limited to, when set (a mask of
+/// capability numbers), with `no_new_privs`: what a deployment grants.
+static CAPABILITIES: std::sync::Mutex<Option<u64>> = std::sync::Mutex::new(None);
 
-/// From now on, the agents this process starts hold only `caps`.
-pub fn restrict_capabilities(caps: &[String]) {
-    *CAPABILITIES.lock().expect("lock") = Some(caps.to_vec());
+/// From now on, the agents this process starts hold only the capabilities in `mask`.
+pub fn restrict_capabilities(mask: u64) {
+    *CAPABILITIES.lock().expect("lock") = Some(mask);
+}
+
+/// In a child about to exec the agent, as root: every capability outside `keep` leaves the
+/// bounding set, so the exec grants root only `keep`; no ambient capabilities; `no_new_privs`.
+fn keep_only(keep: u64) -> std::io::Result<()> {
+    for cap in 0..64 {
+        if keep & (1 << cap) != 0 {
+            continue;
+        }
+        // SAFETY: plain prctl on the calling process.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+            let e = std::io::Error::last_os_error();
+            // Past the kernel's last capability.
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(e);
+        }
+    }
+    // SAFETY: as above.
+    let cleared = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    // SAFETY: as above.
+    if cleared != 0 || unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A running `nodewarden run`, killed if the test ends without stopping it.
@@ -60,20 +94,12 @@ impl Agent {
         let metrics = free_port();
         let log = std::env::temp_dir().join(format!("nodewarden-test-{}.log", metrics.port()));
         let log_file = std::fs::File::create(&log).expect("create agent log");
-        let mut cmd = match CAPABILITIES.lock().expect("lock").as_deref() {
-            // setpriv runs as root: its exec gives the agent the bounding set as its capabilities.
-            Some(caps) => {
-                let keep: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
-                let mut c = Command::new("setpriv");
-                c.arg("--no-new-privs")
-                    .arg("--inh-caps=-all")
-                    .arg(format!("--bounding-set=-all,{}", keep.join(",")))
-                    .arg("--")
-                    .arg(NODEWARDEN);
-                c
-            }
-            None => Command::new(NODEWARDEN),
-        };
+        let mut cmd = Command::new(NODEWARDEN);
+        if let Some(keep) = *CAPABILITIES.lock().expect("lock") {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: prctl is async-signal-safe and changes only the child's own credentials.
+            unsafe { cmd.pre_exec(move || keep_only(keep)) };
+        }
         let events = Self::events_socket_for(metrics);
         cmd.args(["run", "--metrics-listen", &metrics.to_string()])
             .arg("--events-socket")
@@ -109,7 +135,7 @@ impl Agent {
             }
         }
         let child = cmd.spawn().expect("spawn nodewarden");
-        let agent = Self {
+        let mut agent = Self {
             child,
             metrics,
             log,
@@ -143,9 +169,15 @@ impl Agent {
             .count()
     }
 
-    fn wait_for_metrics(&self, limit: Duration) {
+    fn wait_for_metrics(&mut self, limit: Duration) {
         let start = Instant::now();
         while start.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "agent exited ({status}) before serving metrics; log:\n{}",
+                    self.log()
+                );
+            }
             if let Some(body) = scrape(self.metrics)
                 && body.contains("nodewarden_probe_info")
             {

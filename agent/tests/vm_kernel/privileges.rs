@@ -20,7 +20,7 @@ const NUMBERS: [(&str, u32); 9] = [
     ("ipc_lock", 14),
 ];
 
-/// The capabilities the `DaemonSet` adds (after dropping all), as setpriv names them.
+/// The capabilities the `DaemonSet` adds (after dropping all), in lower case without `CAP_`.
 fn daemonset_capabilities() -> Vec<String> {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -100,7 +100,7 @@ fn mask(caps: &[String]) -> u64 {
 /// `no_new_privs`, and names a writer's executable (read from /proc/PID/exe of a process with
 /// every capability).
 fn limited_agent_matches(caps: &[String], as_root: &[String], start: &dyn Fn() -> Agent) {
-    common::restrict_capabilities(caps);
+    common::restrict_capabilities(mask(caps));
     let agent = start();
     let pid = agent.child.id();
     assert_eq!(
@@ -170,6 +170,6 @@ fn the_daemonsets_capabilities_are_enough() {
 
     // Enforce: the bad write of the self-healing incident restored before the workload
     // reaches it.
-    common::restrict_capabilities(&caps);
+    common::restrict_capabilities(mask(&caps));
     heal::incident("enforce");
 }
