@@ -280,20 +280,20 @@ fn parse_strictly(overlay: &str, text: &str) -> Rendered {
             .expect("name")
             .to_owned();
         let back = match kind.as_str() {
-            "Namespace" => round_trip::<Namespace>(&object),
-            "ServiceAccount" => round_trip::<ServiceAccount>(&object),
-            "ClusterRole" => round_trip::<ClusterRole>(&object),
-            "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(&object),
+            "Namespace" => round_trip::<Namespace>(&object).1,
+            "ServiceAccount" => round_trip::<ServiceAccount>(&object).1,
+            "ClusterRole" => round_trip::<ClusterRole>(&object).1,
+            "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(&object).1,
             "ConfigMap" => {
-                config =
-                    Some(serde_json::from_value::<ConfigMap>(object.clone()).expect("ConfigMap"));
-                round_trip::<ConfigMap>(&object)
+                let (typed, back) = round_trip::<ConfigMap>(&object);
+                config = Some(typed);
+                back
             }
-            "Service" => round_trip::<Service>(&object),
+            "Service" => round_trip::<Service>(&object).1,
             "DaemonSet" => {
-                daemonset =
-                    Some(serde_json::from_value::<DaemonSet>(object.clone()).expect("DaemonSet"));
-                round_trip::<DaemonSet>(&object)
+                let (typed, back) = round_trip::<DaemonSet>(&object);
+                daemonset = Some(typed);
+                back
             }
             other => panic!("{overlay}: {other} {name} is of a kind this test does not check"),
         };
@@ -317,13 +317,14 @@ fn parse_strictly(overlay: &str, text: &str) -> Rendered {
     }
 }
 
-/// `object` turned into a `T` and back.
+/// `object` turned into a `T`, and that turned back.
 fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(
     object: &serde_json::Value,
-) -> serde_json::Value {
+) -> (T, serde_json::Value) {
     let typed: T =
         serde_json::from_value(object.clone()).unwrap_or_else(|e| panic!("{e}: {object}"));
-    serde_json::to_value(typed).expect("serialize")
+    let back = serde_json::to_value(&typed).expect("serialize");
+    (typed, back)
 }
 
 /// A real Prometheus server scrapes the agent: the target is up and the probe gauges arrive.

@@ -112,32 +112,36 @@ pub struct Dist {
 
 /// Installs what building for `target` needs, now, and returns the build of the release agent
 /// and its integration test `test`, to run later on another thread (apt must not run beside
-/// the caller's own apt steps; the build can): cargo's messages go to `log`.
+/// the caller's own apt steps; the build can): cargo's messages go to the file `log`, whose
+/// last lines a failure carries.
 pub fn dist_later(
     target: &str,
     test: &'static str,
-    log: &File,
+    log: PathBuf,
 ) -> Result<impl FnOnce() -> Result<Dist> + Send + use<>> {
     let mut build = dist_cargo("build", target)?;
-    build.stdout(log.try_clone()?).stderr(log.try_clone()?);
     let mut tests = dist_cargo("test", target)?;
-    tests
-        .args(["--test", test, "--no-run", "--message-format=json"])
-        .stderr(log.try_clone()?);
+    tests.args(["--test", test, "--no-run", "--message-format=json"]);
     let target = target.to_owned();
     Ok(move || {
-        setup::step(&format!("cargo build --release --target {target}"), || {
-            setup::run(&mut build)
-        })?;
-        let agent = dist_binary(&target)?;
-        let out = setup::step(
-            &format!("cargo test --no-run --test {test} --target {target}"),
-            || setup::output(&mut tests),
-        )?;
-        Ok(Dist {
-            agent,
-            test: test_executable_from(&out, test)?,
-        })
+        let mut make = || -> Result<Dist> {
+            let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+            setup::step(&format!("cargo build --release --target {target}"), || {
+                setup::run(setup::logged(&mut build, Some(&file))?)
+            })?;
+            let agent = dist_binary(&target)?;
+            // stdout carries the JSON messages.
+            tests.stderr(file);
+            let out = setup::step(
+                &format!("cargo test --no-run --test {test} --target {target}"),
+                || setup::output(&mut tests),
+            )?;
+            Ok(Dist {
+                agent,
+                test: test_executable_from(&out, test)?,
+            })
+        };
+        make().map_err(|e| e.context(setup::log_tail(&log)))
     })
 }
 

@@ -90,8 +90,14 @@ pub fn bounded(log: Option<PathBuf>) -> Result<impl FnOnce() -> Result<()> + Sen
     Ok(move || {
         let file = log
             .as_ref()
-            .map(|p| File::create(p).with_context(|| format!("creating {}", p.display())))
-            .transpose()?;
+            .map(|p| {
+                if let Some(dir) = p.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                File::create(p)
+            })
+            .transpose()
+            .with_context(|| format!("creating {log:?}"))?;
         let built =
             setup::cargo_fuzz(file.as_ref()).and_then(|()| build(Profile::Dev, file.as_ref()));
         match (built, &log) {

@@ -4,7 +4,6 @@
 //! line at the end counts them.
 
 use std::{
-    fs::File,
     path::{Path, PathBuf},
     process::Command,
     sync::mpsc,
@@ -96,7 +95,11 @@ pub fn main(args: &Args) -> Result<i32> {
         setup::apt_install(&["prometheus", "bpftrace"])?;
         // kubectl renders the Kubernetes overlays (its kustomize) in another: Debian's, unless
         // the machine has one.
-        if Command::new("kubectl").arg("version").output().is_err() {
+        if Command::new("kubectl")
+            .args(["version", "--client"])
+            .output()
+            .is_err()
+        {
             setup::apt_install(&["kubernetes-client"])?;
         }
         cargo_test(&["-p", "agent", "--test", "host_kernel"], &["--ignored"])
@@ -313,14 +316,9 @@ impl Background {
         let root = vm::workspace_root();
         let arm64_log = root.join("target/arm64-build.log");
         let fuzz_log = root.join("target/fuzz/build.log");
-        let arm64_build = arm64.then(|| {
-            let log = File::create(&arm64_log)
-                .with_context(|| format!("creating {}", arm64_log.display()))?;
-            build::dist_later(build::AARCH64, "vm_kernel", &log)
-        });
-        let fuzz = std::fs::create_dir_all(root.join("target/fuzz"))
-            .with_context(|| format!("creating {}", root.join("target/fuzz").display()))
-            .and_then(|()| fuzz::bounded(Some(fuzz_log.clone())));
+        let arm64_build =
+            arm64.then(|| build::dist_later(build::AARCH64, "vm_kernel", arm64_log.clone()));
+        let fuzz = fuzz::bounded(Some(fuzz_log.clone()));
         let (tx, rx) = mpsc::channel();
         let fuzz = std::thread::spawn(move || {
             lowest_priority();
@@ -329,10 +327,7 @@ impl Background {
                     "xtask: building for aarch64 in the background; cargo's messages in {}",
                     arm64_log.display()
                 );
-                let built = b
-                    .and_then(|f| f())
-                    .map_err(|e| e.context(setup::log_tail(&arm64_log)));
-                let _ = tx.send(built);
+                let _ = tx.send(b.and_then(|f| f()));
             }
             eprintln!(
                 "xtask: fuzzing in the background; cargo's messages in {}",

@@ -54,16 +54,6 @@ fn probes(agent: &Agent) -> Vec<String> {
     lines
 }
 
-/// A field of /proc/PID/status.
-fn status_field(pid: u32, name: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(":\t"))
-        .unwrap_or_else(|| panic!("{name} not in /proc/{pid}/status"))
-        .to_owned()
-}
-
 /// `kernel.perf_event_paranoid`, set for the life of this value and put back on drop.
 struct Paranoid(String);
 
@@ -102,13 +92,16 @@ fn mask(caps: &[String]) -> u64 {
 fn limited_agent_matches(caps: &[String], as_root: &[String], start: &dyn Fn() -> Agent) {
     common::restrict_capabilities(mask(caps));
     let agent = start();
-    let pid = agent.child.id();
+    let pid = i32::try_from(agent.child.id()).expect("pid");
+    let status = procfs::process::Process::new(pid)
+        .and_then(|p| p.status())
+        .expect("/proc/PID/status");
     assert_eq!(
-        u64::from_str_radix(&status_field(pid, "CapEff"), 16).expect("hex"),
+        status.capeff,
         mask(caps),
         "the agent's capabilities, for {caps:?}"
     );
-    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    assert_eq!(status.nonewprivs, Some(1), "no_new_privs");
     let limited = probes(&agent);
     assert_eq!(
         limited,
