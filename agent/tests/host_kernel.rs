@@ -157,6 +157,59 @@ fn alert_rules_pass_promtool() {
     }
 }
 
+/// The systemd unit (deploy/systemd), alone and with its enforce.conf drop-in, scores 4.0 or
+/// lower in `systemd-analyze security` (0 is the most locked down, 10 the least). The VM test
+/// `under_systemd::the_hardened_unit_runs_the_agent` runs the agent under both.
+#[test]
+#[ignore = "needs systemd-analyze (Debian package systemd): run by `cargo xtask test`"]
+fn systemd_unit_scores_4_or_lower() {
+    let deployed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd");
+    let dir = std::env::temp_dir().join(format!("nw-systemd-score-{}", std::process::id()));
+    let drop_ins = dir.join("nodewarden.service.d");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::copy(
+        deployed.join("nodewarden.service"),
+        dir.join("nodewarden.service"),
+    )
+    .expect("copy the unit");
+    for enforce in [false, true] {
+        if enforce {
+            // Offline, systemd-analyze reads the drop-ins beside the unit file.
+            std::fs::create_dir_all(&drop_ins).expect("mkdir");
+            std::fs::copy(deployed.join("enforce.conf"), drop_ins.join("enforce.conf"))
+                .expect("copy enforce.conf");
+        }
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--no-pager"])
+            .arg(dir.join("nodewarden.service"))
+            .output()
+            .expect(
+                "run systemd-analyze (Debian package `systemd`; `cargo xtask test` installs it)",
+            );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let score: f64 = text
+            .lines()
+            .find_map(|l| l.split("nodewarden.service: ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no overall exposure level in:\n{text}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        let what = if enforce {
+            "with enforce.conf"
+        } else {
+            "as shipped"
+        };
+        eprintln!("systemd-analyze security, the unit {what}: {score:.1}");
+        assert!(score <= 4.0, "the unit {what} scores {score:.1}:\n{text}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Each Kubernetes overlay (deploy/kubernetes/overlays), rendered by `kubectl kustomize`, parses
 /// strictly into the Kubernetes API types: every object is of a known kind and goes through its
 /// type and back unchanged (a misspelt or misplaced field would be dropped by the type, and

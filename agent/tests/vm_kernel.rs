@@ -30,6 +30,8 @@ mod lossless;
 mod oom;
 #[path = "vm_kernel/privileges.rs"]
 mod privileges;
+#[path = "vm_kernel/under_systemd.rs"]
+mod under_systemd;
 
 /// Limit writes that overflow the event ring while the agent is stopped: the ring (1 MiB)
 /// holds about 5,040 (208 bytes each with the ring's header); each write costs the test a few
@@ -43,8 +45,12 @@ pub(crate) struct Feed {
 
 impl Feed {
     pub(crate) fn connect(agent: &Agent) -> Self {
-        let socket = Agent::events_socket_for(agent.metrics);
-        let mut stream = UnixStream::connect(&socket)
+        Self::connect_to(&Agent::events_socket_for(agent.metrics))
+    }
+
+    /// The feed of the agent serving `socket`.
+    pub(crate) fn connect_to(socket: &Path) -> Self {
+        let mut stream = UnixStream::connect(socket)
             .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
         stream.write_all(b"events\n").expect("ask for the events");
         let records = Arc::new(Mutex::new(Vec::new()));

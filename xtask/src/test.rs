@@ -40,6 +40,10 @@ const FIRST_SUITE_ONLY: [&str; 9] = [
     "pod_selector_picks_the_pods_processes",
 ];
 
+/// The VM tests that run under systemd as the guest's PID 1 (`cargo xtask vm --systemd`), in a
+/// VM of their own after the first x86_64 suite; the other suites leave them out.
+const UNDER_SYSTEMD: &str = "under_systemd::";
+
 /// The fuzz suite's name.
 const FUZZ: &str = "fuzz (bounded)";
 
@@ -92,7 +96,9 @@ pub fn main(args: &Args) -> Result<i32> {
         require_root()?;
         // A real Prometheus server scrapes the agent in one of them, promtool tests the alert
         // rules in another; bpftrace measures futex waits independently in a third.
-        setup::apt_install(&["prometheus", "bpftrace"])?;
+        // systemd-analyze scores the systemd unit in another (the first VM suite boots the
+        // same systemd to run the agent under that unit).
+        setup::apt_install(&["prometheus", "bpftrace", "systemd"])?;
         // kubectl renders the Kubernetes overlays (its kustomize) in another: Debian's, unless
         // the machine has one.
         if Command::new("kubectl")
@@ -128,6 +134,12 @@ pub fn main(args: &Args) -> Result<i32> {
                 suite(format!("VM kernel tests on {kernel}"), &mut || {
                     vm_tests(kernel, &exe, skip)
                 });
+                if i == 0 {
+                    suite(
+                        format!("the systemd unit, under systemd in the VM on {kernel}"),
+                        &mut || systemd_tests(kernel, &exe),
+                    );
+                }
             }
         }
         let mut arm64 = background.arm64;
@@ -257,6 +269,7 @@ touch '{done}'
 for t in $('{exe}' --ignored --list --format terse | sed -n 's/: test$//p'); do
     grep -q " $t\$" '{done}' && continue
     case " {skip} " in *" $t "*) continue;; esac
+    case $t in {UNDER_SYSTEMD}*) continue;; esac
     run "$t"; s=$?
     if [ $s -eq 137 ]; then
         echo "HUNG: $t was killed; running it once more"
@@ -287,6 +300,39 @@ done
     };
     if status != 0 {
         bail!("tests in the VM exited with status {status}");
+    }
+    Ok(())
+}
+
+/// The [`UNDER_SYSTEMD`] tests, in a VM whose PID 1 is the host's systemd.
+fn systemd_tests(kernel: &str, exe: &Path) -> Result<()> {
+    // The guest boots the host's own systemd (the host suite installs it too).
+    setup::apt_install(&["systemd"])?;
+    // SAFETY: xtask is single-threaded here.
+    unsafe { std::env::set_var("NODEWARDEN_IN_VM", "1") };
+    let argv = [
+        exe.display().to_string(),
+        "--ignored".to_owned(),
+        UNDER_SYSTEMD.to_owned(),
+    ];
+    let opts = vm::RunOptions {
+        memory_mib: 2048,
+        // A test's bound, and as long again for systemd's start (about 15 s under TCG).
+        timeout: std::time::Duration::from_secs(2 * u64::from(VM_TEST_TIMEOUT_S)),
+        silence: Some(std::time::Duration::from_secs(VM_SILENCE_S)),
+        systemd: true,
+        ..vm::RunOptions::default()
+    };
+    // A stalled guest (see `vm_tests`) gets one more VM.
+    let status = match vm::run(kernel, &opts, &argv) {
+        Err(e) if e.downcast_ref::<vm::Stalled>().is_some() => {
+            eprintln!("xtask: {e:#}; once more in a new VM");
+            vm::run(kernel, &opts, &argv)?
+        }
+        other => other?,
+    };
+    if status != 0 {
+        bail!("tests under systemd in the VM exited with status {status}");
     }
     Ok(())
 }

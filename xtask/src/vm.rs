@@ -57,6 +57,10 @@ pub struct Args {
     /// Use KVM instead of pure emulation (TCG); only where KVM is real, not on the dev VMs.
     #[arg(long)]
     pub kvm: bool,
+    /// Boot the host's systemd as the guest's PID 1 and run the command as a service under it
+    /// (`x86_64` only: it needs the host's root).
+    #[arg(long)]
+    pub systemd: bool,
     /// Command to run inside the guest, as argv (no shell: use `sh -c '...'` for one).
     #[arg(last = true, required_unless_present = "list")]
     pub cmd: Vec<String>,
@@ -74,6 +78,8 @@ pub struct RunOptions {
     /// QEMU is killed when the command prints nothing for this long, or the guest kernel
     /// reports a soft lockup (a stalled guest) or panics, and the run fails with [`Stalled`].
     pub silence: Option<Duration>,
+    /// PID 1 is the host's systemd and the command a service under it (`x86_64` only).
+    pub systemd: bool,
 }
 
 /// What the guest kernel prints (at emergency level, which gets through `loglevel=1`) when a
@@ -100,6 +106,7 @@ impl Default for RunOptions {
             timeout: Duration::from_secs(600),
             kvm: false,
             silence: None,
+            systemd: false,
         }
     }
 }
@@ -115,6 +122,7 @@ pub fn main(args: &Args) -> Result<i32> {
         timeout: Duration::from_secs(args.timeout),
         kvm: args.kvm,
         silence: None,
+        systemd: args.systemd,
     };
     let status = pick_kernel(args).and_then(|kernel| run(kernel, &opts, &args.cmd));
     Ok(status.unwrap_or_else(|e| {
@@ -177,6 +185,9 @@ pub fn run(kernel: &str, opts: &RunOptions, argv: &[String]) -> Result<i32> {
     let paths = ensure_kernel(kernel)?;
     let project = workspace_root();
     let host_root = paths.arch == Arch::X86_64;
+    if opts.systemd && !host_root {
+        bail!("--systemd boots the host's systemd, which only an x86_64 guest sees");
+    }
     let cwd = guest_cwd(&project, host_root)?;
     let nonce = nonce();
     let start_marker = format!("NODEWARDEN-VM-START-{nonce}");
@@ -185,6 +196,7 @@ pub fn run(kernel: &str, opts: &RunOptions, argv: &[String]) -> Result<i32> {
     let env = guest_env();
     let plan = initramfs::Plan {
         host_root,
+        systemd: opts.systemd,
         project: &project,
         cwd: &cwd,
         env: &env,

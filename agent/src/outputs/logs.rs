@@ -1,17 +1,23 @@
 //! The agent's log: `tracing`, with aya-log's and other `log` records bridged in; one line per
 //! event.
 
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::model::record::Record;
 
-/// Installs the log subscriber: `RUST_LOG` filters (default `info`), output to stderr.
+/// Installs the log subscriber: `RUST_LOG` filters (default `info`), output to stderr, in
+/// colour only on a terminal (not in the journal or a container's log) and without `NO_COLOR`.
 pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     // try_init: a second call (tests) keeps the first subscriber.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .try_init();
 }
 

@@ -16,10 +16,10 @@ use common::{Agent, KillOnDrop, otlp};
 pub(super) const UID: &str = "6d3f1a2b-4c5d-4e6f-8a9b-0c1d2e3f4a5b";
 pub(super) const CONTAINER: &str =
     "c0ffee0123456789abcdef0123456789abcdef0123456789abcdef0123456789";
-const G2: &str = "2147483648";
-const M512: &str = "536870912";
+pub(super) const G2: &str = "2147483648";
+pub(super) const M512: &str = "536870912";
 const WAIT: Duration = Duration::from_secs(30);
-const RULE: &str = "kubernetes-limit-lowered";
+pub(super) const RULE: &str = "kubernetes-limit-lowered";
 
 /// `/kubepods/burstable/pod<uid>/<container>` (the cgroupfs driver's tree), memory and pids on
 /// every level; removed on drop.
@@ -179,7 +179,7 @@ impl Workload {
 }
 
 /// Writes `value` to `cgroup`'s `file` from a thread named `comm` of this (untrusted) process.
-fn write_as(comm: &str, cgroup: &str, file: &str, value: &str) {
+pub(super) fn write_as(comm: &str, cgroup: &str, file: &str, value: &str) {
     let (path, value) = (Pod::file(cgroup, file), value.to_owned());
     on_thread(comm, move || std::fs::write(path, value)).expect("write");
 }

@@ -2,7 +2,7 @@
 //! all the agent needs: limited to them, with `no_new_privs`, it attaches what a root agent
 //! attaches on this kernel, names writers' executables, and restores a bad limit write.
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use super::{Feed, TestCgroup, common, heal, require_vm, write_limit_as};
 use common::Agent;
@@ -21,7 +21,7 @@ const NUMBERS: [(&str, u32); 9] = [
 ];
 
 /// The capabilities the `DaemonSet` adds (after dropping all), in lower case without `CAP_`.
-fn daemonset_capabilities() -> Vec<String> {
+pub(super) fn daemonset_capabilities() -> Vec<String> {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../deploy/kubernetes/base/daemonset.yaml"
@@ -42,9 +42,10 @@ fn daemonset_capabilities() -> Vec<String> {
         .collect()
 }
 
-/// The `nodewarden_probe_info` lines an agent serves: how each capability attached.
-fn probes(agent: &Agent) -> Vec<String> {
-    let body = common::scrape(agent.metrics).expect("scrape");
+/// The `nodewarden_probe_info` lines the agent serving metrics on `metrics` has: how each
+/// capability attached.
+pub(super) fn probes(metrics: SocketAddr) -> Vec<String> {
+    let body = common::scrape(metrics).expect("scrape");
     let mut lines: Vec<String> = body
         .lines()
         .filter(|l| l.starts_with("nodewarden_probe_info{"))
@@ -74,7 +75,7 @@ impl Drop for Paranoid {
 }
 
 /// The capability mask of `caps`.
-fn mask(caps: &[String]) -> u64 {
+pub(super) fn mask(caps: &[String]) -> u64 {
     caps.iter()
         .map(|c| {
             let (_, n) = NUMBERS
@@ -102,7 +103,7 @@ fn limited_agent_matches(caps: &[String], as_root: &[String], start: &dyn Fn() -
         "the agent's capabilities, for {caps:?}"
     );
     assert_eq!(status.nonewprivs, Some(1), "no_new_privs");
-    let limited = probes(&agent);
+    let limited = probes(agent.metrics);
     assert_eq!(
         limited,
         as_root,
@@ -144,7 +145,7 @@ fn the_daemonsets_capabilities_are_enough() {
     let dir = heal::scratch("nw-privileges");
     let start = || heal::healing_agent("enforce", &dir, &heal::Extra::default(), &[]);
     let root = start();
-    let as_root = probes(&root);
+    let as_root = probes(root.metrics);
     let (status, log) = root.stop();
     assert!(status.success(), "agent exit {status}; log:\n{log}");
 

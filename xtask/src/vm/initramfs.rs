@@ -68,6 +68,40 @@ mount -t tmpfs -o mode=0755 tmpfs "$R/run" || fail "mounting /run"
 mkdir -p "$R$NW_PROJECT" || fail "creating $NW_PROJECT"
 mount9p project "$R$NW_PROJECT" cache=mmap
 cp /nodewarden/cmd.sh "$R/run/nodewarden-cmd.sh" || fail "copying the command"
+if [ -n "$NW_SYSTEMD" ]; then
+    # The host's systemd as PID 1, with the writable /var of a booted system, runs the command
+    # as a service that prints the status on the console and powers the guest off.
+    [ -n "$R" ] || fail "systemd needs the host's root"
+    mount -t tmpfs -o mode=0755 tmpfs "$R/var" || fail "mounting /var"
+    mkdir -p "$R/var/tmp" "$R/var/lib" "$R/var/log" "$R/var/cache" "$R/run/systemd/system"
+    chmod 1777 "$R/var/tmp"
+    ln -s ../run "$R/var/run"
+    ln -s ../run/lock "$R/var/lock"
+    cat > "$R/run/nodewarden-vm.sh" <<EOF
+/bin/sh /run/nodewarden-cmd.sh </dev/null
+rc=\$?
+sync
+echo "$NW_EXIT\$rc"
+EOF
+    cat > "$R/run/systemd/system/nodewarden-vm.service" <<EOF
+[Unit]
+Description=The command of cargo xtask vm
+SuccessAction=poweroff-immediate
+FailureAction=poweroff-immediate
+[Service]
+Type=oneshot
+ExecStart=/bin/sh /run/nodewarden-vm.sh
+StandardOutput=tty
+StandardError=tty
+TTYPath=/dev/console
+TimeoutStartSec=infinity
+EOF
+    echo "$NW_START"
+    # switch_root, not chroot: a service's mount namespace must have the host's root as its
+    # root, or the paths the kernel gives the agent start with $R.
+    exec env -i /bin/busybox switch_root "$R" /lib/systemd/systemd \
+        --unit=nodewarden-vm.service --show-status=false
+fi
 echo "$NW_START"
 if [ -n "$R" ]; then
     env -i /bin/busybox chroot "$R" /bin/sh /run/nodewarden-cmd.sh </dev/null
@@ -268,6 +302,8 @@ fn read_module(path: &Path) -> Result<Vec<u8>> {
 pub struct Plan<'a> {
     /// Mount the host's `/` read-only and chroot into it (`x86_64`), or run in the initramfs (arm64).
     pub host_root: bool,
+    /// Boot the host's systemd and run the command as its service (needs `host_root`).
+    pub systemd: bool,
     /// The project folder, shared read-write at the same path.
     pub project: &'a Path,
     /// Where the command starts; the project folder when the guest cannot see it.
@@ -285,8 +321,9 @@ pub fn command_cpio(plan: &Plan<'_>) -> Result<Vec<u8>> {
     let project = path_str(plan.project)?;
     let cwd = path_str(plan.cwd)?;
     let params = format!(
-        "NW_ROOT={}\nNW_PROJECT={}\nNW_START={}\nNW_EXIT={}\n",
+        "NW_ROOT={}\nNW_SYSTEMD={}\nNW_PROJECT={}\nNW_START={}\nNW_EXIT={}\n",
         if plan.host_root { "/newroot" } else { "''" },
+        if plan.systemd { "1" } else { "''" },
         sh_quote(project),
         sh_quote(plan.start_marker),
         sh_quote(plan.exit_marker),
