@@ -8,6 +8,9 @@ use std::{process::Command, time::Duration};
 
 use common::{Agent, NODEWARDEN, is_root};
 
+#[path = "host_kernel/prometheus_operator.rs"]
+mod prometheus_operator;
+
 const NEEDS_ROOT: &str = "needs root and a BPF-capable kernel: run by `cargo xtask test`";
 
 #[test]
@@ -221,19 +224,7 @@ fn kubernetes_overlays_parse_strictly() {
     for (overlay, mode, cgroup_read_only) in
         [("observe", "observe", true), ("enforce", "enforce", false)]
     {
-        let out = Command::new("kubectl")
-            .arg("kustomize")
-            .arg(root.join("overlays").join(overlay))
-            .output()
-            .expect(
-                "run kubectl (Debian package kubernetes-client; `cargo xtask test` installs it)",
-            );
-        assert!(
-            out.status.success(),
-            "kubectl kustomize {overlay}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8(out.stdout).expect("UTF-8");
+        let text = kustomize(&root.join("overlays").join(overlay));
         let Rendered {
             mut kinds,
             daemonset,
@@ -304,6 +295,22 @@ fn kubernetes_overlays_parse_strictly() {
             kinds.len()
         );
     }
+}
+
+/// `kubectl kustomize DIR`: the rendered objects, as multi-document YAML.
+fn kustomize(dir: &std::path::Path) -> String {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("run kubectl (Debian package kubernetes-client; `cargo xtask test` installs it)");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8")
 }
 
 /// The objects of a rendered overlay, each parsed strictly into its API type.
