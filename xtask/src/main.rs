@@ -10,6 +10,7 @@ mod bench_restore;
 mod bench_syscalls;
 mod build;
 mod fuzz;
+mod image;
 mod lint;
 mod programs;
 mod run;
@@ -68,6 +69,8 @@ enum Cmd {
     TestPrograms,
     /// Boot a stock kernel under QEMU and run a command in it.
     Vm(vm::Args),
+    /// Build the agent's OCI image (an OCI layout, a tag per architecture) with umoci.
+    Image(image::Args),
     /// Build a release binary for a target (host, or aarch64-unknown-linux-gnu).
     Dist {
         #[arg(long)]
@@ -102,6 +105,7 @@ fn try_main() -> Result<i32> {
         Cmd::Bench { baseline, only } => bench::main(baseline.as_deref(), only),
         Cmd::TestPrograms => programs::build().map(|()| 0),
         Cmd::Vm(args) => vm::main(&args),
+        Cmd::Image(args) => image::main(&args),
         Cmd::Dist { target } => {
             let target = match target {
                 Some(t) => t,

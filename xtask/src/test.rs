@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{build, fuzz, lint, programs, setup, vm};
+use crate::{build, fuzz, image, lint, programs, setup, vm};
 
 /// The x86_64 kernels `cargo xtask test` boots by default. bullseye-5.10 is left out: twice in
 /// six full runs its guest froze (even the in-guest timeout never fired) in the test that
@@ -92,24 +92,7 @@ pub fn main(args: &Args) -> Result<i32> {
         "test programs (C and Go, x86_64 and aarch64)".into(),
         &mut programs::build,
     );
-    suite("host kernel tests".into(), &mut || {
-        require_root()?;
-        // A real Prometheus server scrapes the agent in one of them, promtool tests the alert
-        // rules in another; bpftrace measures futex waits independently in a third.
-        // systemd-analyze scores the systemd unit in another (the first VM suite boots the
-        // same systemd to run the agent under that unit).
-        setup::apt_install(&["prometheus", "bpftrace", "systemd"])?;
-        // kubectl renders the Kubernetes overlays (its kustomize) in another: Debian's, unless
-        // the machine has one.
-        if Command::new("kubectl")
-            .args(["version", "--client"])
-            .output()
-            .is_err()
-        {
-            setup::apt_install(&["kubernetes-client"])?;
-        }
-        cargo_test(&["-p", "agent", "--test", "host_kernel"], &["--ignored"])
-    });
+    suite("host kernel tests".into(), &mut host_tests);
     if args.no_vm {
         // Needs neither root nor a VM; finds stay in target/fuzz, out of the kept corpus.
         suite(FUZZ.into(), &mut || fuzz::bounded(None)?());
@@ -127,6 +110,11 @@ pub fn main(args: &Args) -> Result<i32> {
             exe = Some(test_executable("vm_kernel")?);
             Ok(())
         });
+        if let Some(kernel) = kernels.first() {
+            let name =
+                format!("the x86_64 image (of the debug build): `nodewarden check` on {kernel}");
+            suite(name, &mut || x86_image_check(kernel));
+        }
         let background = Background::start(!args.no_arm64);
         if let Some(exe) = exe {
             for (i, kernel) in kernels.iter().enumerate() {
@@ -175,6 +163,26 @@ pub fn main(args: &Args) -> Result<i32> {
     }
     println!("summary: {passed} passed, {} failed", failed.len());
     Ok(i32::from(!failed.is_empty()))
+}
+
+/// The host kernel tests, with what they need installed.
+fn host_tests() -> Result<()> {
+    require_root()?;
+    // A real Prometheus server scrapes the agent in one of them, promtool tests the alert
+    // rules in another; bpftrace measures futex waits independently in a third.
+    // systemd-analyze scores the systemd unit in another (the systemd suite boots the same
+    // systemd to run the agent under that unit).
+    setup::apt_install(&["prometheus", "bpftrace", "systemd"])?;
+    // kubectl renders the Kubernetes overlays (its kustomize) in another: Debian's, unless
+    // the machine has one.
+    if Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_err()
+    {
+        setup::apt_install(&["kubernetes-client"])?;
+    }
+    cargo_test(&["-p", "agent", "--test", "host_kernel"], &["--ignored"])
 }
 
 fn require_root() -> Result<()> {
@@ -337,6 +345,33 @@ fn systemd_tests(kernel: &str, exe: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The amd64 image, made of the debug build (a release build would cost CI minutes; the arm64
+/// image is of the release build): `nodewarden check` from it, as root, in the VM on `kernel`.
+fn x86_image_check(kernel: &str) -> Result<()> {
+    image::install_packages(vm::Arch::X86_64)?;
+    let debug = vm::workspace_root().join("target/debug/nodewarden");
+    let text = image_check(vm::Arch::X86_64, &debug, kernel)?;
+    for expected in [
+        "x86_64",
+        "every struct field found",
+        "capabilities: every one the agent uses",
+        "limit_writes   fexit",
+    ] {
+        if !text.contains(expected) {
+            bail!("`nodewarden check` in the image lacks {expected:?}");
+        }
+    }
+    Ok(())
+}
+
+/// The image of `binary`, in a layout of the tests' own: `nodewarden check` from it in a VM of
+/// `kernel` (see [`image::check_in_vm`]); what `check` printed.
+fn image_check(arch: vm::Arch, binary: &Path, kernel: &str) -> Result<String> {
+    let layout = vm::workspace_root().join("target/image-test/nodewarden");
+    let built = image::build(arch, binary, &layout)?;
+    image::check_in_vm(&built, kernel)
+}
+
 /// Left out of the arm64 suite besides [`FIRST_SUITE_ONLY`]: what the kernel makes of the text
 /// written to a limit file is its version's, not its architecture's, and the arm64 kernel is
 /// the same 6.1 as bookworm-6.1 on x86_64, which runs it (40 s under arm64 emulation).
@@ -359,6 +394,9 @@ struct Background {
 impl Background {
     /// Installs what both need now (apt stays on this thread) and starts the thread.
     fn start(arm64: bool) -> Self {
+        if arm64 && let Err(e) = image::install_packages(vm::Arch::Aarch64) {
+            eprintln!("xtask: the arm64 image's packages: {e:#}");
+        }
         let root = vm::workspace_root();
         let arm64_log = root.join("target/arm64-build.log");
         let fuzz_log = root.join("target/fuzz/build.log");
@@ -404,22 +442,9 @@ fn lowest_priority() {
 /// capability: arm64 6.1 refuses fexit, so limit writes use kprobes, and the guard), then the
 /// VM kernel tests built for aarch64.
 fn arm64_tests(built: &build::Dist, skip: &[&str]) -> Result<()> {
-    let bin = &built.agent;
-    let report = vm::workspace_root().join("target/arm64-check.txt");
-    let _ = std::fs::remove_file(&report);
-    let argv = [
-        "sh".to_owned(),
-        "-c".to_owned(),
-        format!("{} check > {} 2>&1", bin.display(), report.display()),
-    ];
     let kernel = vm::default_kernel(vm::Arch::Aarch64);
-    let status = vm::run(kernel, &vm::RunOptions::default(), &argv)?;
-    let text = std::fs::read_to_string(&report)
-        .with_context(|| format!("reading {}", report.display()))?;
-    eprintln!("{text}");
-    if status != 0 {
-        bail!("`nodewarden check` exited with status {status} in the arm64 VM");
-    }
+    // The release agent as shipped: in its image.
+    let text = image_check(vm::Arch::Aarch64, &built.agent, kernel)?;
     for expected in [
         "aarch64",
         "every struct field found",

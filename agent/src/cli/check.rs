@@ -7,7 +7,7 @@ use anyhow::Result;
 use crate::{
     config::{ContentionConfig, ProbesConfig},
     enrich::cgroupfs,
-    kernel::{btf, loader},
+    kernel::{btf, loader, privileges},
     model::probe::{Capability, ProbeStatus},
 };
 
@@ -51,6 +51,15 @@ pub fn check(
             println!("cgroup v2: {} (controllers: {controllers})", root.display());
         }
         None => println!("cgroup v2: not mounted"),
+    }
+
+    match privileges::held() {
+        Ok(held) => {
+            for line in privileges::report(held, privileges::perf_event_paranoid()) {
+                println!("{line}");
+            }
+        }
+        Err(e) => println!("capabilities: unknown ({e})"),
     }
 
     let probes = loader::load(&kernel_offsets, &functions, choices, contention, guard)?;

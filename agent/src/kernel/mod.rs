@@ -9,4 +9,5 @@ pub mod go;
 pub mod guard;
 pub mod inotify;
 pub mod loader;
+pub mod privileges;
 pub mod rings;

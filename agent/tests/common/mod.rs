@@ -32,6 +32,15 @@ pub fn restrict_capabilities(mask: u64) {
     *CAPABILITIES.lock().expect("lock") = Some(mask);
 }
 
+/// Limits `cmd` as [`restrict_capabilities`] asked, if it did.
+pub fn limit(cmd: &mut Command) {
+    if let Some(keep) = *CAPABILITIES.lock().expect("lock") {
+        use std::os::unix::process::CommandExt as _;
+        // SAFETY: prctl is async-signal-safe and changes only the child's own credentials.
+        unsafe { cmd.pre_exec(move || keep_only(keep)) };
+    }
+}
+
 /// In a child about to exec the agent, as root: every capability outside `keep` leaves the
 /// bounding set, so the exec grants root only `keep`; no ambient capabilities; `no_new_privs`.
 fn keep_only(keep: u64) -> std::io::Result<()> {
@@ -95,11 +104,7 @@ impl Agent {
         let log = std::env::temp_dir().join(format!("nodewarden-test-{}.log", metrics.port()));
         let log_file = std::fs::File::create(&log).expect("create agent log");
         let mut cmd = Command::new(NODEWARDEN);
-        if let Some(keep) = *CAPABILITIES.lock().expect("lock") {
-            use std::os::unix::process::CommandExt as _;
-            // SAFETY: prctl is async-signal-safe and changes only the child's own credentials.
-            unsafe { cmd.pre_exec(move || keep_only(keep)) };
-        }
+        limit(&mut cmd);
         let events = Self::events_socket_for(metrics);
         cmd.args(["run", "--metrics-listen", &metrics.to_string()])
             .arg("--events-socket")

@@ -129,6 +129,41 @@ fn limited_agent_matches(caps: &[String], as_root: &[String], start: &dyn Fn() -
         "with {caps:?} only: the {} probe lines of root",
         limited.len()
     );
+    check_reports(caps);
+}
+
+/// `nodewarden check`, limited to `caps`, says it holds them and lacks the others it uses.
+fn check_reports(caps: &[String]) {
+    let mut cmd = std::process::Command::new(common::NODEWARDEN);
+    cmd.arg("check");
+    common::limit(&mut cmd);
+    let out = cmd.output().expect("nodewarden check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "check with {caps:?}: {text}");
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("capabilities:") || l.starts_with("  missing "))
+        .collect();
+    // The six the agent uses (docs/operations.md, "Privileges").
+    for name in [
+        "bpf",
+        "perfmon",
+        "sys_ptrace",
+        "dac_read_search",
+        "sys_resource",
+        "sys_admin",
+    ] {
+        let missing = format!("  missing CAP_{}:", name.to_ascii_uppercase());
+        assert_eq!(
+            lines.iter().any(|l| l.starts_with(&missing)),
+            !caps.iter().any(|c| c == name),
+            "check with {caps:?} on CAP_{}: {text}",
+            name.to_ascii_uppercase()
+        );
+    }
+    assert!(!text.contains("also held"), "{text}");
+    assert!(text.contains("no_new_privs: set"), "{text}");
+    eprintln!("check with {caps:?}: {}", lines.join(" | "));
 }
 
 /// The `DaemonSet`'s capabilities give the agent what root gives it, at the kernel's own
