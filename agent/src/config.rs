@@ -76,7 +76,7 @@ pub enum FutexMode {
 }
 
 /// Probe choices.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ProbesConfig {
     #[serde(default)]
@@ -87,6 +87,82 @@ pub struct ProbesConfig {
     pub oom_limits: OomLimitMode,
     #[serde(default)]
     pub guard: GuardChoice,
+    /// The ring the programs send events through, in KiB (kernel memory, locked): what a
+    /// burst can fill before events are lost (counted) while the agent catches up.
+    #[serde(default = "default_events_ring_kib")]
+    pub events_ring_kib: u32,
+}
+
+impl Default for ProbesConfig {
+    fn default() -> Self {
+        Self {
+            limit_writes: LimitWriteMode::default(),
+            futex_waits: FutexMode::default(),
+            oom_limits: OomLimitMode::default(),
+            guard: GuardChoice::default(),
+            events_ring_kib: default_events_ring_kib(),
+        }
+    }
+}
+
+fn default_events_ring_kib() -> u32 {
+    1024
+}
+
+/// Named sets of defaults: `edge` for small machines (edge boards) keeps less in the kernel
+/// and in the agent, at the cost of detail. Keys a file sets keep their values either way.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Profile {
+    #[default]
+    Default,
+    Edge,
+}
+
+impl Profile {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Default => "default",
+            Self::Edge => "edge",
+        }
+    }
+}
+
+/// The edge profile's defaults (docs/operations.md, "The edge profile", says what each gives
+/// up): section, key, and how it is set.
+type EdgeDefault = (&'static str, &'static str, fn(&mut RawConfig));
+const EDGE: [EdgeDefault; 6] = [
+    ("contention", "sample_hz", |c| c.contention.sample_hz = 19),
+    ("contention", "max_processes", |c| {
+        c.contention.max_processes = 256;
+    }),
+    ("contention", "off_cpu_max_processes", |c| {
+        c.contention.off_cpu_max_processes = 4;
+    }),
+    ("contention", "max_stacks", |c| {
+        c.contention.max_stacks = 2048;
+    }),
+    ("probes", "events_ring_kib", |c| {
+        c.probes.events_ring_kib = 256;
+    }),
+    ("metrics", "deleted_cgroup_ttl_s", |c| {
+        c.metrics.deleted_cgroup_ttl_s = 600;
+    }),
+];
+
+/// Sets the edge profile's value of every key `text` leaves out.
+fn apply_edge(raw: &mut RawConfig, text: &str) {
+    // `text` parsed once already, as RawConfig.
+    let table: toml::Table = text.parse().unwrap_or_default();
+    for (section, key, set) in EDGE {
+        let given = table
+            .get(section)
+            .and_then(toml::Value::as_table)
+            .is_some_and(|t| t.contains_key(key));
+        if !given {
+            set(raw);
+        }
+    }
 }
 
 /// Whether the guard (BPF LSM on `file_open`) is attached: `auto` attaches it in modes dry-run
@@ -127,6 +203,10 @@ pub struct ContentionConfig {
     /// At most this many processes are watched off CPU at once.
     #[serde(default = "default_off_cpu_max_processes")]
     pub off_cpu_max_processes: u32,
+    /// At most this many distinct stacks are kept for CPU samples and off-CPU time each (and a
+    /// quarter of it for futex waits): kernel memory, about 1 KiB a stack, allocated at start.
+    #[serde(default = "default_max_stacks")]
+    pub max_stacks: u32,
 }
 
 impl Default for ContentionConfig {
@@ -139,8 +219,13 @@ impl Default for ContentionConfig {
             sample_hz: default_sample_hz(),
             off_cpu: true,
             off_cpu_max_processes: default_off_cpu_max_processes(),
+            max_stacks: default_max_stacks(),
         }
     }
+}
+
+fn default_max_stacks() -> u32 {
+    16_384
 }
 
 fn yes() -> bool {
@@ -385,6 +470,8 @@ pub struct KubernetesConfig {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
+    profile: Profile,
+    #[serde(default)]
     mode: Mode,
     /// The rules file; empty for the embedded default rules.
     #[serde(default)]
@@ -432,6 +519,7 @@ pub const DEFAULT_EVENTS_SOCKET: &str = "/run/nodewarden/events.sock";
 /// A validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
+    pub profile: Profile,
     pub mode: Mode,
     pub metrics_listen: SocketAddr,
     pub shutdown_drain: Duration,
@@ -475,10 +563,13 @@ impl Config {
         reason = "every key checked, every problem listed"
     )]
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let mut raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
             origin: origin.to_owned(),
             source: Box::new(source),
         })?;
+        if raw.profile == Profile::Edge {
+            apply_edge(&mut raw, text);
+        }
         let mut problems = Vec::new();
         let metrics_listen = raw
             .metrics
@@ -540,6 +631,18 @@ impl Config {
                 raw.contention.max_processes
             ));
         }
+        if !(256..=65_536).contains(&raw.contention.max_stacks) {
+            problems.push(format!(
+                "contention.max_stacks = {}: must be between 256 and 65536",
+                raw.contention.max_stacks
+            ));
+        }
+        let ring = raw.probes.events_ring_kib;
+        if !ring.is_power_of_two() || !(64..=65_536).contains(&ring) {
+            problems.push(format!(
+                "probes.events_ring_kib = {ring}: must be a power of two between 64 and 65536 (the kernel's ring size is a power of two, and a whole number of pages of up to 64 KiB)"
+            ));
+        }
         if raw.contention.off_cpu_max_processes == 0 || raw.contention.off_cpu_max_processes > 1024
         {
             problems.push(format!(
@@ -596,6 +699,7 @@ impl Config {
         }
         match metrics_listen {
             Some(metrics_listen) if problems.is_empty() => Ok(Self {
+                profile: raw.profile,
                 mode: raw.mode,
                 metrics_listen,
                 shutdown_drain: Duration::from_millis(raw.shutdown_drain_ms),
@@ -777,6 +881,67 @@ mod tests {
         assert_eq!(c.probes, ProbesConfig::default());
         assert_eq!(c.contention, ContentionConfig::default());
         assert_eq!(c.deleted_cgroup_ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn the_edge_profile_sets_only_the_keys_a_file_leaves_out() {
+        let c = Config::parse("profile = \"edge\"\n", "t").expect("valid");
+        assert_eq!(c.profile, Profile::Edge);
+        assert_eq!(c.contention.sample_hz, 19);
+        assert_eq!(c.contention.max_processes, 256);
+        assert_eq!(c.contention.off_cpu_max_processes, 4);
+        assert_eq!(c.contention.max_stacks, 2048);
+        assert_eq!(c.probes.events_ring_kib, 256);
+        assert_eq!(c.deleted_cgroup_ttl, Duration::from_secs(600));
+        // Everything else is the built-in configuration's.
+        let d = Config::default_config().expect("default");
+        assert_eq!(c.mode, d.mode);
+        assert_eq!(
+            c.contention.stack_threshold_us,
+            d.contention.stack_threshold_us
+        );
+        assert_eq!(c.probes.limit_writes, d.probes.limit_writes);
+
+        let c = Config::parse(
+            "profile = \"edge\"\n[contention]\nsample_hz = 49\n[probes]\nevents_ring_kib = 4096\n",
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.contention.sample_hz, 49,
+            "a key the file sets keeps its value"
+        );
+        assert_eq!(c.probes.events_ring_kib, 4096);
+        assert_eq!(
+            c.contention.max_stacks, 2048,
+            "the others are the profile's"
+        );
+
+        // The default profile, named or not, is the built-in configuration.
+        let named = Config::parse("profile = \"default\"\n", "t").expect("valid");
+        assert_eq!(named.contention, d.contention);
+        assert_eq!(named.probes, d.probes);
+        let e = Config::parse("profile = \"tiny\"\n", "t").expect_err("unknown profile");
+        assert!(e.to_string().contains("tiny"), "{e}");
+    }
+
+    #[test]
+    fn map_sizes_out_of_range_are_refused() {
+        for (text, key) in [
+            (
+                "[probes]\nevents_ring_kib = 1000\n",
+                "events_ring_kib = 1000",
+            ),
+            ("[probes]\nevents_ring_kib = 32\n", "events_ring_kib = 32"),
+            ("[contention]\nmax_stacks = 100\n", "max_stacks = 100"),
+            (
+                "[contention]\nmax_stacks = 1000000\n",
+                "max_stacks = 1000000",
+            ),
+        ] {
+            let e = Config::parse(text, "t").expect_err(text);
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -212,6 +212,9 @@ enum Cmd {
         idle_seconds: u64,
         #[arg(long, default_value_t = 9)]
         scrapes: usize,
+        /// The configuration profile the agent runs with.
+        #[arg(long, value_enum, default_value = "default")]
+        profile: config::Profile,
         /// Where the agent's configuration, log and socket go.
         #[arg(long)]
         dir: PathBuf,
@@ -413,12 +416,14 @@ pub fn main() -> ExitCode {
             parent,
             idle_seconds,
             scrapes,
+            profile,
             dir,
         } => exit(idle_bench::run(
             &counts,
             &parent,
             Duration::from_secs(idle_seconds),
             scrapes,
+            profile,
             &dir,
         )),
         Cmd::BenchBurst {

@@ -18,6 +18,8 @@ use common::{Agent, otlp};
 
 #[path = "vm_kernel/burst.rs"]
 mod burst;
+#[path = "vm_kernel/edge.rs"]
+mod edge;
 #[path = "vm_kernel/guard.rs"]
 mod guard;
 #[path = "vm_kernel/heal.rs"]

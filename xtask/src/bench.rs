@@ -43,6 +43,8 @@ pub enum Part {
     Idle,
     /// A burst of limit writes: reported, lost, the agent's CPU (in the VM).
     Burst,
+    /// The idle agent on arm64 with the default and the edge profile (in the arm64 VM).
+    IdleArm64,
 }
 
 pub fn main(baseline: Option<&str>, only: Option<Part>) -> Result<i32> {
@@ -50,21 +52,27 @@ pub fn main(baseline: Option<&str>, only: Option<Part>) -> Result<i32> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark loads eBPF programs and needs root");
     }
-    let bin = build::agent(build::Profile::Release)?;
+    let release = || build::agent(build::Profile::Release);
     if let Some(part) = only {
         let md = match part {
-            Part::Write => write_part(&bin)?,
-            Part::Contention => bench_contention::run(&bin)?,
-            Part::Latency => bench_latency::run(&bin, &agents(baseline, &bin)?)?,
-            Part::Restore => bench_restore::run(&bin)?,
-            Part::Guard => bench_guard::run(&bin)?,
-            Part::Syscalls => bench_syscalls::run(&bin)?,
-            Part::Idle => bench_idle::run(&bin)?,
-            Part::Burst => bench_burst::run(&bin)?,
+            Part::Write => write_part(&release()?)?,
+            Part::Contention => bench_contention::run(&release()?)?,
+            Part::Latency => {
+                let bin = release()?;
+                bench_latency::run(&bin, &agents(baseline, &bin)?)?
+            }
+            Part::Restore => bench_restore::run(&release()?)?,
+            Part::Guard => bench_guard::run(&release()?)?,
+            Part::Syscalls => bench_syscalls::run(&release()?)?,
+            Part::Idle => bench_idle::run(&release()?)?,
+            Part::Burst => bench_burst::run(&release()?)?,
+            // The aarch64 build only.
+            Part::IdleArm64 => bench_idle::run_arm64(&build::dist(build::AARCH64)?)?,
         };
         print!("{md}");
         return Ok(0);
     }
+    let bin = release()?;
     let mut md = write_part(&bin)?;
     md.push_str(&bench_contention::run(&bin)?);
     md.push_str(&bench_latency::run(&bin, &agents(baseline, &bin)?)?);
@@ -73,6 +81,7 @@ pub fn main(baseline: Option<&str>, only: Option<Part>) -> Result<i32> {
     md.push_str(&bench_syscalls::run(&bin)?);
     md.push_str(&bench_idle::run(&bin)?);
     md.push_str(&bench_burst::run(&bin)?);
+    md.push_str(&bench_idle::run_arm64(&build::dist(build::AARCH64)?)?);
     let path = vm::workspace_root().join("docs/benchmarks.md");
     std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
     print!("{md}");

@@ -73,16 +73,10 @@ fn report(v: &Value) -> Result<String> {
         let n = f(c, "cgroups");
         let cpu_pct = f(c, "idle_cpu_s") / f(c, "idle_s") * 100.0;
         let rss = f(c, "rss_bytes") / MIB;
-        let mut scrapes: Vec<f64> = c["scrape_ms"]
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_f64).collect())
-            .unwrap_or_default();
-        let scrape = if scrapes.is_empty() {
-            "-".to_owned()
-        } else {
-            let m = median(&mut scrapes);
-            format!("{m:.1} ms, {:.1} ms", scrapes[scrapes.len() - 1])
-        };
+        let scrape = scrape_ms(c).map_or_else(
+            || "-".to_owned(),
+            |(m, max)| format!("{m:.1} ms, {max:.1} ms"),
+        );
         let per = if n > 0.0 {
             format!("{:.2}", (f(c, "series") - base_series) / n)
         } else {
@@ -112,4 +106,91 @@ fn report(v: &Value) -> Result<String> {
     }
     md.push_str(&verdict);
     Ok(md)
+}
+
+/// The cgroup counts of the arm64 table: an edge board has fewer than a server.
+const ARM64_COUNTS: &str = "0,100,1000";
+
+/// Runs `bench-idle` in the arm64 VM with the default and then the edge profile (`bin` built
+/// for aarch64); returns the markdown section.
+pub fn run_arm64(bin: &Path) -> Result<String> {
+    let kernel = vm::default_kernel(vm::Arch::Aarch64);
+    let out = vm::workspace_root().join("target/bench-idle-arm64");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    let opts = vm::RunOptions {
+        memory_mib: MEMORY_MIB,
+        timeout: Duration::from_secs(3600),
+        ..vm::RunOptions::default()
+    };
+    let mut runs = Vec::new();
+    for profile in ["default", "edge"] {
+        let json = out.join(format!("{profile}.json"));
+        let script = format!(
+            "NODEWARDEN_IN_VM=1 '{bin}' bench-idle --counts {ARM64_COUNTS} \
+             --parent /sys/fs/cgroup/nw-idle --idle-seconds {IDLE_S} --scrapes {SCRAPES} \
+             --profile {profile} --dir /tmp/nw-bench > '{json}'\n",
+            bin = bin.display(),
+            json = json.display()
+        );
+        runs.push(vm_json(
+            &format!("the idle agent in the arm64 VM ({kernel}), profile {profile}"),
+            kernel,
+            &opts,
+            script,
+            &json,
+        )?);
+    }
+    report_arm64(kernel, &runs)
+}
+
+fn report_arm64(kernel: &str, runs: &[Value]) -> Result<String> {
+    let mut md = format!(
+        "\n## Idle cost on arm64, default and edge profiles\n\n\
+         In the lab's arm64 VM (`{}`, {kernel}, aarch64 under TCG emulation, 2 vCPUs, \
+         {MEMORY_MIB} MiB), measured as in the table above (release build, {IDLE_S} s idle \
+         after the agent read every cgroup), with the built-in configuration's default profile \
+         and with `profile = \"edge\"`. Maps: the kernel memory of the agent's eBPF maps (the \
+         sum of their `memlock` in /proc/PID/fdinfo), allocated at start whatever happens. \
+         Arm64 emulation is slower than x86_64's: CPU shares here are not what a board pays; \
+         the goal on a Raspberry Pi 4B is under 1% of a core, which this VM cannot measure.\n\n\
+         | profile | cgroups | CPU idle (% of a core) | RSS | RssAnon | maps (kernel) | /metrics | scrape (median) | ready after |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+        runs.first()
+            .and_then(|r| r["kernel"].as_str())
+            .unwrap_or("?"),
+    );
+    let f = |c: &Value, k: &str| c[k].as_f64().unwrap_or(f64::NAN);
+    for run in runs {
+        let profile = run["profile"].as_str().unwrap_or("?");
+        for c in run["counts"].as_array().context("no counts")? {
+            let scrape = scrape_ms(c).map_or_else(|| "-".to_owned(), |(m, _)| format!("{m:.1} ms"));
+            let _ = writeln!(
+                md,
+                "| {profile} | {:.0} | {:.2}% | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.0} KiB | {scrape} | {:.1} s |",
+                f(c, "cgroups"),
+                f(c, "idle_cpu_s") / f(c, "idle_s") * 100.0,
+                f(c, "rss_bytes") / MIB,
+                f(c, "rss_anon_bytes") / MIB,
+                f(c, "maps_bytes") / MIB,
+                f(c, "metrics_bytes") / 1024.0,
+                f(c, "ready_s"),
+            );
+        }
+    }
+    Ok(md)
+}
+
+/// The median and the slowest of one count's scrape times, in ms.
+fn scrape_ms(c: &Value) -> Option<(f64, f64)> {
+    let mut times: Vec<f64> = c["scrape_ms"]
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect();
+    if times.is_empty() {
+        return None;
+    }
+    let m = median(&mut times);
+    Some((m, times[times.len() - 1]))
 }

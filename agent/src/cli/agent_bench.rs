@@ -41,6 +41,9 @@ fn merge(base: &mut toml::Table, extra: toml::Table) {
     }
 }
 
+/// `BPF_MAP_TYPE_RINGBUF` (include/uapi/linux/bpf.h).
+const BPF_MAP_TYPE_RINGBUF: u64 = 27;
+
 /// A `nodewarden run` started by a benchmark; killed if dropped without [`Running::stop`].
 #[derive(Debug)]
 pub struct Running {
@@ -132,6 +135,36 @@ impl Running {
             status.vmrss.unwrap_or(0) * 1024,
             status.rssanon.unwrap_or(0) * 1024,
         ))
+    }
+
+    /// The kernel memory of the agent's eBPF maps: the sum of `memlock` over the map fds it
+    /// holds (`/proc/PID/fdinfo`), which the kernel estimates from each map's size, and each
+    /// ring buffer's size.
+    pub fn maps_memory(&self) -> Result<u64> {
+        let dir = format!("/proc/{}/fdinfo", self.pid());
+        let mut total = 0;
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+            // An fd closed meanwhile has no info any more.
+            let Ok(info) = std::fs::read_to_string(entry?.path()) else {
+                continue;
+            };
+            let field = |name: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            let Some(map_type) = field("map_type:") else {
+                continue;
+            };
+            let memlock = field("memlock:").unwrap_or(0);
+            // Kernels before 6.4 say 0 for a ring buffer's memlock: its size is its data.
+            total += if map_type == BPF_MAP_TYPE_RINGBUF {
+                memlock.max(field("max_entries:").unwrap_or(0))
+            } else {
+                memlock
+            };
+        }
+        Ok(total)
     }
 
     /// SIGTERM, and the exit waited for (30 s, then SIGKILL).

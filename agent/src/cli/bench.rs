@@ -72,7 +72,12 @@ pub fn bench_write(attached: Attached, iterations: u64, open_files: u32) -> Resu
             Some(p.ebpf)
         }
         Attached::Empty => {
-            let mut ebpf = loader::load_object(&kernel.offsets, &ContentionConfig::default(), 1)?;
+            let mut ebpf = loader::load_object(
+                &kernel.offsets,
+                &ProbesConfig::default(),
+                &ContentionConfig::default(),
+                1,
+            )?;
             for (name, tracepoint) in programs::BENCH_EMPTY {
                 let p: &mut TracePoint = ebpf
                     .program_mut(name)

@@ -25,7 +25,7 @@ use aya::{
 };
 
 use crate::{
-    config::ContentionConfig,
+    config::{ContentionConfig, ProbesConfig},
     contention::{classify::is_runtime, symbols::Symbols},
     enrich::{elf, procfs},
     kernel::loader,
@@ -78,7 +78,12 @@ pub fn run(pid: u32, seconds: u64) -> Result<String> {
         );
     }
     let functions: Vec<&'static str> = go.functions.iter().map(|f| f.0).collect();
-    let mut ebpf = loader::load_object(&KernelOffsets::UNKNOWN, &ContentionConfig::default(), 1)?;
+    let mut ebpf = loader::load_object(
+        &KernelOffsets::UNKNOWN,
+        &ProbesConfig::default(),
+        &ContentionConfig::default(),
+        1,
+    )?;
     let program: &mut UProbe = ebpf
         .program_mut(programs::LOCK_DIAG)
         .context("the lock diagnostic program is missing from the eBPF object")?

@@ -18,7 +18,7 @@ use aya::{
 };
 
 use crate::{
-    config::ContentionConfig,
+    config::{ContentionConfig, ProbesConfig},
     kernel::{btf, loader},
 };
 
@@ -74,8 +74,13 @@ pub fn run(file: &Path, iterations: u64, rounds: usize, protected: u32) -> Resul
         "kernel BTF lacks the file fields the guard reads"
     );
 
-    let mut ebpf = loader::load_object(&offsets, &ContentionConfig::default(), protected.max(1))
-        .context("loading the eBPF object")?;
+    let mut ebpf = loader::load_object(
+        &offsets,
+        &ProbesConfig::default(),
+        &ContentionConfig::default(),
+        protected.max(1),
+    )
+    .context("loading the eBPF object")?;
     // Held until the end, as the agent holds them.
     let _maps = fill_maps(&mut ebpf, protected)?;
     let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;

@@ -1,8 +1,9 @@
 //! `nodewarden bench-idle` (hidden, the kernel lab's VM only): what the agent costs when
 //! nothing happens, by the number of cgroups on the node. For each count, that many cgroups
 //! (memory and pids controllers, a `memory.max` each) exist before the agent starts in its
-//! default configuration; once it has read them all, it idles, and its CPU time, memory and
-//! `/metrics` are measured. Prints JSON for `cargo xtask bench`.
+//! built-in configuration with a profile; once it has read them all, it idles, and its CPU
+//! time, memory, its maps' kernel memory and `/metrics` are measured. Prints JSON for
+//! `cargo xtask bench`.
 
 use std::{
     net::SocketAddr,
@@ -13,6 +14,7 @@ use std::{
 use anyhow::{Result, bail};
 
 use super::agent_bench::{self, Running};
+use crate::config::Profile;
 
 /// How long the agent may take to start and read every cgroup.
 const START_LIMIT: Duration = Duration::from_secs(600);
@@ -31,6 +33,8 @@ struct Figures {
     idle_cpu_s: f64,
     rss_bytes: u64,
     rss_anon_bytes: u64,
+    /// The kernel memory of the agent's eBPF maps (their `memlock` in /proc/PID/fdinfo).
+    maps_bytes: u64,
     metrics_bytes: usize,
     series: usize,
     /// Each scrape's time, after the idle window.
@@ -45,12 +49,14 @@ pub fn run(
     parent: &Path,
     idle: Duration,
     scrapes: usize,
+    profile: Profile,
     dir: &Path,
 ) -> Result<()> {
     agent_bench::require_vm()?;
     std::fs::create_dir_all(dir)?;
     let metrics: SocketAddr = "127.0.0.1:19791".parse()?;
-    let config = agent_bench::config_text(&[])?;
+    // The profile alone: a file that named the other keys would keep the default's values.
+    let config = format!("profile = \"{}\"\n", profile.as_str());
     let mut all = Vec::new();
     let result = (|| -> Result<()> {
         for &count in counts {
@@ -73,6 +79,7 @@ pub fn run(
         "{}",
         serde_json::json!({
             "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim(),
+            "profile": profile.as_str(),
             "counts": all,
         })
     );
@@ -86,6 +93,7 @@ fn measure(agent: &Running, count: usize, idle: Duration, scrapes: usize) -> Res
     std::thread::sleep(idle);
     let (cpu1, idle_s) = (agent.cpu_seconds()?, t0.elapsed().as_secs_f64());
     let (rss_bytes, rss_anon_bytes) = agent.memory()?;
+    let maps_bytes = agent.maps_memory()?;
     let mut scrape_ms = Vec::new();
     let mut body = String::new();
     for _ in 0..scrapes.max(1) {
@@ -102,6 +110,7 @@ fn measure(agent: &Running, count: usize, idle: Duration, scrapes: usize) -> Res
         idle_cpu_s: cpu1 - cpu0,
         rss_bytes,
         rss_anon_bytes,
+        maps_bytes,
         metrics_bytes: body.len(),
         series: agent_bench::series(&body),
         scrape_ms,

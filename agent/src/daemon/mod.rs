@@ -165,8 +165,9 @@ async fn run_until_stopped(
     shared.health.ready(Instant::now());
     let (stop_tx, endpoints) = serve(listener, events_listener, &metrics, feed, &panics_tx);
     tracing::info!(
-        "nodewarden running (mode {:?}); metrics at http://{}/metrics",
+        "nodewarden running (mode {:?}, profile {}); metrics at http://{}/metrics",
         config.mode,
+        config.profile.as_str(),
         config.metrics_listen
     );
 

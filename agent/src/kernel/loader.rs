@@ -66,7 +66,7 @@ pub fn load(
         GuardAttach::No(_) => 1,
     };
     let start = std::time::Instant::now();
-    let mut ebpf = load_object(offsets, contention, max_files)?;
+    let mut ebpf = load_object(offsets, choices, contention, max_files)?;
     tracing::debug!(took = ?start.elapsed(), "eBPF object loaded");
     let btf = KernelBtf::default();
     let go = if offsets.has_exec_file() {
@@ -208,6 +208,7 @@ fn attach_guard(
 /// set; attaches nothing.
 pub fn load_object(
     offsets: &KernelOffsets,
+    choices: &ProbesConfig,
     contention: &ContentionConfig,
     guard_max_files: u32,
 ) -> Result<Ebpf, LoadError> {
@@ -228,6 +229,15 @@ pub fn load_object(
             maps::FUTEX_LOCKS,
             contention.max_processes.saturating_mul(16),
         )
+        // Ring buffers are sized in bytes.
+        .map_max_entries(maps::EVENTS, choices.events_ring_kib.saturating_mul(1024))
+        .map_max_entries(maps::SAMPLE_STACKS, contention.max_stacks)
+        .map_max_entries(maps::CPU_SAMPLES, contention.max_stacks)
+        .map_max_entries(maps::OFFCPU_STACKS, contention.max_stacks)
+        .map_max_entries(maps::OFFCPU, contention.max_stacks)
+        .map_max_entries(maps::FUTEX_STACKS, contention.max_stacks / 4)
+        .map_max_entries(maps::DIAG_STACKS, contention.max_stacks / 4)
+        .map_max_entries(maps::DIAG_COUNTS, contention.max_stacks / 4)
         .map_max_entries(maps::GUARD_FILES, guard_max_files)
         .map_max_entries(maps::GUARD_CGROUPS, guard_max_files)
         .load(EBPF_OBJECT)?)
