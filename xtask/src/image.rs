@@ -302,9 +302,13 @@ fn dynamic_needs(data: &[u8]) -> Result<(u16, String, Vec<String>)> {
     ))
 }
 
-/// The Debian package that installed `path`, without its architecture.
+/// The Debian package that installed `path`, without its architecture. dpkg knows a library
+/// by the path its package names, which is /lib/... or /usr/lib/... depending on the release:
+/// both are asked.
 fn owner(path: &Path) -> Result<String> {
-    let out = setup::output(Command::new("dpkg").arg("-S").arg(path))?;
+    let usr = Path::new("/usr").join(path.strip_prefix("/").unwrap_or(path));
+    let out = setup::output(Command::new("dpkg").arg("-S").arg(path))
+        .or_else(|_| setup::output(Command::new("dpkg").arg("-S").arg(&usr)))?;
     let package = out
         .split(':')
         .next()
