@@ -25,28 +25,46 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 /// Runs `bench-idle` in the VM; returns the markdown section.
 pub fn run(bin: &Path) -> Result<String> {
-    let out = vm::workspace_root().join("target/bench-idle");
+    let out = fresh_dir("target/bench-idle")?;
+    report(&measure(
+        KERNEL,
+        bin,
+        COUNTS,
+        "default",
+        &out.join("idle.json"),
+    )?)
+}
+
+/// A folder of the target dir, emptied.
+fn fresh_dir(name: &str) -> Result<std::path::PathBuf> {
+    let out = vm::workspace_root().join(name);
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out)?;
+    Ok(out)
+}
+
+/// `bench-idle` with `counts` cgroups and `profile`, in a VM of `kernel` (`bin` built for its
+/// architecture); its JSON, which it leaves in `json`.
+fn measure(kernel: &str, bin: &Path, counts: &str, profile: &str, json: &Path) -> Result<Value> {
     let script = format!(
-        "NODEWARDEN_IN_VM=1 '{bin}' bench-idle --counts {COUNTS} --parent /sys/fs/cgroup/nw-idle \
-         --idle-seconds {IDLE_S} --scrapes {SCRAPES} --dir /tmp/nw-bench > '{out}/idle.json'\n",
+        "NODEWARDEN_IN_VM=1 '{bin}' bench-idle --counts {counts} --parent /sys/fs/cgroup/nw-idle \
+         --idle-seconds {IDLE_S} --scrapes {SCRAPES} --profile {profile} --dir /tmp/nw-bench \
+         > '{json}'\n",
         bin = bin.display(),
-        out = out.display()
+        json = json.display()
     );
     let opts = vm::RunOptions {
         memory_mib: MEMORY_MIB,
         timeout: Duration::from_secs(3600),
         ..vm::RunOptions::default()
     };
-    let v = vm_json(
-        &format!("the idle agent in the VM ({KERNEL}) with {COUNTS} cgroups"),
-        KERNEL,
+    vm_json(
+        &format!("the idle agent in the VM ({kernel}) with {counts} cgroups, profile {profile}"),
+        kernel,
         &opts,
         script,
-        &out.join("idle.json"),
-    )?;
-    report(&v)
+        json,
+    )
 }
 
 fn report(v: &Value) -> Result<String> {
@@ -115,31 +133,11 @@ const ARM64_COUNTS: &str = "0,100,1000";
 /// for aarch64); returns the markdown section.
 pub fn run_arm64(bin: &Path) -> Result<String> {
     let kernel = vm::default_kernel(vm::Arch::Aarch64);
-    let out = vm::workspace_root().join("target/bench-idle-arm64");
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out)?;
-    let opts = vm::RunOptions {
-        memory_mib: MEMORY_MIB,
-        timeout: Duration::from_secs(3600),
-        ..vm::RunOptions::default()
-    };
+    let out = fresh_dir("target/bench-idle-arm64")?;
     let mut runs = Vec::new();
     for profile in ["default", "edge"] {
         let json = out.join(format!("{profile}.json"));
-        let script = format!(
-            "NODEWARDEN_IN_VM=1 '{bin}' bench-idle --counts {ARM64_COUNTS} \
-             --parent /sys/fs/cgroup/nw-idle --idle-seconds {IDLE_S} --scrapes {SCRAPES} \
-             --profile {profile} --dir /tmp/nw-bench > '{json}'\n",
-            bin = bin.display(),
-            json = json.display()
-        );
-        runs.push(vm_json(
-            &format!("the idle agent in the arm64 VM ({kernel}), profile {profile}"),
-            kernel,
-            &opts,
-            script,
-            &json,
-        )?);
+        runs.push(measure(kernel, bin, ARM64_COUNTS, profile, &json)?);
     }
     report_arm64(kernel, &runs)
 }

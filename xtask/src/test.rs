@@ -296,20 +296,31 @@ done
         silence: Some(std::time::Duration::from_secs(VM_SILENCE_S)),
         ..vm::RunOptions::default()
     };
-    let status = match vm::run(kernel, &opts, &argv) {
-        Err(e) if e.downcast_ref::<vm::Stalled>().is_some() => {
-            let finished = std::fs::read_to_string(&progress).map_or(0, |t| t.lines().count());
-            eprintln!(
-                "xtask: {e:#} after {finished} tests; a new VM runs the tests that had not finished"
-            );
-            vm::run(kernel, &opts, &argv)?
-        }
-        other => other?,
-    };
+    let status = run_again_if_stalled(kernel, &opts, &argv, || {
+        let finished = std::fs::read_to_string(&progress).map_or(0, |t| t.lines().count());
+        format!(" after {finished} tests; a new VM runs the tests that had not finished")
+    })?;
     if status != 0 {
         bail!("tests in the VM exited with status {status}");
     }
     Ok(())
+}
+
+/// Runs `argv` in a VM of `kernel`; a stalled guest (see [`vm_tests`]) gets one new VM, after
+/// a line with the stall and `next()` (what happens now).
+fn run_again_if_stalled(
+    kernel: &str,
+    opts: &vm::RunOptions,
+    argv: &[String],
+    next: impl Fn() -> String,
+) -> Result<i32> {
+    match vm::run(kernel, opts, argv) {
+        Err(e) if e.downcast_ref::<vm::Stalled>().is_some() => {
+            eprintln!("xtask: {e:#}{}", next());
+            vm::run(kernel, opts, argv)
+        }
+        other => other,
+    }
 }
 
 /// The [`UNDER_SYSTEMD`] tests, in a VM whose PID 1 is the host's systemd.
@@ -331,14 +342,7 @@ fn systemd_tests(kernel: &str, exe: &Path) -> Result<()> {
         systemd: true,
         ..vm::RunOptions::default()
     };
-    // A stalled guest (see `vm_tests`) gets one more VM.
-    let status = match vm::run(kernel, &opts, &argv) {
-        Err(e) if e.downcast_ref::<vm::Stalled>().is_some() => {
-            eprintln!("xtask: {e:#}; once more in a new VM");
-            vm::run(kernel, &opts, &argv)?
-        }
-        other => other?,
-    };
+    let status = run_again_if_stalled(kernel, &opts, &argv, || "; once more in a new VM".into())?;
     if status != 0 {
         bail!("tests under systemd in the VM exited with status {status}");
     }

@@ -12,7 +12,7 @@ use std::{
 };
 
 use super::{Feed, TestCgroup, common, heal, privileges, require_vm, write_limit_as};
-use common::Agent;
+use common::{Agent, START_LIMIT};
 use heal::Pod;
 
 /// Where the built-in configuration serves metrics.
@@ -22,8 +22,6 @@ const UNITS: &str = "/run/systemd/system";
 /// The binary and configuration, where the unit's sandbox shows them: the checkout may be
 /// under /tmp or /home, which `PrivateTmp=` and `ProtectHome=` hide from the service.
 const INSTALL: &str = "/run/nodewarden-test";
-/// How long the service may take to serve metrics (an agent's start, as in the other tests).
-const START_LIMIT: Duration = Duration::from_secs(150);
 
 fn deployed(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
