@@ -158,8 +158,12 @@ pub fn main(args: &Args) -> Result<i32> {
         .collect();
     let passed = results.len() - failed.len();
     eprintln!();
+    // The reasons are repeated here, at the end, where a log cut to its tail still shows them.
     for (name, r) in &results {
-        eprintln!("  {:<6} {name}", if r.is_ok() { "ok" } else { "FAILED" });
+        match r {
+            Ok(()) => eprintln!("  ok     {name}"),
+            Err(e) => eprintln!("  FAILED {name}: {e:#}"),
+        }
     }
     println!("summary: {passed} passed, {} failed", failed.len());
     Ok(i32::from(!failed.is_empty()))
@@ -229,20 +233,28 @@ const VM_TEST_TIMEOUT_S: u32 = 240;
 /// Longest a whole VM suite may run (7 to 12 minutes under TCG).
 const VM_SUITE_TIMEOUT_S: u64 = 1800;
 
-/// A guest that prints nothing for this long has stalled: the per-test watchdog below speaks
-/// within `VM_TEST_TIMEOUT_S` while the guest runs at all.
-const VM_SILENCE_S: u64 = 300;
+/// While a VM test runs, the guest says so this often: a guest that runs at all is never silent
+/// for longer.
+const VM_HEARTBEAT_S: u32 = 60;
+
+/// A guest that prints nothing for this long has stalled (the heartbeat above has not come).
+const VM_SILENCE_S: u64 = 150;
+
+/// New VMs a suite may start after stalled guests, each running the tests not yet finished.
+/// Each costs the silence, a boot and the report (about 3 minutes under TCG).
+const VM_STALL_RERUNS: u32 = 2;
 
 /// Runs the ignored (kernel) tests of `exe` inside a VM booted on `kernel`, each in its own
 /// process under a timeout: one test that hangs fails alone, by name, in bounded time. A test
 /// killed by the timeout is run once more and said so (a hang seen once under emulation, that
 /// did not come back in isolation); a test that fails is not. A guest that stalls whole (seen
 /// twice in six suite runs under TCG: every vCPU in a kernel soft lockup, the agent on one,
-/// as a test's agent started), or whose kernel panics (seen once, on trixie 6.12: an int3 Oops
-/// in `syscall_trace_enter` as syscall tracepoints were switched on), is killed at the kernel's
-/// report or after `VM_SILENCE_S` of silence, and a new VM runs the tests that had not
-/// finished, once. The kernel's report stays in the output. The tests named in `skip` are
-/// listed as left out, not run.
+/// as a test's agent started; and guests silent with no kernel report at all), or whose kernel
+/// panics (seen once, on trixie 6.12: an int3 Oops in `syscall_trace_enter` as syscall
+/// tracepoints were switched on), is killed at the kernel's report or after `VM_SILENCE_S` of
+/// silence (after `cargo xtask vm`'s stall report), and a new VM runs the tests that had not
+/// finished, up to `VM_STALL_RERUNS` times. The kernel's report stays in the output. The tests
+/// named in `skip` are listed as left out, not run.
 fn vm_tests(kernel: &str, exe: &Path, skip: &[&str]) -> Result<()> {
     // The guest gets NODEWARDEN_* variables; this one lets the VM tests write cgroups there.
     // SAFETY: xtask is single-threaded here.
@@ -259,12 +271,15 @@ fn vm_tests(kernel: &str, exe: &Path, skip: &[&str]) -> Result<()> {
     }
     let (exe, done) = (exe.display(), progress.display());
     let skip = skip.join(" ");
-    let t = VM_TEST_TIMEOUT_S;
+    let (t, beat) = (VM_TEST_TIMEOUT_S, VM_HEARTBEAT_S);
     let script = format!(
         r#"run() {{
     '{exe}' --ignored --exact "$1" & p=$!
     i=0
-    while kill -0 $p 2>/dev/null && [ $i -lt {t} ]; do sleep 1; i=$((i+1)); done
+    while kill -0 $p 2>/dev/null && [ $i -lt {t} ]; do
+        sleep 1; i=$((i+1))
+        [ $((i % {beat})) -eq 0 ] && echo "... $1: running for $i s"
+    done
     if kill -0 $p 2>/dev/null; then
         echo "HUNG: $1 still running after {t} s; its tasks, then every task:"
         for s in /proc/$p/task/*/stack; do echo "$s:"; cat "$s"; done
@@ -296,30 +311,47 @@ done
         silence: Some(std::time::Duration::from_secs(VM_SILENCE_S)),
         ..vm::RunOptions::default()
     };
-    let status = run_again_if_stalled(kernel, &opts, &argv, || {
+    let status = run_again_if_stalled(kernel, &opts, &argv, VM_STALL_RERUNS, || {
         let finished = std::fs::read_to_string(&progress).map_or(0, |t| t.lines().count());
         format!(" after {finished} tests; a new VM runs the tests that had not finished")
     })?;
     if status != 0 {
-        bail!("tests in the VM exited with status {status}");
+        let failed: Vec<String> = std::fs::read_to_string(&progress)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("FAILED "))
+            .map(str::to_owned)
+            .collect();
+        bail!(
+            "tests in the VM exited with status {status}; failed: {}",
+            if failed.is_empty() {
+                "none recorded".to_owned()
+            } else {
+                failed.join(", ")
+            }
+        );
     }
     Ok(())
 }
 
-/// Runs `argv` in a VM of `kernel`; a stalled guest (see [`vm_tests`]) gets one new VM, after
-/// a line with the stall and `next()` (what happens now).
+/// Runs `argv` in a VM of `kernel`; a stalled guest (see [`vm_tests`]) gets a new VM, up to
+/// `reruns` times, after a line with the stall and `next()` (what happens now).
 fn run_again_if_stalled(
     kernel: &str,
     opts: &vm::RunOptions,
     argv: &[String],
+    reruns: u32,
     next: impl Fn() -> String,
 ) -> Result<i32> {
-    match vm::run(kernel, opts, argv) {
-        Err(e) if e.downcast_ref::<vm::Stalled>().is_some() => {
-            eprintln!("xtask: {e:#}{}", next());
-            vm::run(kernel, opts, argv)
+    let mut stalls = 0;
+    loop {
+        match vm::run(kernel, opts, argv) {
+            Err(e) if stalls < reruns && e.downcast_ref::<vm::Stalled>().is_some() => {
+                stalls += 1;
+                eprintln!("xtask: stall {stalls} of at most {reruns}: {e:#}{}", next());
+            }
+            other => return other,
         }
-        other => other,
     }
 }
 
@@ -338,11 +370,15 @@ fn systemd_tests(kernel: &str, exe: &Path) -> Result<()> {
         memory_mib: 2048,
         // A test's bound, and as long again for systemd's start (about 15 s under TCG).
         timeout: std::time::Duration::from_secs(2 * u64::from(VM_TEST_TIMEOUT_S)),
-        silence: Some(std::time::Duration::from_secs(VM_SILENCE_S)),
+        // One test, without the heartbeat: silent for as long as it runs.
+        silence: Some(std::time::Duration::from_secs(
+            u64::from(VM_TEST_TIMEOUT_S) + 60,
+        )),
         systemd: true,
         ..vm::RunOptions::default()
     };
-    let status = run_again_if_stalled(kernel, &opts, &argv, || "; once more in a new VM".into())?;
+    let status =
+        run_again_if_stalled(kernel, &opts, &argv, 1, || "; once more in a new VM".into())?;
     if status != 0 {
         bail!("tests under systemd in the VM exited with status {status}");
     }

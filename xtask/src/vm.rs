@@ -8,11 +8,12 @@
 
 mod initramfs;
 mod kernels;
+mod monitor;
 
 use std::{
     ffi::OsString,
     fs,
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Write},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::mpsc,
@@ -57,6 +58,11 @@ pub struct Args {
     /// Use KVM instead of pure emulation (TCG); only where KVM is real, not on the dev VMs.
     #[arg(long)]
     pub kvm: bool,
+    /// Treat a command that prints nothing for this many seconds as a stalled guest: report
+    /// what its CPUs are doing (QEMU's monitor, and on `x86_64` the kernel's `SysRq` dumps),
+    /// then kill it.
+    #[arg(long, value_name = "SECONDS")]
+    pub silence: Option<u64>,
     /// Boot the host's systemd as the guest's PID 1 and run the command as a service under it
     /// (`x86_64` only: it needs the host's root).
     #[arg(long)]
@@ -121,7 +127,7 @@ pub fn main(args: &Args) -> Result<i32> {
         memory_mib: args.memory,
         timeout: Duration::from_secs(args.timeout),
         kvm: args.kvm,
-        silence: None,
+        silence: args.silence.map(Duration::from_secs),
         systemd: args.systemd,
     };
     let status = pick_kernel(args).and_then(|kernel| run(kernel, &opts, &args.cmd));
@@ -214,9 +220,15 @@ pub fn run(kernel: &str, opts: &RunOptions, argv: &[String]) -> Result<i32> {
     fs::write(&initrd_path, initrd)
         .with_context(|| format!("writing {}", initrd_path.display()))?;
 
-    let mut qemu = qemu_command(&paths, opts, &initrd_path, &project);
-    let result = supervise(&mut qemu, opts, &start_marker, &exit_marker);
+    let monitor_path = run_dir.join(format!("{nonce}.monitor"));
+    let stall = StallReport {
+        monitor: monitor::Monitor::new(monitor_path.clone()),
+        sysrq: paths.arch == Arch::X86_64,
+    };
+    let mut qemu = qemu_command(&paths, opts, &initrd_path, &project, &stall.monitor);
+    let result = supervise(&mut qemu, opts, &start_marker, &exit_marker, &stall);
     let _ = fs::remove_file(&initrd_path);
+    let _ = fs::remove_file(&monitor_path);
     result.with_context(|| format!("kernel {} ({} {})", paths.id, paths.package, paths.version))
 }
 
@@ -280,8 +292,15 @@ fn guest_env() -> Vec<(String, String)> {
     env
 }
 
-/// The QEMU command line: serial console on stdio, the 9p shares, no devices beyond those.
-fn qemu_command(paths: &KernelPaths, opts: &RunOptions, initrd: &Path, project: &Path) -> Command {
+/// The QEMU command line: serial console on stdio, the monitor on its socket, the 9p shares, no
+/// devices beyond those.
+fn qemu_command(
+    paths: &KernelPaths,
+    opts: &RunOptions,
+    initrd: &Path,
+    project: &Path,
+    monitor: &monitor::Monitor,
+) -> Command {
     let (binary, console) = match paths.arch {
         Arch::X86_64 => ("qemu-system-x86_64", "ttyS0"),
         Arch::Aarch64 => ("qemu-system-aarch64", "ttyAMA0"),
@@ -296,25 +315,23 @@ fn qemu_command(paths: &KernelPaths, opts: &RunOptions, initrd: &Path, project: 
         // pauth-impdef: QEMU's default pointer-authentication algorithm is very slow under TCG.
         (false, Arch::Aarch64) => cmd.args(["-accel", "tcg", "-cpu", "max,pauth-impdef=on"]),
     };
-    cmd.args([
-        "-nodefaults",
-        "-no-reboot",
-        "-display",
-        "none",
-        "-monitor",
-        "none",
-    ])
-    .args(["-serial", "stdio", "-smp", "2"])
-    .arg("-m")
-    .arg(opts.memory_mib.to_string())
-    .arg("-kernel")
-    .arg(&paths.image)
-    .arg("-initrd")
-    .arg(initrd)
-    // quiet + loglevel=1 keep kernel messages off the console (only emergencies, e.g. a
-    // panic, get through); dmesg inside the guest still has everything.
-    .arg("-append")
-    .arg(format!("console={console} quiet loglevel=1 panic=-1"));
+    cmd.args(["-nodefaults", "-no-reboot", "-display", "none"])
+        .arg("-monitor")
+        .arg(monitor.qemu_arg())
+        .args(["-serial", "stdio", "-smp", "2"])
+        .arg("-m")
+        .arg(opts.memory_mib.to_string())
+        .arg("-kernel")
+        .arg(&paths.image)
+        .arg("-initrd")
+        .arg(initrd)
+        // quiet + loglevel=1 keep kernel messages off the console (only emergencies, e.g. a
+        // panic, get through); dmesg inside the guest still has everything.
+        .arg("-append")
+        // sysrq_always_enabled: the stall report's SysRq keys (Debian's default mask refuses them).
+        .arg(format!(
+            "console={console} quiet loglevel=1 panic=-1 sysrq_always_enabled"
+        ));
     let mut share = |tag: &str, path: &Path, readonly: bool| {
         let mut fsdev = OsString::from(format!("local,id={tag},security_model=none,path="));
         // QEMU option values escape commas by doubling them.
@@ -336,6 +353,39 @@ fn qemu_command(paths: &KernelPaths, opts: &RunOptions, initrd: &Path, project: 
     cmd
 }
 
+/// The guest's answer to the stall report's `SysRq` keys is streamed until it has been quiet
+/// this long (at most [`STALL_ANSWER_MAX`]); then QEMU is killed.
+const STALL_ANSWER_QUIET: Duration = Duration::from_secs(5);
+const STALL_ANSWER_MAX: Duration = Duration::from_secs(60);
+
+/// What is asked of a guest that went silent, before it is killed.
+struct StallReport {
+    monitor: monitor::Monitor,
+    /// Send `SysRq` keys (`x86_64`: the PC board's keyboard; arm64's virt board has none).
+    sysrq: bool,
+}
+
+impl StallReport {
+    /// Prints the monitor's view of the vCPUs (spinning or idle, and where), then streams the
+    /// console, where the guest kernel answers the `SysRq` keys.
+    fn report(&self, silent: Duration, rx: &mpsc::Receiver<Vec<u8>>, out: &mut impl Write) {
+        eprintln!(
+            "xtask vm: the guest printed nothing for {} s; what QEMU's monitor says of it:",
+            silent.as_secs()
+        );
+        match self.monitor.diagnose(self.sysrq) {
+            Ok(lines) => lines.iter().for_each(|l| eprintln!("xtask vm:   {l}")),
+            Err(e) => eprintln!("xtask vm:   no answer: {e:#}"),
+        }
+        let until = Instant::now() + STALL_ANSWER_MAX;
+        let quiet = || STALL_ANSWER_QUIET.min(until.saturating_duration_since(Instant::now()));
+        while let Ok(line) = rx.recv_timeout(quiet()) {
+            let _ = out.write_all(&line);
+        }
+        let _ = out.flush();
+    }
+}
+
 /// Where the run is, as the console output tells.
 #[derive(Debug, PartialEq, Eq)]
 enum Phase {
@@ -352,7 +402,13 @@ enum Phase {
     clippy::too_many_lines,
     reason = "one loop over the console, read top to bottom"
 )]
-fn supervise(qemu: &mut Command, opts: &RunOptions, start: &str, exit: &str) -> Result<i32> {
+fn supervise(
+    qemu: &mut Command,
+    opts: &RunOptions,
+    start: &str,
+    exit: &str,
+    stall: &StallReport,
+) -> Result<i32> {
     let timeout = opts.timeout;
     let mut child = qemu.spawn().with_context(|| format!("spawning {qemu:?}"))?;
     let stdout = child.stdout.take().context("no stdout pipe from QEMU")?;
@@ -391,8 +447,11 @@ fn supervise(qemu: &mut Command, opts: &RunOptions, start: &str, exit: &str) -> 
             Ok(line) => line,
             Err(mpsc::RecvTimeoutError::Disconnected) => break None,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                let _ = child.kill();
                 stalled = quiet < wait;
+                if stalled {
+                    stall.report(quiet, &rx, &mut out);
+                }
+                let _ = child.kill();
                 break match phase {
                     Phase::Done(_) => None,
                     _ if stalled => Some(String::new()),
