@@ -492,6 +492,19 @@ fn load_config(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
 
 /// Sets up traces outside the runtime (their HTTP client blocks), runs the agent, then flushes.
 fn run(config: &Config) -> anyhow::Result<()> {
+    // First, before any thread (the trace exporter's, the runtime's): they inherit what is left.
+    match kernel::privileges::restrict() {
+        Ok(r) => tracing::info!(
+            "privileges: {} capabilities the agent does not use dropped{}, no_new_privs set",
+            r.dropped,
+            if r.bounding {
+                " (and from the bounding set)"
+            } else {
+                ""
+            }
+        ),
+        Err(e) => tracing::warn!("privileges: keeping every capability held: {e}"),
+    }
     let traces = Traces::init()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

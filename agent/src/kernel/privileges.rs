@@ -88,6 +88,53 @@ pub fn held() -> procfs::ProcResult<Held> {
     })
 }
 
+/// What [`restrict`] left the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restricted {
+    /// Capabilities dropped from the permitted set (none when the agent started with only the
+    /// ones it uses, as under the shipped `DaemonSet` and systemd unit).
+    pub dropped: u32,
+    /// Whether the bounding set was cut too (it needs `CAP_SETPCAP`, which root has).
+    pub bounding: bool,
+}
+
+/// Drops every capability the agent does not use ([`Cap::ALL`] are kept where held) from its
+/// effective, permitted, inheritable and ambient sets, and from the bounding set where it may,
+/// and sets `no_new_privs`. Called before the agent starts any thread: capabilities and
+/// `no_new_privs` belong to each thread, and new threads inherit the creator's. What it keeps
+/// it needs for as long as it runs (docs/operations.md, "Privileges").
+pub fn restrict() -> Result<Restricted, caps::errors::CapsError> {
+    use caps::{CapSet, Capability};
+    let keep: caps::CapsHashSet = caps::all()
+        .into_iter()
+        .filter(|c| Cap::ALL.iter().any(|k| u32::from(c.index()) == k.number()))
+        .collect();
+    let bounding = caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP)?;
+    if bounding {
+        for cap in caps::read(None, CapSet::Bounding)?.difference(&keep) {
+            caps::drop(None, CapSet::Bounding, *cap)?;
+        }
+    }
+    caps::clear(None, CapSet::Ambient)?;
+    caps::clear(None, CapSet::Inheritable)?;
+    let permitted = caps::read(None, CapSet::Permitted)?;
+    let kept: caps::CapsHashSet = permitted.intersection(&keep).copied().collect();
+    // The effective set first: it may never exceed the permitted one.
+    let effective = caps::read(None, CapSet::Effective)?;
+    caps::set(
+        None,
+        CapSet::Effective,
+        &effective.intersection(&keep).copied().collect(),
+    )?;
+    caps::set(None, CapSet::Permitted, &kept)?;
+    nix::sys::prctl::set_no_new_privs()
+        .map_err(|e| caps::errors::CapsError::from(format!("PR_SET_NO_NEW_PRIVS: {e}")))?;
+    Ok(Restricted {
+        dropped: u32::try_from(permitted.len() - kept.len()).unwrap_or(u32::MAX),
+        bounding,
+    })
+}
+
 /// `kernel.perf_event_paranoid`, if readable.
 pub fn perf_event_paranoid() -> Option<i64> {
     std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")

@@ -132,6 +132,44 @@ fn limited_agent_matches(caps: &[String], as_root: &[String], start: &dyn Fn() -
     check_reports(caps);
 }
 
+/// An agent started by root with every capability drops those it does not use before its first
+/// thread: each thread holds `six` (the `DaemonSet`'s, which are the agent's) in its effective,
+/// permitted and bounding sets, nothing to pass on, and `no_new_privs`.
+fn root_keeps_only_what_it_uses(agent: &Agent, six: u64) {
+    let pid = i32::try_from(agent.child.id()).expect("pid");
+    let tasks: Vec<_> = procfs::process::Process::new(pid)
+        .and_then(|p| p.tasks())
+        .expect("/proc/PID/task")
+        .flatten()
+        .collect();
+    for task in &tasks {
+        let Ok(s) = task.status() else {
+            continue; // a thread that ended meanwhile
+        };
+        assert_eq!(
+            (
+                s.capeff,
+                s.capprm,
+                s.capbnd,
+                s.capinh,
+                s.capamb,
+                s.nonewprivs
+            ),
+            (six, six, Some(six), 0, Some(0), Some(1)),
+            "thread {} ({}): effective, permitted, bounding, inheritable, ambient, no_new_privs",
+            task.tid,
+            s.name
+        );
+    }
+    assert!(tasks.len() > 2, "the agent's threads: {}", tasks.len());
+    let log = agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("privileges: "))
+        .unwrap_or_else(|| panic!("no privileges line in the log:\n{log}"));
+    eprintln!("root agent, {} threads: {line}", tasks.len());
+}
+
 /// `nodewarden check`, limited to `caps`, says it holds them and lacks the others it uses.
 fn check_reports(caps: &[String]) {
     let mut cmd = std::process::Command::new(common::NODEWARDEN);
@@ -180,6 +218,7 @@ fn the_daemonsets_capabilities_are_enough() {
     let dir = heal::scratch("nw-privileges");
     let start = || heal::healing_agent("enforce", &dir, &heal::Extra::default(), &[]);
     let root = start();
+    root_keeps_only_what_it_uses(&root, mask(&caps));
     let as_root = probes(root.metrics);
     let (status, log) = root.stop();
     assert!(status.success(), "agent exit {status}; log:\n{log}");
