@@ -3,8 +3,13 @@
 //! to, from the Debian packages it was linked against on this machine (libc6 and libgcc-s1
 //! for `x86_64`, their `-arm64-cross` builds for aarch64), with their copyright files; the CA
 //! certificates (for an OTLP collector over HTTPS); and the mount points a runtime fills.
-//! Debian's umoci makes it an image in an OCI layout, one tag per architecture;
-//! `skopeo copy oci:DIR:TAG docker://REGISTRY/nodewarden:TAG` pushes one.
+//! Debian's umoci makes it an image in an OCI layout, one tag per architecture, and `latest`
+//! indexes them ([`index`]); `skopeo copy --all oci:DIR:latest docker://REGISTRY/nodewarden`
+//! pushes them all under one name.
+
+mod index;
+
+pub use index::check as check_index;
 
 use std::{
     fs,
@@ -44,8 +49,8 @@ pub struct Args {
 /// Where the entrypoint is in the image.
 const ENTRYPOINT: &str = "/usr/local/bin/nodewarden";
 
-/// What `cargo xtask image` needs from Debian.
-pub const PACKAGES: &[&str] = &["umoci", "ca-certificates"];
+/// What `cargo xtask image` needs from Debian (skopeo reads the index back in the tests).
+pub const PACKAGES: &[&str] = &["umoci", "ca-certificates", "skopeo"];
 
 /// An image in an OCI layout.
 #[derive(Debug)]
@@ -89,9 +94,13 @@ pub fn main(args: &Args) -> Result<i32> {
             check_in_vm(&image, vm::default_kernel(arch))?;
         }
     }
+    if args.check {
+        index::check(&layout)?;
+    }
     eprintln!(
-        "xtask image: push one with `skopeo copy oci:{}:TAG docker://REGISTRY/nodewarden:TAG`",
-        layout.display()
+        "xtask image: push them with `skopeo copy --all oci:{}:{} docker://REGISTRY/nodewarden:TAG`",
+        layout.display(),
+        index::TAG
     );
     Ok(0)
 }
@@ -150,6 +159,7 @@ pub fn build(arch: Arch, binary: &Path, layout: &Path) -> Result<Image> {
         &format!("org.opencontainers.image.revision={revision}"),
     ])?;
     umoci(&["gc", "--layout", &layout.display().to_string()])?;
+    index::write(layout)?;
     Ok(Image {
         layout: layout.to_owned(),
         tag,

@@ -405,10 +405,13 @@ fn x86_image_check(kernel: &str) -> Result<()> {
 }
 
 /// The image of `binary`, in a layout of the tests' own: `nodewarden check` from it in a VM of
-/// `kernel` (see [`image::check_in_vm`]); what `check` printed.
+/// `kernel` (see [`image::check_in_vm`]), and the layout's multi-architecture tag, which names
+/// it and the other architecture's when that suite built it, read back by skopeo; what `check`
+/// printed.
 fn image_check(arch: vm::Arch, binary: &Path, kernel: &str) -> Result<String> {
     let layout = vm::workspace_root().join("target/image-test/nodewarden");
     let built = image::build(arch, binary, &layout)?;
+    image::check_index(&layout)?;
     image::check_in_vm(&built, kernel)
 }
 
