@@ -95,8 +95,8 @@ impl Agent {
 
     /// Starts the agent with the default config and its open files limited to `nofile` (soft
     /// and hard: it cannot raise them).
-    pub fn start_with_nofile(nofile: u64) -> Self {
-        Self::spawn(None, &[], Some(nofile))
+    pub fn start_with_nofile(config: Option<&str>, nofile: u64) -> Self {
+        Self::spawn(config, &[], Some(nofile))
     }
 
     fn spawn(config: Option<&str>, env: &[(&str, &str)], nofile: Option<u64>) -> Self {
