@@ -503,7 +503,9 @@ fn run(config: &Config) -> anyhow::Result<()> {
                 ""
             }
         ),
-        Err(e) => tracing::warn!("privileges: keeping every capability held: {e}"),
+        Err(e) => tracing::warn!(
+            "privileges: the capabilities the agent does not use may be held still: {e}"
+        ),
     }
     let traces = Traces::init()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -220,7 +220,8 @@ pub fn run(kernel: &str, opts: &RunOptions, argv: &[String]) -> Result<i32> {
     fs::write(&initrd_path, initrd)
         .with_context(|| format!("writing {}", initrd_path.display()))?;
 
-    let monitor_path = run_dir.join(format!("{nonce}.monitor"));
+    // In the temporary folder: a socket's path has at most 107 bytes, the project's may not fit.
+    let monitor_path = std::env::temp_dir().join(format!("nodewarden-vm-{nonce}.monitor"));
     let stall = StallReport {
         monitor: monitor::Monitor::new(monitor_path.clone()),
         sysrq: paths.arch == Arch::X86_64,
@@ -354,8 +355,9 @@ fn qemu_command(
 }
 
 /// The guest's answer to the stall report's `SysRq` keys is streamed until it has been quiet
-/// this long (at most [`STALL_ANSWER_MAX`]); then QEMU is killed.
-const STALL_ANSWER_QUIET: Duration = Duration::from_secs(5);
+/// this long (at most [`STALL_ANSWER_MAX`]); then QEMU is killed. Longer than the soft lockup
+/// watchdog's period, whose next report comes whole once the log level is raised.
+const STALL_ANSWER_QUIET: Duration = Duration::from_secs(25);
 const STALL_ANSWER_MAX: Duration = Duration::from_secs(60);
 
 /// What is asked of a guest that went silent, before it is killed.
@@ -368,11 +370,14 @@ struct StallReport {
 impl StallReport {
     /// Prints the monitor's view of the vCPUs (spinning or idle, and where), then streams the
     /// console, where the guest kernel answers the `SysRq` keys.
-    fn report(&self, silent: Duration, rx: &mpsc::Receiver<Vec<u8>>, out: &mut impl Write) {
-        eprintln!(
-            "xtask vm: the guest printed nothing for {} s; what QEMU's monitor says of it:",
-            silent.as_secs()
-        );
+    fn report(&self, silent: Option<Duration>, rx: &mpsc::Receiver<Vec<u8>>, out: &mut impl Write) {
+        match silent {
+            Some(s) => eprintln!(
+                "xtask vm: the guest printed nothing for {} s; what QEMU's monitor says of it:",
+                s.as_secs()
+            ),
+            None => eprintln!("xtask vm: a soft lockup; what QEMU's monitor says of the guest:"),
+        }
         match self.monitor.diagnose(self.sysrq) {
             Ok(lines) => lines.iter().for_each(|l| eprintln!("xtask vm:   {l}")),
             Err(e) => eprintln!("xtask vm:   no answer: {e:#}"),
@@ -449,7 +454,7 @@ fn supervise(
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 stalled = quiet < wait;
                 if stalled {
-                    stall.report(quiet, &rx, &mut out);
+                    stall.report(Some(quiet), &rx, &mut out);
                 }
                 let _ = child.kill();
                 break match phase {
@@ -476,6 +481,11 @@ fn supervise(
         {
             let _ = out.write_all(body);
             let _ = out.write_all(b"\n");
+            // A soft lockup's backtrace is below the console's log level: the report raises
+            // it, and the watchdog's next report (every 20 s or so while stuck) comes whole.
+            if text.contains(SOFT_LOCKUP) {
+                stall.report(None, &rx, &mut out);
+            }
             let _ = child.kill();
             stalled = true;
             break Some(String::new());

@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader},
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -35,11 +35,26 @@ pub fn with_agent_config(
 /// functions where fentry programs load (the x86-64 guests), the syscall tracepoints where they
 /// do not (the development machine's kernel refuses them; arm64 6.1 has no fentry).
 pub fn default_futex_mode() -> &'static str {
-    if std::env::var_os("NODEWARDEN_IN_VM").is_some() && cfg!(target_arch = "x86_64") {
+    if std::env::var_os("NODEWARDEN_IN_VM").is_some()
+        && cfg!(target_arch = "x86_64")
+        && !kernel_at_most(5, 10)
+    {
         "fexit"
     } else {
         "syscalls"
     }
+}
+
+/// Whether the running kernel's version is `major.minor` or older. 5.10's verifier refuses an
+/// fexit program's read of a pointer-to-integer argument (`func 'futex_wait' arg0 type INT is
+/// not a struct`, seen on bullseye), which 6.1's allows.
+fn kernel_at_most(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    version <= (major, minor)
 }
 
 /// A test program (`agent/tests/programs`), built for this architecture by
@@ -83,12 +98,32 @@ fn bpftrace_script(comm: &str, mode: &str) -> String {
             "args->ret",
         )
     };
+    // Without kernel BTF (bpftrace 0.17 finds none on 5.10), the tracepoints' argument structs
+    // it generates name types that nothing defines.
+    let prelude = if mode != "fexit" && !bpftrace_has_btf() {
+        "#define u32 unsigned int\n#define s64 long long\n#define u64 unsigned long long\n"
+    } else {
+        ""
+    };
     format!(
-        r#"{enter} {{ @start[tid] = nsecs; }}
+        r#"{prelude}{enter} {{ @start[tid] = nsecs; }}
 {exit} /@start[tid]/ {{ if ({ret} >= 0) {{ $d = nsecs - @start[tid]; @h = hist($d); @n = count(); @s = sum($d); }} delete(@start[tid]); }}
 BEGIN {{ printf("ready\n"); }}
 END {{ clear(@start); }}"#
     )
+}
+
+/// Whether bpftrace uses the kernel's BTF (`bpftrace --info`: `btf: yes`).
+fn bpftrace_has_btf() -> bool {
+    Command::new("bpftrace")
+        .arg("--info")
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .chain(String::from_utf8_lossy(&o.stderr).lines())
+                .any(|l| l.trim() == "btf: yes")
+        })
 }
 
 /// bpftrace's answer: bucket lower bound (ns) to count, the count and the sum (ns).
@@ -159,6 +194,22 @@ fn agent_buckets(body: &str, comm: &str) -> BTreeMap<u64, u64> {
     out
 }
 
+/// Reads bpftrace's output to its `ready` line: "Attaching N probes..." comes before the probes
+/// are attached, BEGIN once they all are. Panics with bpftrace's errors if it ends first.
+fn wait_until_ready(bpftrace: &mut std::process::Child, out: &mut impl BufRead) {
+    let mut line = String::new();
+    while line.trim() != "ready" {
+        line.clear();
+        if out.read_line(&mut line).expect("bpftrace output") == 0 {
+            let mut err = String::new();
+            if let Some(mut e) = bpftrace.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("bpftrace ended before it was ready: {err}");
+        }
+    }
+}
+
 /// A contended pthread mutex (8 threads, 3 s): the agent's histogram of woken waits agrees
 /// within 10% with bpftrace's, measured at the same time on the same hooks.
 pub fn futex_waits_agree_with_bpftrace(agent: &Agent) {
@@ -174,13 +225,7 @@ pub fn futex_waits_agree_with_bpftrace(agent: &Agent) {
             .expect("bpftrace (Debian package bpftrace)"),
     );
     let mut out = BufReader::new(bpftrace.0.stdout.take().expect("stdout"));
-    // "Attaching N probes..." comes before the probes are; BEGIN fires once they all are.
-    let mut line = String::new();
-    while line.trim() != "ready" {
-        line.clear();
-        let n = out.read_line(&mut line).expect("bpftrace output");
-        assert!(n > 0, "bpftrace ended before it was ready");
-    }
+    wait_until_ready(&mut bpftrace.0, &mut out);
     // Both attached: the agent before it started serving, bpftrace now.
     let run = Command::new(&program)
         .args(["-t", "8", "-d", "3"])
