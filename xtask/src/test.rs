@@ -252,9 +252,9 @@ const VM_STALL_RERUNS: u32 = 2;
 /// as a test's agent started; and guests silent with no kernel report at all), or whose kernel
 /// panics (seen once, on trixie 6.12: an int3 Oops in `syscall_trace_enter` as syscall
 /// tracepoints were switched on), is killed at the kernel's report or after `VM_SILENCE_S` of
-/// silence (after `cargo xtask vm`'s stall report, which a soft lockup gets too), and a new VM runs the tests that had not
-/// finished, up to `VM_STALL_RERUNS` times. The kernel's report stays in the output. The tests
-/// named in `skip` are listed as left out, not run.
+/// silence (after `cargo xtask vm`'s stall report, which a soft lockup gets too), and a new VM
+/// runs the tests that had not finished, up to `VM_STALL_RERUNS` times. The kernel's report
+/// stays in the output. The tests named in `skip` are listed as left out, not run.
 fn vm_tests(kernel: &str, exe: &Path, skip: &[&str]) -> Result<()> {
     // The guest gets NODEWARDEN_* variables; this one lets the VM tests write cgroups there.
     // SAFETY: xtask is single-threaded here.

@@ -37,24 +37,14 @@ pub fn with_agent_config(
 pub fn default_futex_mode() -> &'static str {
     if std::env::var_os("NODEWARDEN_IN_VM").is_some()
         && cfg!(target_arch = "x86_64")
-        && !kernel_at_most(5, 10)
+        // 5.10's verifier refuses an fexit program's read of a pointer-to-integer argument
+        // (`func 'futex_wait' arg0 type INT is not a struct`, seen on bullseye); 6.1's allows it.
+        && super::kernel_version() > (5, 10)
     {
         "fexit"
     } else {
         "syscalls"
     }
-}
-
-/// Whether the running kernel's version is `major.minor` or older. 5.10's verifier refuses an
-/// fexit program's read of a pointer-to-integer argument (`func 'futex_wait' arg0 type INT is
-/// not a struct`, seen on bullseye), which 6.1's allows.
-fn kernel_at_most(major: u32, minor: u32) -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release
-        .split(['.', '-'])
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    version <= (major, minor)
 }
 
 /// A test program (`agent/tests/programs`), built for this architecture by

@@ -367,6 +367,16 @@ pub fn sample(body: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// The running kernel's `(major, minor)` version, from /proc/sys/kernel/osrelease.
+pub fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
 /// Tells the person running the tests that a check was skipped, and why. Written to stderr
 /// directly: libtest hides `eprintln!` output of passing tests, and a skip must be visible.
 pub fn skip_notice(what: &str, why: &str) {

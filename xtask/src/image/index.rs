@@ -42,15 +42,14 @@ fn read(layout: &Path) -> Result<Value> {
 }
 
 /// Writes the index of the per-architecture tags present in `layout` as [`TAG`], replacing the
-/// one before (its blob goes at the next `umoci gc`); returns the architectures it names.
-pub fn write(layout: &Path) -> Result<Vec<Arch>> {
+/// one before (its blob goes at the next `umoci gc`).
+pub fn write(layout: &Path) -> Result<()> {
     let path = layout.join("index.json");
     let mut top = read(layout)?;
     let descriptors = top["manifests"]
         .as_array_mut()
         .with_context(|| format!("{} has no manifests", path.display()))?;
     descriptors.retain(|d| ref_name(d) != Some(TAG));
-    let archs: Vec<Arch> = tagged(descriptors).map(|(arch, _)| arch).collect();
     let platforms: Vec<Value> = tagged(descriptors)
         .map(|(arch, d)| {
             json!({
@@ -80,7 +79,7 @@ pub fn write(layout: &Path) -> Result<Vec<Arch>> {
     }));
     fs::write(&path, serde_json::to_vec(&top)?)
         .with_context(|| format!("writing {}", path.display()))?;
-    Ok(archs)
+    Ok(())
 }
 
 /// Checks the index with skopeo, a reader of its own: for each architecture, the image it
