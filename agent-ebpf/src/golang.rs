@@ -22,16 +22,22 @@ use crate::{
 
 /// Where the two words of the message (pointer, length) are in the register file at entry, as
 /// `u64` indexes of the architecture's `pt_regs`: Go's register ABI passes the first integer
-/// arguments in RAX, RBX (amd64) or R0, R1 (arm64); aya's `arg()` follows the C convention.
+/// arguments in RAX, RBX (amd64), R0, R1 (arm64) or X10, X11 (riscv64, after `epc` and X1..X9);
+/// aya's `arg()` follows the C convention.
 #[cfg(bpf_target_arch = "x86_64")]
 const REG_ARGS: (usize, usize) = (10, 5);
 #[cfg(bpf_target_arch = "aarch64")]
 const REG_ARGS: (usize, usize) = (0, 1);
-/// The stack pointer's index: older Go passes arguments on the stack, above the return address.
+#[cfg(bpf_target_arch = "riscv64")]
+const REG_ARGS: (usize, usize) = (10, 11);
+/// The stack pointer's index: older Go passes arguments on the stack, above the return address
+/// (on arm64 and riscv64, above the slot kept for the saved link register).
 #[cfg(bpf_target_arch = "x86_64")]
 const REG_SP: usize = 19;
 #[cfg(bpf_target_arch = "aarch64")]
 const REG_SP: usize = 31;
+#[cfg(bpf_target_arch = "riscv64")]
+const REG_SP: usize = 2;
 
 macro_rules! go_fatal_probe {
     ($($program:ident => $function:expr, $stack_abi:literal);* $(;)?) => {$(

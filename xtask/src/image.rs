@@ -193,11 +193,21 @@ fn c_runtime(arch: Arch) -> (&'static str, [&'static str; 2], &'static [&'static
             ["/lib/aarch64-linux-gnu", "/usr/lib/aarch64-linux-gnu"],
             &["libc6:arm64", "libgcc-s1:arm64"],
         ),
+        Arch::Riscv64 => (
+            "riscv64-linux-gnu",
+            ["/lib/riscv64-linux-gnu", "/usr/lib/riscv64-linux-gnu"],
+            &["libc6:riscv64", "libgcc-s1:riscv64"],
+        ),
     }
 }
 
 /// The packages an image for `arch` is made from; installs them.
 pub fn install_packages(arch: Arch) -> Result<()> {
+    if arch == Arch::Riscv64 {
+        bail!(
+            "no riscv64 image: bookworm has no riscv64 architecture to install its C runtime from"
+        );
+    }
     setup::apt_install(PACKAGES)?;
     if arch == Arch::Aarch64 {
         setup::dpkg_add_arch("arm64")?;
@@ -210,6 +220,7 @@ fn triple(arch: Arch) -> &'static str {
     match arch {
         Arch::X86_64 => "x86_64-unknown-linux-gnu",
         Arch::Aarch64 => build::AARCH64,
+        Arch::Riscv64 => build::RISCV64,
     }
 }
 
@@ -223,6 +234,7 @@ fn assemble(arch: Arch, binary: &Path, rootfs: &Path) -> Result<u64> {
     let expected = match arch {
         Arch::X86_64 => object::elf::EM_X86_64,
         Arch::Aarch64 => object::elf::EM_AARCH64,
+        Arch::Riscv64 => object::elf::EM_RISCV,
     };
     if machine != expected {
         bail!("{} is not an {arch} executable", binary.display());

@@ -71,7 +71,8 @@ enum Cmd {
     Vm(vm::Args),
     /// Build the agent's OCI image (an OCI layout, a tag per architecture) with umoci.
     Image(image::Args),
-    /// Build a release binary for a target (host, or aarch64-unknown-linux-gnu).
+    /// Build a release binary for a target (host, aarch64-unknown-linux-gnu or
+    /// riscv64gc-unknown-linux-gnu).
     Dist {
         #[arg(long)]
         target: Option<String>,

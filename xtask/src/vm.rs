@@ -22,7 +22,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-pub use kernels::{Arch, KernelPaths, default_kernel, ensure_kernel, kernel_ids, workspace_root};
+pub use kernels::{
+    Arch, KernelPaths, default_kernel, download_package, ensure_kernel, kernel_ids, workspace_root,
+};
 
 /// The exit status of `cargo xtask vm` when the VM failed rather than the command (QEMU failed,
 /// the boot never reached the command, timeout, no status reported); like `timeout(1)`'s 125.
@@ -31,7 +33,8 @@ pub const VM_FAILED: i32 = 125;
 /// Host variables passed to the command besides those starting with `NODEWARDEN_`.
 const PASSED_ENV: &[&str] = &["RUST_LOG", "RUST_BACKTRACE"];
 
-/// The command's PATH: the guest (host root on `x86_64`, busybox on arm64) has its tools there.
+/// The command's PATH: the guest (host root on `x86_64`, busybox on arm64 and riscv64) has its
+/// tools there.
 const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// How long QEMU may take to power off after the command reported its status.
@@ -159,7 +162,7 @@ fn list() -> Result<()> {
         "{:<20} {:<8} {:<7} VERSION",
         "KERNEL", "ARCH", "CACHED"
     )?;
-    for arch in [Arch::X86_64, Arch::Aarch64] {
+    for arch in [Arch::X86_64, Arch::Aarch64, Arch::Riscv64] {
         for id in kernel_ids(arch) {
             let kernel = kernels::find(id)?;
             let (cached, version) = match kernels::cached(kernel) {
@@ -305,14 +308,22 @@ fn qemu_command(
     let (binary, console) = match paths.arch {
         Arch::X86_64 => ("qemu-system-x86_64", "ttyS0"),
         Arch::Aarch64 => ("qemu-system-aarch64", "ttyAMA0"),
+        Arch::Riscv64 => ("qemu-system-riscv64", "ttyS0"),
     };
     let mut cmd = Command::new(binary);
-    if paths.arch == Arch::Aarch64 {
-        cmd.args(["-M", "virt"]);
+    match paths.arch {
+        Arch::X86_64 => {}
+        Arch::Aarch64 => {
+            cmd.args(["-M", "virt"]);
+        }
+        // OpenSBI (QEMU's own copy) is the firmware that starts the kernel in supervisor mode.
+        Arch::Riscv64 => {
+            cmd.args(["-M", "virt", "-bios", "default"]);
+        }
     }
     match (opts.kvm, paths.arch) {
         (true, _) => cmd.args(["-accel", "kvm", "-cpu", "host"]),
-        (false, Arch::X86_64) => cmd.args(["-accel", "tcg"]),
+        (false, Arch::X86_64 | Arch::Riscv64) => cmd.args(["-accel", "tcg"]),
         // pauth-impdef: QEMU's default pointer-authentication algorithm is very slow under TCG.
         (false, Arch::Aarch64) => cmd.args(["-accel", "tcg", "-cpu", "max,pauth-impdef=on"]),
     };
@@ -363,7 +374,8 @@ const STALL_ANSWER_MAX: Duration = Duration::from_secs(60);
 /// What is asked of a guest that went silent, before it is killed.
 struct StallReport {
     monitor: monitor::Monitor,
-    /// Send `SysRq` keys (`x86_64`: the PC board's keyboard; arm64's virt board has none).
+    /// Send `SysRq` keys (`x86_64`: the PC board's keyboard; the virt boards of arm64 and riscv64
+    /// have none).
     sysrq: bool,
 }
 

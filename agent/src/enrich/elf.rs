@@ -1,6 +1,6 @@
 //! Executables, read the little that is needed: whether one is a Go program (its build info),
-//! which ABI passes a function's arguments (registers since Go 1.17 on amd64 and 1.18 on arm64,
-//! the stack before), and the file offsets of the functions to probe. Only the headers, the
+//! which ABI passes a function's arguments (registers since Go 1.17 on amd64, 1.18 on arm64 and
+//! 1.19 on riscv64, the stack before), and the file offsets of the functions to probe. Only the headers, the
 //! build info and the symbol and string tables are read, never the whole file, and never more
 //! than [`READ_BUDGET`] bytes of one file: a huge or hostile executable costs the agent bounded
 //! memory.
@@ -104,6 +104,7 @@ pub fn inspect<'a, R: ReadRef<'a>>(
     let register_abi = match elf.architecture() {
         object::Architecture::X86_64 => (major, minor) >= (1, 17),
         object::Architecture::Aarch64 => (major, minor) >= (1, 18),
+        object::Architecture::Riscv64 => (major, minor) >= (1, 19),
         _ => false,
     };
     Ok(Some(GoBinary {

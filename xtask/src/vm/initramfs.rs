@@ -1,7 +1,7 @@
 //! The guest's initramfs, in two cpio archives that QEMU gets as one file:
 //!
 //! 1. the base, cached per kernel: busybox, the kernel's virtio/9p modules (decompressed, in load
-//!    order) and, for arm64, the user space that becomes the guest's root;
+//!    order) and, for arm64 and riscv64, the user space that becomes the guest's root;
 //! 2. per run, a small archive with `/init`, the run's parameters and the command script.
 //!
 //! Keeping `/init` in the second archive means changing it never invalidates the cached base.
@@ -28,7 +28,8 @@ use super::kernels::{Arch, pipe_through};
 const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p"];
 
 /// The guest's `/init`. It runs busybox from the initramfs; on `x86_64` it mounts the host's `/`
-/// read-only and runs the command chrooted there, on arm64 the initramfs itself is the root.
+/// read-only and runs the command chrooted there, on arm64 and riscv64 the initramfs itself is
+/// the root.
 /// A failure before the command prints why and powers off without the exit marker, which the
 /// host reports as a failed VM.
 const INIT: &str = r#"#!/bin/busybox sh
@@ -115,7 +116,8 @@ poweroff -f
 "#;
 
 /// Builds a kernel's base initramfs at `out`: busybox, the 9p modules from `modules` (the
-/// kernel's `lib/modules/<release>`) and, for arm64, the unpacked user space `userland`.
+/// kernel's `lib/modules/<release>`) and, for arm64 and riscv64, the unpacked user space
+/// `userland`.
 pub fn build_base(arch: Arch, modules: &Path, userland: Option<&Path>, out: &Path) -> Result<()> {
     let mut cpio = Cpio::default();
     for dir in [
@@ -135,8 +137,8 @@ pub fn build_base(arch: Arch, modules: &Path, userland: Option<&Path>, out: &Pat
             let busybox = fs::read("/bin/busybox").context("reading the host's /bin/busybox")?;
             cpio.file("usr/bin/busybox", 0o755, &busybox)?;
         }
-        (Arch::Aarch64, Some(tree)) => add_userland(&mut cpio, tree)?,
-        (Arch::Aarch64, None) => bail!("the arm64 guest needs a user space"),
+        (Arch::Aarch64 | Arch::Riscv64, Some(tree)) => add_userland(&mut cpio, tree)?,
+        (Arch::Aarch64 | Arch::Riscv64, None) => bail!("the {arch} guest needs a user space"),
     }
 
     let mut order = String::new();
@@ -300,7 +302,8 @@ fn read_module(path: &Path) -> Result<Vec<u8>> {
 /// What one run executes, and where.
 #[derive(Debug)]
 pub struct Plan<'a> {
-    /// Mount the host's `/` read-only and chroot into it (`x86_64`), or run in the initramfs (arm64).
+    /// Mount the host's `/` read-only and chroot into it (`x86_64`), or run in the initramfs
+    /// (arm64, riscv64).
     pub host_root: bool,
     /// Boot the host's systemd and run the command as its service (needs `host_root`).
     pub systemd: bool,

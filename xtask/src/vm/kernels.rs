@@ -1,8 +1,9 @@
 //! The kernel catalogue and its cache: stock Debian kernels, downloaded on first use.
 //!
 //! Kernels come from Debian's archive through a private apt setup (own sources list, package lists
-//! and cache under `target/kernel-lab/apt/`), so other suites and arm64 are reachable without
-//! touching the host's apt configuration, and nothing is ever installed into the host's `/boot`.
+//! and cache under `target/kernel-lab/apt/`), so other suites, arm64 and riscv64 are reachable
+//! without touching the host's apt configuration, and nothing is ever installed into the host's
+//! `/boot`.
 //! Each kernel's folder keeps the `.deb`, the image QEMU boots and the busybox/modules initramfs,
 //! plus a stamp file that says the folder is complete. The exact package is resolved when the
 //! folder is first prepared; remove `target/kernel-lab/<id>` to pick up a newer one.
@@ -31,6 +32,9 @@ pub enum Arch {
     X86_64,
     #[value(name = "aarch64")]
     Aarch64,
+    /// Not in the default test set: booted on request (`cargo xtask vm --arch riscv64`).
+    #[value(name = "riscv64")]
+    Riscv64,
 }
 
 impl Arch {
@@ -39,6 +43,7 @@ impl Arch {
         match self {
             Self::X86_64 => "amd64",
             Self::Aarch64 => "arm64",
+            Self::Riscv64 => "riscv64",
         }
     }
 
@@ -48,6 +53,8 @@ impl Arch {
             // The x86_64 guest runs the host's own busybox from its initramfs.
             Self::X86_64 => &["qemu-system-x86", "busybox-static", "xz-utils", "zstd"],
             Self::Aarch64 => &["qemu-system-arm", "xz-utils", "zstd"],
+            // qemu-system-data, which it pulls in, has the OpenSBI firmware (`-bios default`).
+            Self::Riscv64 => &["qemu-system-misc", "xz-utils", "zstd"],
         }
     }
 }
@@ -57,6 +64,7 @@ impl fmt::Display for Arch {
         f.pad(match self {
             Self::X86_64 => "x86_64",
             Self::Aarch64 => "aarch64",
+            Self::Riscv64 => "riscv64",
         })
     }
 }
@@ -99,6 +107,13 @@ pub const KERNELS: &[Kernel] = &[
         suite: "bookworm",
         series: "6.1.",
     },
+    // Debian's first release with riscv64 as an official architecture.
+    Kernel {
+        id: "trixie-6.12-riscv64",
+        arch: Arch::Riscv64,
+        suite: "trixie",
+        series: "6.12.",
+    },
 ];
 
 /// The ids of the kernels of one architecture, default first (what `cargo xtask test` loops over).
@@ -137,9 +152,11 @@ pub struct KernelPaths {
     pub version: String,
     /// The kernel release (`uname -r`), e.g. `6.1.0-37-amd64`.
     pub release: String,
-    /// What QEMU boots: the vmlinux extracted from the bzImage on `x86_64`, the Image on arm64.
+    /// What QEMU boots: the vmlinux extracted from the bzImage on `x86_64`, the Image on arm64 and
+    /// riscv64.
     pub image: PathBuf,
-    /// The cached base initramfs: busybox, the virtio/9p modules (and the arm64 user space).
+    /// The cached base initramfs: busybox, the virtio/9p modules (and the arm64 or riscv64 user
+    /// space).
     pub initramfs: PathBuf,
     /// The kernel's build configuration, for tests that check features.
     pub config: PathBuf,
@@ -228,8 +245,7 @@ fn prepare(kernel: &'static Kernel) -> Result<KernelPaths> {
     let unpacked = Scratch::new(&dir, "unpacked")?;
     let unpacked = unpacked.path();
     setup::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(unpacked))?;
-    let release = kernel_release(unpacked)?;
-    let vmlinuz = unpacked.join("boot").join(format!("vmlinuz-{release}"));
+    let (release, vmlinuz) = kernel_image(unpacked)?;
     fs::copy(
         unpacked.join("boot").join(format!("config-{release}")),
         dir.join("config"),
@@ -251,12 +267,25 @@ fn prepare(kernel: &'static Kernel) -> Result<KernelPaths> {
             fs::copy(&vmlinuz, dir.join("Image")).context("copying vmlinuz")?;
             "Image"
         }
+        // Debian's riscv64 package ships the raw Image (named vmlinux, with an EFI stub header),
+        // which QEMU loads as is; a gzip one it would not unpack.
+        Arch::Riscv64 => {
+            let data =
+                fs::read(&vmlinuz).with_context(|| format!("reading {}", vmlinuz.display()))?;
+            let image = if data.starts_with(&[0x1f, 0x8b]) {
+                pipe_through(&["gzip", "-dc"], &data).context("decompressing vmlinuz")?
+            } else {
+                data
+            };
+            fs::write(dir.join("Image"), image).context("writing the Image")?;
+            "Image"
+        }
     };
 
     let modules = modules_dir(unpacked, &release)?;
     let userland = match kernel.arch {
         Arch::X86_64 => None,
-        Arch::Aarch64 => Some(arm64_userland(&mut apt, &dir)?),
+        Arch::Aarch64 | Arch::Riscv64 => Some(foreign_userland(&mut apt, &dir)?),
     };
     initramfs::build_base(
         kernel.arch,
@@ -274,10 +303,11 @@ fn prepare(kernel: &'static Kernel) -> Result<KernelPaths> {
     cached(kernel).context("the kernel folder is incomplete after preparing it")
 }
 
-/// The arm64 guest's user space: busybox and the C runtime that cross-built binaries link to,
-/// unpacked into one tree. Same suite as the kernel, so its glibc is at least as new as the
-/// cross toolchain's (bookworm's libc6-dev-arm64-cross).
-fn arm64_userland(apt: &mut PrivateApt, dir: &Path) -> Result<Scratch> {
+/// The user space of a guest of another architecture (arm64, riscv64): busybox and the C runtime
+/// that cross-built binaries link to, unpacked into one tree. Same suite as the kernel, so its
+/// glibc is at least as new as the cross toolchain's (bookworm's libc6-dev-arm64-cross and
+/// libc6-dev-riscv64-cross, glibc 2.36).
+fn foreign_userland(apt: &mut PrivateApt, dir: &Path) -> Result<Scratch> {
     let tree = Scratch::new(dir, "userland")?;
     let debs = dir.join("userland-debs");
     fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
@@ -294,6 +324,13 @@ fn arm64_userland(apt: &mut PrivateApt, dir: &Path) -> Result<Scratch> {
         )?;
     }
     Ok(tree)
+}
+
+/// Downloads package `name` of `arch` from `suite` into `dir` through the lab's private apt (a
+/// package the host's own suite lacks: bookworm has no riscv64); returns the `.deb`.
+pub fn download_package(suite: &str, arch: Arch, name: &str, dir: &Path) -> Result<PathBuf> {
+    let mut apt = PrivateApt::new(suite, arch)?;
+    apt.download(&apt.pkg(name), dir)
 }
 
 /// A scratch folder (an unpacked `.deb`), removed when dropped, on success or failure. Named per
@@ -347,13 +384,19 @@ fn deb_identity(deb: &Path) -> Result<(String, String)> {
     }
 }
 
-/// The kernel release, from the name of the unpacked `boot/vmlinuz-<release>`.
-fn kernel_release(unpacked: &Path) -> Result<String> {
+/// The kernel release and the kernel file, from the name of the unpacked `boot/vmlinuz-<release>`
+/// (`boot/vmlinux-<release>` in Debian's riscv64 package).
+fn kernel_image(unpacked: &Path) -> Result<(String, PathBuf)> {
     let boot = unpacked.join("boot");
     for entry in fs::read_dir(&boot).with_context(|| format!("reading {}", boot.display()))? {
-        let name = entry?.file_name();
-        if let Some(release) = name.to_string_lossy().strip_prefix("vmlinuz-") {
-            return Ok(release.to_owned());
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if let Some(release) = name
+            .strip_prefix("vmlinuz-")
+            .or_else(|| name.strip_prefix("vmlinux-"))
+        {
+            return Ok((release.to_owned(), entry.path()));
         }
     }
     bail!("no vmlinuz in {}", boot.display())
@@ -481,7 +524,7 @@ impl PrivateApt {
     fn pkg(&self, name: &str) -> String {
         match self.arch {
             Arch::X86_64 => name.to_owned(),
-            Arch::Aarch64 => format!("{name}:arm64"),
+            Arch::Aarch64 | Arch::Riscv64 => format!("{name}:{}", self.arch.deb()),
         }
     }
 

@@ -117,7 +117,8 @@ impl Connection {
 }
 
 /// The lines of an `info registers -a` answer that say which CPU, where it is and whether it
-/// is halted: `CPU#N`, x86's `RIP=… HLT=…` and arm64's `PC=…`, the CPU's name before each.
+/// is halted: `CPU#N`, x86's `RIP=… HLT=…`, arm64's `PC=…` and riscv64's `pc …` (written
+/// `PC=…` here), the CPU's name before each.
 fn cpu_lines(answer: &str) -> Vec<String> {
     let mut lines = Vec::new();
     let mut cpu = "";
@@ -138,6 +139,8 @@ fn cpu_lines(answer: &str) -> Vec<String> {
                 })
                 .collect();
             lines.push(format!("{cpu} {}", fields.join(" ")));
+        } else if let Some(pc) = line.strip_prefix("pc ") {
+            lines.push(format!("{cpu} PC={}", pc.trim()));
         }
     }
     lines
@@ -162,5 +165,8 @@ mod tests {
         );
         let arm = "CPU#0\r\n PC=ffff800080012344 X00=0000000000000000 X01=0000000000000001\r\n";
         assert_eq!(cpu_lines(arm), ["CPU#0 PC=ffff800080012344"]);
+        let riscv = "CPU#1\r\n V      =   0\r\n pc       ffffffff80a1b2c4\r\n\
+            mhartid  0000000000000001\r\n";
+        assert_eq!(cpu_lines(riscv), ["CPU#1 PC=ffffffff80a1b2c4"]);
     }
 }
