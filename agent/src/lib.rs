@@ -215,6 +215,9 @@ enum Cmd {
         /// The configuration profile the agent runs with.
         #[arg(long, value_enum, default_value = "default")]
         profile: config::Profile,
+        /// Another build's `nodewarden`, measured before this one with each count.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
         /// Where the agent's configuration, log and socket go.
         #[arg(long)]
         dir: PathBuf,
@@ -417,6 +420,7 @@ pub fn main() -> ExitCode {
             idle_seconds,
             scrapes,
             profile,
+            baseline,
             dir,
         } => exit(idle_bench::run(
             &counts,
@@ -424,6 +428,7 @@ pub fn main() -> ExitCode {
             Duration::from_secs(idle_seconds),
             scrapes,
             profile,
+            baseline.as_deref(),
             &dir,
         )),
         Cmd::BenchBurst {

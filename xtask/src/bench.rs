@@ -64,7 +64,11 @@ pub fn main(baseline: Option<&str>, only: Option<Part>) -> Result<i32> {
             Part::Restore => bench_restore::run(&release()?)?,
             Part::Guard => bench_guard::run(&release()?)?,
             Part::Syscalls => bench_syscalls::run(&release()?)?,
-            Part::Idle => bench_idle::run(&release()?)?,
+            Part::Idle => {
+                let bin = release()?;
+                let base = baseline.map(bench_latency::build_revision).transpose()?;
+                bench_idle::run(&bin, baseline.zip(base.as_deref()))?
+            }
             Part::Burst => bench_burst::run(&release()?)?,
             // The aarch64 build only.
             Part::IdleArm64 => bench_idle::run_arm64(&build::dist(build::AARCH64)?)?,
@@ -79,7 +83,8 @@ pub fn main(baseline: Option<&str>, only: Option<Part>) -> Result<i32> {
     md.push_str(&bench_restore::run(&bin)?);
     md.push_str(&bench_guard::run(&bin)?);
     md.push_str(&bench_syscalls::run(&bin)?);
-    md.push_str(&bench_idle::run(&bin)?);
+    let base = baseline.map(bench_latency::build_revision).transpose()?;
+    md.push_str(&bench_idle::run(&bin, baseline.zip(base.as_deref()))?);
     md.push_str(&bench_burst::run(&bin)?);
     md.push_str(&bench_idle::run_arm64(&build::dist(build::AARCH64)?)?);
     let path = vm::workspace_root().join("docs/benchmarks.md");

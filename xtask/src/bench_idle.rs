@@ -14,7 +14,8 @@ use crate::{
 
 const KERNEL: &str = "bookworm-6.1";
 const COUNTS: &str = "0,1000,10000";
-const IDLE_S: u64 = 30;
+/// Long enough that the CPU clock's 10-ms ticks are a small part of an idle agent's share.
+const IDLE_S: u64 = 60;
 const SCRAPES: usize = 9;
 /// Guest memory: 10,000 memory cgroups take several hundred MiB of the kernel's.
 const MEMORY_MIB: u32 = 2048;
@@ -23,16 +24,21 @@ const TARGET_CPU_PCT: f64 = 0.5;
 const TARGET_RSS_MB: f64 = 40.0;
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// Runs `bench-idle` in the VM; returns the markdown section.
-pub fn run(bin: &Path) -> Result<String> {
+/// Runs `bench-idle` in the VM, with the `baseline` agent (its name, its binary) measured
+/// beside this one when given; returns the markdown section.
+pub fn run(bin: &Path, baseline: Option<(&str, &Path)>) -> Result<String> {
     let out = fresh_dir("target/bench-idle")?;
-    report(&measure(
-        KERNEL,
-        bin,
-        COUNTS,
-        "default",
-        &out.join("idle.json"),
-    )?)
+    report(
+        &measure(
+            KERNEL,
+            bin,
+            baseline.map(|(_, b)| b),
+            COUNTS,
+            "default",
+            &out.join("idle.json"),
+        )?,
+        baseline.map(|(name, _)| name),
+    )
 }
 
 /// A folder of the target dir, emptied.
@@ -43,13 +49,22 @@ fn fresh_dir(name: &str) -> Result<std::path::PathBuf> {
     Ok(out)
 }
 
-/// `bench-idle` with `counts` cgroups and `profile`, in a VM of `kernel` (`bin` built for its
-/// architecture); its JSON, which it leaves in `json`.
-fn measure(kernel: &str, bin: &Path, counts: &str, profile: &str, json: &Path) -> Result<Value> {
+/// `bench-idle` with `counts` cgroups and `profile`, in a VM of `kernel` (`bin`, and the
+/// `baseline` agent when given, built for its architecture); its JSON, which it leaves in
+/// `json`.
+fn measure(
+    kernel: &str,
+    bin: &Path,
+    baseline: Option<&Path>,
+    counts: &str,
+    profile: &str,
+    json: &Path,
+) -> Result<Value> {
+    let baseline = baseline.map_or_else(String::new, |b| format!("--baseline '{}' ", b.display()));
     let script = format!(
         "NODEWARDEN_IN_VM=1 '{bin}' bench-idle --counts {counts} --parent /sys/fs/cgroup/nw-idle \
-         --idle-seconds {IDLE_S} --scrapes {SCRAPES} --profile {profile} --dir /tmp/nw-bench \
-         > '{json}'\n",
+         --idle-seconds {IDLE_S} --scrapes {SCRAPES} --profile {profile} {baseline}\
+         --dir /tmp/nw-bench > '{json}'\n",
         bin = bin.display(),
         json = json.display()
     );
@@ -67,7 +82,7 @@ fn measure(kernel: &str, bin: &Path, counts: &str, profile: &str, json: &Path) -
     )
 }
 
-fn report(v: &Value) -> Result<String> {
+fn report(v: &Value, baseline: Option<&str>) -> Result<String> {
     let counts = v["counts"].as_array().context("no counts")?;
     let mut md = format!(
         "\n## Idle cost by the number of cgroups\n\n\
@@ -76,13 +91,18 @@ fn report(v: &Value) -> Result<String> {
          controllers, a `memory.max` each). The agent runs its default configuration (release \
          build); once it has read every cgroup (its series stop changing in number), it idles \
          for {IDLE_S} s: its CPU time over that window (user and system, all threads, from \
-         /proc/PID/stat) as a share of one core, its resident memory at the end (VmRSS, and \
-         RssAnon, its own heap), then {SCRAPES} scrapes of `/metrics` (median time, and the \
+         /proc/PID/stat) as a share of one core, and by thread (the event loop runs on \
+         `nodewarden`, the endpoints on `tokio-rt-worker`), its resident memory at the end \
+         (VmRSS, and RssAnon, its own heap), then {SCRAPES} scrapes of `/metrics` (median time, and the \
          slowest). Series per cgroup: the series added over the run with no cgroup, per \
-         cgroup. Under emulation CPU times are 10 to 50 times a real machine's.\n\n\
-         | cgroups | CPU idle (% of a core) | RSS | RssAnon | /metrics | series | series per cgroup | scrape (median, max) | ready, settled after | CPU to settle |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+         cgroup. Under emulation CPU times are 10 to 50 times a real machine's.{}\n\n\
+         | cgroups | agent | CPU idle (% of a core) | by thread | RSS | RssAnon | /metrics | series | series per cgroup | scrape (median, max) | ready, settled after | CPU to settle |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
         v["kernel"].as_str().unwrap_or("?"),
+        baseline.map_or_else(String::new, |b| format!(
+            " With each count, the baseline ({b}) was measured first, then this build, in \
+             the same VM."
+        )),
     );
     let f = |c: &Value, k: &str| c[k].as_f64().unwrap_or(f64::NAN);
     let base_series = counts.first().map_or(f64::NAN, |c| f(c, "series"));
@@ -102,7 +122,9 @@ fn report(v: &Value) -> Result<String> {
         };
         let _ = writeln!(
             md,
-            "| {n:.0} | {cpu_pct:.2}% | {rss:.1} MiB | {:.1} MiB | {:.0} KiB | {:.0} | {per} | {scrape} | {:.1} s, {:.1} s | {:.1} s |",
+            "| {n:.0} | {} | {cpu_pct:.2}% | {} | {rss:.1} MiB | {:.1} MiB | {:.0} KiB | {:.0} | {per} | {scrape} | {:.1} s, {:.1} s | {:.1} s |",
+            c["agent"].as_str().unwrap_or("this build"),
+            by_thread(c),
             f(c, "rss_anon_bytes") / MIB,
             f(c, "metrics_bytes") / 1024.0,
             f(c, "series"),
@@ -110,7 +132,7 @@ fn report(v: &Value) -> Result<String> {
             f(c, "settled_s"),
             f(c, "startup_cpu_s"),
         );
-        if (n - 1000.0).abs() < 0.5 {
+        if (n - 1000.0).abs() < 0.5 && c["agent"].as_str() != Some("baseline") {
             let met = |ok: bool| if ok { "met" } else { "**missed**" };
             verdict = format!(
                 "\nTargets with 1,000 cgroups: CPU under {TARGET_CPU_PCT}% of a core: \
@@ -126,6 +148,25 @@ fn report(v: &Value) -> Result<String> {
     Ok(md)
 }
 
+/// The idle window's CPU by thread name, as shares of a core, largest first.
+fn by_thread(c: &Value) -> String {
+    let idle_s = c["idle_s"].as_f64().unwrap_or(f64::NAN);
+    let mut threads: Vec<(&String, f64)> = c["idle_cpu_by_thread"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k, v.as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+    threads
+        .iter()
+        .map(|(name, cpu)| format!("{name} {:.2}%", cpu / idle_s * 100.0))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The cgroup counts of the arm64 table: an edge board has fewer than a server.
 const ARM64_COUNTS: &str = "0,100,1000";
 
@@ -137,7 +178,7 @@ pub fn run_arm64(bin: &Path) -> Result<String> {
     let mut runs = Vec::new();
     for profile in ["default", "edge"] {
         let json = out.join(format!("{profile}.json"));
-        runs.push(measure(kernel, bin, ARM64_COUNTS, profile, &json)?);
+        runs.push(measure(kernel, bin, None, ARM64_COUNTS, profile, &json)?);
     }
     report_arm64(kernel, &runs)
 }

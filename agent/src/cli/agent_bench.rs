@@ -66,13 +66,25 @@ impl Running {
         metrics: SocketAddr,
         limit: Duration,
     ) -> Result<Self> {
+        Self::start_exe(&std::env::current_exe()?, dir, name, config, metrics, limit)
+    }
+
+    /// [`Self::start`] with the agent `exe` (another build, for a baseline).
+    pub fn start_exe(
+        exe: &Path,
+        dir: &Path,
+        name: &str,
+        config: &str,
+        metrics: SocketAddr,
+        limit: Duration,
+    ) -> Result<Self> {
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
         let log = dir.join(format!("{name}.log"));
         let socket = dir.join(format!("{name}.sock"));
         let _ = std::fs::remove_file(&socket);
         let start = Instant::now();
-        let mut cmd = Command::new(std::env::current_exe()?);
+        let mut cmd = Command::new(exe);
         // The agent's own default log level (info: a line per limit write), unless asked.
         match std::env::var_os("NODEWARDEN_BENCH_RUST_LOG") {
             Some(level) => cmd.env("RUST_LOG", level),
@@ -126,6 +138,46 @@ impl Running {
     /// The agent's CPU time so far (user and system, all threads), in seconds.
     pub fn cpu_seconds(&self) -> Result<f64> {
         crate::enrich::procfs::cpu_seconds(self.child.id()).context("the agent has exited")
+    }
+
+    /// Each thread's CPU time so far (user and system), in seconds, summed by thread name:
+    /// where an idle agent's CPU goes.
+    pub fn threads_cpu_seconds(&self) -> Result<BTreeMap<String, f64>> {
+        let mut by_name = BTreeMap::new();
+        for task in procfs::process::Process::new(self.pid())?.tasks()? {
+            // A thread that exited meanwhile has no stat any more.
+            let Ok(stat) = task.and_then(|t| t.stat()) else {
+                continue;
+            };
+            *by_name.entry(stat.comm.clone()).or_insert(0.0) +=
+                crate::enrich::procfs::stat_cpu_seconds(&stat);
+        }
+        Ok(by_name)
+    }
+
+    /// The agent's resident anonymous memory by kind of mapping, in bytes: the `[heap]` (the
+    /// main arena), other anonymous mappings (threads' arenas, large allocations, stacks), and
+    /// each of the largest of those: where its own memory is.
+    pub fn anon_mappings(&self) -> Result<AnonMappings> {
+        let maps = procfs::process::Process::new(self.pid())?.smaps()?;
+        let mut out = AnonMappings::default();
+        for map in maps {
+            let anon = map.extension.map.get("Anonymous").copied().unwrap_or(0);
+            if anon == 0 {
+                continue;
+            }
+            match &map.pathname {
+                procfs::process::MMapPath::Heap => out.heap_bytes += anon,
+                procfs::process::MMapPath::Anonymous => {
+                    out.other_bytes += anon;
+                    out.largest.push(anon);
+                }
+                _ => out.file_backed_bytes += anon,
+            }
+        }
+        out.largest.sort_unstable_by(|a, b| b.cmp(a));
+        out.largest.truncate(8);
+        Ok(out)
     }
 
     /// The agent's resident memory and the anonymous part of it, in bytes.
@@ -252,6 +304,17 @@ pub fn modes(body: &str) -> BTreeMap<String, String> {
 
 /// Refuses unless cgroup v2 with the memory controller is at /sys/fs/cgroup and the caller says
 /// it runs in the kernel lab's VM: the benchmarks that create cgroups never touch a host's.
+/// Where an agent's anonymous memory is resident, in bytes.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct AnonMappings {
+    pub heap_bytes: u64,
+    pub other_bytes: u64,
+    /// The rest: copy-on-write pages of files (the binary's data), the main thread's stack.
+    pub file_backed_bytes: u64,
+    /// The largest anonymous mappings besides the heap.
+    pub largest: Vec<u64>,
+}
+
 pub fn require_vm() -> Result<()> {
     if std::env::var_os("NODEWARDEN_IN_VM").is_none() {
         bail!("refusing to create cgroups outside the kernel lab's VM (NODEWARDEN_IN_VM unset)");

@@ -6,6 +6,7 @@
 //! `cargo xtask bench`.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::Path,
     time::{Duration, Instant},
@@ -13,7 +14,7 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use super::agent_bench::{self, Running};
+use super::agent_bench::{self, AnonMappings, Running};
 use crate::config::Profile;
 
 /// How long the agent may take to start and read every cgroup.
@@ -23,6 +24,8 @@ const START_LIMIT: Duration = Duration::from_secs(600);
 #[derive(Debug, serde::Serialize)]
 struct Figures {
     cgroups: usize,
+    /// `baseline` (another build's agent) or `this build`.
+    agent: &'static str,
     /// Spawn to probes attached, and to the series settled (every cgroup read).
     ready_s: f64,
     settled_s: f64,
@@ -31,8 +34,11 @@ struct Figures {
     /// The idle window: its length and the CPU seconds used in it.
     idle_s: f64,
     idle_cpu_s: f64,
+    /// The idle window's CPU seconds by thread name (the threads that used any).
+    idle_cpu_by_thread: BTreeMap<String, f64>,
     rss_bytes: u64,
     rss_anon_bytes: u64,
+    anon: AnonMappings,
     /// The kernel memory of the agent's eBPF maps (their `memlock` in /proc/PID/fdinfo).
     maps_bytes: u64,
     metrics_bytes: usize,
@@ -42,16 +48,24 @@ struct Figures {
 }
 
 /// Measures each of `counts` (cgroups under `parent`, created cumulatively and removed at the
-/// end): `idle` of idling after the agent settled, then `scrapes` scrapes. `dir` holds the
-/// agent's files.
+/// end): `idle` of idling after the agent settled, then `scrapes` scrapes; with each count,
+/// the `baseline` agent's first when one is given, then this build's. `dir` holds the agents'
+/// files.
 pub fn run(
     counts: &[usize],
     parent: &Path,
     idle: Duration,
     scrapes: usize,
     profile: Profile,
+    baseline: Option<&Path>,
     dir: &Path,
 ) -> Result<()> {
+    let this = std::env::current_exe()?;
+    let agents: Vec<(&'static str, &Path)> = baseline
+        .map(|b| ("baseline", b))
+        .into_iter()
+        .chain([("this build", this.as_path())])
+        .collect();
     agent_bench::require_vm()?;
     std::fs::create_dir_all(dir)?;
     let metrics: SocketAddr = "127.0.0.1:19791".parse()?;
@@ -66,10 +80,20 @@ pub fn run(
                 "bench-idle: {count} cgroups in {:.1} s",
                 start.elapsed().as_secs_f64()
             );
-            let agent =
-                Running::start(dir, &format!("idle-{count}"), &config, metrics, START_LIMIT)?;
-            all.push(measure(&agent, count, idle, scrapes)?);
-            agent.stop()?;
+            for (i, &(name, exe)) in agents.iter().enumerate() {
+                let agent = Running::start_exe(
+                    exe,
+                    dir,
+                    &format!("idle-{count}-{i}"),
+                    &config,
+                    metrics,
+                    START_LIMIT,
+                )?;
+                let figures = measure(&agent, name, count, idle, scrapes)?;
+                eprintln!("bench-idle: {figures:?}");
+                all.push(figures);
+                agent.stop()?;
+            }
         }
         Ok(())
     })();
@@ -86,13 +110,29 @@ pub fn run(
     Ok(())
 }
 
-fn measure(agent: &Running, count: usize, idle: Duration, scrapes: usize) -> Result<Figures> {
+fn measure(
+    agent: &Running,
+    name: &'static str,
+    count: usize,
+    idle: Duration,
+    scrapes: usize,
+) -> Result<Figures> {
     let settled = settle(agent)?;
     let startup_cpu_s = agent.cpu_seconds()?;
-    let (cpu0, t0) = (agent.cpu_seconds()?, Instant::now());
+    let (cpu0, threads0, t0) = (
+        agent.cpu_seconds()?,
+        agent.threads_cpu_seconds()?,
+        Instant::now(),
+    );
     std::thread::sleep(idle);
     let (cpu1, idle_s) = (agent.cpu_seconds()?, t0.elapsed().as_secs_f64());
+    let mut idle_cpu_by_thread = agent.threads_cpu_seconds()?;
+    for (name, cpu) in &mut idle_cpu_by_thread {
+        *cpu -= threads0.get(name).copied().unwrap_or(0.0);
+    }
+    idle_cpu_by_thread.retain(|_, cpu| *cpu > 0.0);
     let (rss_bytes, rss_anon_bytes) = agent.memory()?;
+    let anon = agent.anon_mappings()?;
     let maps_bytes = agent.maps_memory()?;
     let mut scrape_ms = Vec::new();
     let mut body = String::new();
@@ -103,19 +143,21 @@ fn measure(agent: &Running, count: usize, idle: Duration, scrapes: usize) -> Res
     }
     let figures = Figures {
         cgroups: count,
+        agent: name,
         ready_s: agent.ready_after.as_secs_f64(),
         settled_s: settled.as_secs_f64() + agent.ready_after.as_secs_f64(),
         startup_cpu_s,
         idle_s,
         idle_cpu_s: cpu1 - cpu0,
+        idle_cpu_by_thread,
         rss_bytes,
         rss_anon_bytes,
+        anon,
         maps_bytes,
         metrics_bytes: body.len(),
         series: agent_bench::series(&body),
         scrape_ms,
     };
-    eprintln!("bench-idle: {figures:?}");
     Ok(figures)
 }
 
