@@ -17,7 +17,6 @@ use std::{
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
-        mpsc::SyncSender,
     },
     time::{Duration, Instant},
 };
@@ -75,7 +74,12 @@ pub struct Context {
 
 /// Reads the maps every [`EVERY`] until `stop`; futex words with a new long wait go to
 /// `episodes` (dropped, and said in the log, when the event loop is behind).
-pub fn run(maps: Maps, cx: &Context, episodes: &SyncSender<Episode>, stop: &AtomicBool) {
+pub fn run(
+    maps: Maps,
+    cx: &Context,
+    episodes: &tokio::sync::mpsc::Sender<Episode>,
+    stop: &AtomicBool,
+) {
     let Maps {
         futex,
         samples,

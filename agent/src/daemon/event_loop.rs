@@ -19,6 +19,7 @@ use tokio::{
     task::JoinHandle,
 };
 
+use super::unseen::Unseen;
 use crate::{
     config::Config,
     enrich::{
@@ -50,9 +51,15 @@ use crate::{
 /// How often the inotify mode rereads every limit file, to catch what inotify missed.
 const POLL_EVERY: Duration = Duration::from_secs(10);
 
-/// How often time-driven work runs: ended OOM incidents, expired series, the kernel's loss
-/// counts.
+/// How often time-driven work runs while some waits on time (an OOM incident to end, a
+/// notified file, a limit to look at again) or after anything happened: ended incidents,
+/// expired series, the kernel's loss counts.
 const TICK_EVERY: Duration = Duration::from_millis(250);
+
+/// How often the loop wakes when nothing happens and nothing waits on time: its liveness and
+/// the kernel's loss counts (read with every batch of events too). Each wake-up of an idle
+/// agent costs two threads' CPU: at [`TICK_EVERY`] that was most of its idle CPU.
+const IDLE_TICK_EVERY: Duration = Duration::from_secs(5);
 
 /// Records handled per wake-up at most, so that a flood on one ring cannot starve the rest.
 const BATCH: usize = 4096;
@@ -203,11 +210,11 @@ pub struct EventLoop {
     pub health: Health,
     pub loss_map: Option<LossMap>,
     pub cgroupfs: Option<Arc<CgroupFs>>,
-    /// To the Go watcher.
-    pub execs: mpsc::SyncSender<Exec>,
+    /// New executables for the Go watcher (`None` only wakes it to stop).
+    pub execs: mpsc::SyncSender<Option<Exec>>,
     pub exec_seen: Option<ExecSeen>,
-    /// From the contention readers.
-    pub episodes: mpsc::Receiver<Episode>,
+    /// Futex contention episodes from the contention thread, for the traces.
+    pub episodes: tokio::sync::mpsc::Receiver<Episode>,
     /// From workers that panicked.
     pub panics: UnboundedReceiver<&'static str>,
     /// The scan running off the loop: why, when it started (monotonic ns), and its task.
@@ -217,7 +224,7 @@ pub struct EventLoop {
     pub guard_changes_lost: u64,
     /// In syscalls mode: inotify's notifications waiting for the ring (writes by paths the
     /// tracepoints do not see are reported from them).
-    pub unseen: Option<super::unseen::Unseen>,
+    pub unseen: Option<Unseen>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -244,12 +251,16 @@ impl EventLoop {
             None => (None, None),
         };
         let mut poll = tokio::time::interval(POLL_EVERY);
-        let mut tick = tokio::time::interval(TICK_EVERY);
+        let tick = tokio::time::sleep(TICK_EVERY);
+        tokio::pin!(tick);
         let every = Duration::from_secs(self.reload.config.remediation.reconcile_interval_s);
         let mut reconcile = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let mut rules_check = tokio::time::interval(RULES_CHECK_EVERY);
         let watch_rules = self.reload.config.rules.is_some();
         loop {
+            // Set by the branches that only look at time: any other may have left work due
+            // soon (an incident opened, a retry set), and brings the next tick forward.
+            let mut timer = false;
             tokio::select! {
                 guard = readable(events.as_deref_mut()) => {
                     let mut guard = match guard {
@@ -281,7 +292,7 @@ impl EventLoop {
                     guard.clear_ready();
                 }
                 _ = poll.tick(), if watcher.is_some() && self.unseen.is_none() => self.pipeline.poll(),
-                _ = tick.tick() => {
+                () = &mut tick => {
                     // select! takes ready branches in random order: an agent running behind
                     // could judge a notified file's wait over before reading the ring that
                     // holds its write, and report that write twice. What the ring holds now
@@ -296,6 +307,8 @@ impl EventLoop {
                         }
                     }
                     self.tick();
+                    tick.as_mut().reset(tokio::time::Instant::now() + self.next_tick());
+                    timer = true;
                 }
                 scan = finished(&mut self.scan) => self.scanned(scan),
                 change = pod_change(self.pods.as_mut()) => match change {
@@ -308,20 +321,42 @@ impl EventLoop {
                     self.apply(out);
                     self.reload.trust(self.pipeline.trust().clone());
                 }
-                _ = rules_check.tick(), if watch_rules => self.reload.rules(false),
+                _ = rules_check.tick(), if watch_rules => {
+                    self.reload.rules(false);
+                    timer = true;
+                }
                 _ = sighup.recv() => {
                     tracing::info!("SIGHUP: reloading the rules");
                     self.reload.rules(true);
                 }
                 done = reloaded(&mut self.reload.task) => self.reloaded(done),
+                Some(e) = self.episodes.recv() => self.outputs.contention_episode(&e),
                 Some(worker) = self.panics.recv() => {
                     return Exit::Failed(anyhow!("the {worker} worker panicked"));
                 }
                 _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); return Exit::Signal; }
                 _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); return Exit::Signal; }
             }
+            if !timer {
+                let soon = tokio::time::Instant::now() + TICK_EVERY;
+                if tick.deadline() > soon {
+                    tick.as_mut().reset(soon);
+                }
+            }
             self.start_scan();
         }
+    }
+
+    /// How long until the next tick: soon while a notified file waits or the pipeline has
+    /// time-driven work within [`TICK_EVERY`], at most [`IDLE_TICK_EVERY`] otherwise.
+    fn next_tick(&self) -> Duration {
+        if self.unseen.as_ref().is_some_and(Unseen::waiting) {
+            return TICK_EVERY;
+        }
+        self.pipeline
+            .tick_due_in()
+            .unwrap_or(IDLE_TICK_EVERY)
+            .clamp(TICK_EVERY, IDLE_TICK_EVERY)
     }
 
     /// Handles up to `max` records of the events ring; `true` when it is empty. The kernel's
@@ -387,7 +422,7 @@ impl EventLoop {
                     continue;
                 }
             };
-            if let Err(mpsc::TrySendError::Full(e)) = self.execs.try_send(exec) {
+            if let Err(mpsc::TrySendError::Full(Some(e))) = self.execs.try_send(Some(exec)) {
                 // The kernel forgets the file too: its next exec is reported again.
                 self.losses.add(LossKind::Exec, LossReason::QueueFull, 1);
                 if let Some(seen) = &self.exec_seen {
@@ -442,8 +477,8 @@ impl EventLoop {
         self.apply(out);
     }
 
-    /// Time-driven work, the kernel's loss counts (a loss of limit writes or cgroup changes
-    /// wants a resync), and the contention spans.
+    /// Time-driven work, and the kernel's loss counts (a loss of limit writes or cgroup
+    /// changes wants a resync).
     fn tick(&mut self) {
         self.health.turned(Instant::now());
         self.kernel_losses();
@@ -461,9 +496,6 @@ impl EventLoop {
         let mut out = Vec::new();
         self.pipeline.tick(&mut out);
         self.apply(out);
-        for e in self.episodes.try_iter() {
-            self.outputs.contention_episode(&e);
-        }
     }
 
     /// Starts a scan off the loop when the pipeline wants one and none runs.

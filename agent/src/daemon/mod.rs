@@ -90,7 +90,7 @@ async fn run_until_stopped(
         bpf_stats,
     )));
     let (panics_tx, panics) = tokio::sync::mpsc::unbounded_channel();
-    let (episodes_tx, episodes) = mpsc::sync_channel(EPISODE_QUEUE);
+    let (episodes_tx, episodes) = tokio::sync::mpsc::channel(EPISODE_QUEUE);
     let (execs_tx, execs_rx) = mpsc::sync_channel(EXEC_QUEUE);
     let exec_seen = attached
         .exec_seen
@@ -102,7 +102,13 @@ async fn run_until_stopped(
         match exec_seen.clone() {
             Some(seen) => {
                 let go = GoWatcher::new(attached.ebpf.clone(), seen, &shared.evictions);
-                Some(start_go(go, execs_rx, &metrics, &panics_tx)?)
+                let wake = execs_tx.clone();
+                // A full queue needs no wake-up: the watcher looks at its stop between execs.
+                Some(
+                    start_go(go, execs_rx, &metrics, &panics_tx)?.waking(move || {
+                        let _ = wake.try_send(None);
+                    }),
+                )
             }
             None => None,
         },
@@ -375,7 +381,7 @@ fn start_contention(
     shared: &Shared,
     metrics: &Metrics,
     panics: &workers::Panics,
-    episodes: mpsc::SyncSender<crate::model::contention::Episode>,
+    episodes: tokio::sync::mpsc::Sender<crate::model::contention::Episode>,
 ) -> std::io::Result<Option<workers::Worker>> {
     if maps.is_empty() {
         return Ok(None);
@@ -397,7 +403,7 @@ fn start_contention(
 /// The Go watcher's thread: the processes running now, then each new executable.
 fn start_go(
     mut go: GoWatcher,
-    execs: mpsc::Receiver<crate::model::event::Exec>,
+    execs: mpsc::Receiver<Option<crate::model::event::Exec>>,
     metrics: &Metrics,
     panics: &workers::Panics,
 ) -> std::io::Result<workers::Worker> {
@@ -408,12 +414,12 @@ fn start_go(
             }
             go.consider(pid);
         }
-        // Each timeout is a wake-up of an idle agent, and a stop may wait for it.
+        // No timeout: each would be a wake-up of an idle agent. A stop sends `None`.
         while !stop.load(Ordering::Relaxed) {
-            match execs.recv_timeout(std::time::Duration::from_secs(1)) {
-                Ok(e) => go.exec(e.tgid, e.key),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            match execs.recv() {
+                Ok(Some(e)) => go.exec(e.tgid, e.key),
+                Ok(None) => {}
+                Err(mpsc::RecvError) => return,
             }
         }
     })

@@ -51,6 +51,12 @@ impl Unseen {
         fits
     }
 
+    /// Whether a file is waiting.
+    #[must_use]
+    pub fn waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
     /// The files whose wait is over at `now` (id, path, limit), taken out.
     pub fn due(&mut self, now: Instant) -> Vec<(u64, String, LimitFile)> {
         let mut due = Vec::new();

@@ -111,9 +111,14 @@ impl Evictions {
 }
 
 /// A map of at most `cap` entries; the least recently used goes first, and is counted.
+///
+/// It grows with what it holds: `lru::LruCache::new` would reserve room for `cap` entries up
+/// front, and the agent's caps (tens of thousands of entries, for the largest nodes) then took
+/// over 20 MiB of an idle agent's heap.
 #[derive(Debug)]
 pub struct Bounded<K: Hash + Eq, V> {
     lru: lru::LruCache<K, V>,
+    cap: NonZeroUsize,
     cache: Cache,
     evictions: Evictions,
 }
@@ -123,7 +128,8 @@ impl<K: Hash + Eq, V> Bounded<K, V> {
     #[must_use]
     pub fn new(cache: Cache, cap: usize, evictions: Evictions) -> Self {
         Self {
-            lru: lru::LruCache::new(NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN)),
+            lru: lru::LruCache::unbounded(),
+            cap: NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN),
             cache,
             evictions,
         }
@@ -156,9 +162,10 @@ impl<K: Hash + Eq, V> Bounded<K, V> {
         if self.lru.contains(&k) {
             return self.lru.put(k, v);
         }
-        if self.lru.push(k, v).is_some() {
+        if self.lru.len() >= self.cap.get() && self.lru.pop_lru().is_some() {
             self.evictions.add(self.cache, 1);
         }
+        self.lru.push(k, v);
         None
     }
 
@@ -221,5 +228,18 @@ mod tests {
         assert_eq!(b.len(), 1);
         assert_eq!(e.get(Cache::Stacks), 1, "retain is not eviction");
         assert_eq!(e.get(Cache::Symbolizer), 0);
+    }
+
+    #[test]
+    fn reserves_nothing_for_its_cap() {
+        let mut b = Bounded::new(Cache::Stacks, 1 << 20, Evictions::default());
+        assert!(
+            b.lru.cap().get() > 1 << 20 && b.len() == 0,
+            "the map grows as entries come"
+        );
+        for k in 0..3 {
+            b.put(k, k);
+        }
+        assert_eq!(b.len(), 3);
     }
 }

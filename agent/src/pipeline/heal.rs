@@ -386,6 +386,15 @@ impl Pipeline {
         }
     }
 
+    /// When [`Self::heal_tick`] has work next (monotonic ns): a limit to look at again, or
+    /// desired values to offer.
+    pub(super) fn heal_due_ns(&self) -> Option<u64> {
+        let retry = self.heal.retries.iter().map(|(_, (at, _))| *at).min();
+        let snapshot = (self.heal.keep && self.heal.desired.changed())
+            .then(|| self.heal.last_snapshot_ns.saturating_add(SNAPSHOT_EVERY_NS));
+        retry.into_iter().chain(snapshot).min()
+    }
+
     /// The desired values for the state file, if they changed since they were last offered.
     pub(super) fn heal_keep(&mut self, out: &mut Vec<Update>) {
         if !self.heal.keep {

@@ -369,8 +369,30 @@ impl Pipeline {
         self.heal_found(o.id, &o.path, k8s.as_ref(), o.limit, now, at, out);
     }
 
+    /// How long until [`Self::tick`] has work: an incident goes quiet, a removed cgroup's
+    /// series expire, a limit is looked at again, desired values are offered; `None` when
+    /// nothing waits on time. The event loop sleeps that long when nothing happens.
+    #[must_use]
+    pub fn tick_due_in(&self) -> Option<std::time::Duration> {
+        let ttl = self.settings.deleted_ttl_ns;
+        let due = [
+            self.incidents.next_quiet_ns(),
+            self.removed
+                .iter()
+                .map(|(_, at)| at.saturating_add(ttl))
+                .min(),
+            self.heal_due_ns(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()?;
+        let now = self.sources.clock.monotonic_ns();
+        Some(std::time::Duration::from_nanos(due.saturating_sub(now)))
+    }
+
     /// Time-driven work: incidents whose kills stopped are reported, and the series of cgroups
-    /// removed longer ago than the configured time expire. Call it every few hundred ms.
+    /// removed longer ago than the configured time expire. Call it within a few hundred ms of
+    /// [`Self::tick_due_in`].
     pub fn tick(&mut self, out: &mut Vec<Update>) {
         let now = self.sources.clock.monotonic_ns();
         for done in self.incidents.close_quiet(now) {

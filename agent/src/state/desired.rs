@@ -93,6 +93,12 @@ impl DesiredState {
         self.new.remove(&id);
     }
 
+    /// Whether a value changed since the last [`Self::snapshot`].
+    #[must_use]
+    pub fn changed(&self) -> bool {
+        self.dirty
+    }
+
     /// Every desired value, once it changed since the last call: for the state file. `path`
     /// names a cgroup by id (values of cgroups without a path are left out).
     pub fn snapshot(&mut self, path: impl Fn(u64) -> Option<String>) -> Option<Vec<Kept>> {

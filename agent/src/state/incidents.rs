@@ -87,6 +87,15 @@ impl<T> Incidents<T> {
         done
     }
 
+    /// When the first open incident goes quiet (monotonic ns), if one is open.
+    #[must_use]
+    pub fn next_quiet_ns(&self) -> Option<u64> {
+        self.open
+            .iter()
+            .map(|o| o.last_ns.saturating_add(QUIET_NS))
+            .min()
+    }
+
     /// Every incident, open or not (at shutdown).
     pub fn close_all(&mut self) -> Vec<Open<T>> {
         std::mem::take(&mut self.open)

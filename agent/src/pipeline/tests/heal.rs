@@ -201,6 +201,11 @@ fn a_cooldown_defers_and_the_retry_restores() {
         verdicts(&h.handle(untrusted("268435456", 15 * S + 100_000_000))),
         [(Verdict::Skip, Some(Reason::Cooldown))]
     );
+    assert_eq!(
+        h.pipeline.tick_due_in(),
+        Some(Duration::from_millis(900)),
+        "the retry when the cooldown ends"
+    );
     assert!(verdicts(&h.tick(15 * S + 500_000_000)).is_empty());
     let out = h.tick(16 * S);
     assert_eq!(verdicts(&out), [(Verdict::Restore, None)]);

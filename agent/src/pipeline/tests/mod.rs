@@ -4,6 +4,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use agent_common::LimitFile;
@@ -540,8 +541,15 @@ fn cgroups_start_from_defaults_and_their_counters_expire_after_removal() {
     h.fake.node().paths.remove(&5);
     let late = h.handle(write_at(5, "2M", Err(19), 25));
     assert_eq!(limit_write(&late).cgroup, "/n");
+    h.clock.set(10);
+    assert_eq!(
+        h.pipeline.tick_due_in(),
+        Some(Duration::from_nanos(TTL_NS)),
+        "the loop may sleep until the series expire"
+    );
     assert!(h.tick(10 + TTL_NS - 1).is_empty());
     assert_eq!(h.tick(10 + TTL_NS), [Update::Expired("/n".into())]);
+    assert_eq!(h.pipeline.tick_due_in(), None, "nothing waits on time");
     assert!(h.tick(20 + TTL_NS).is_empty(), "expired once");
 }
 
@@ -668,8 +676,15 @@ fn victims_of_one_limit_hit_are_one_incident_reported_when_quiet() {
     ));
     assert_ne!(kills(&other)[0].incident, a.incident);
 
+    h.clock.set(300);
+    assert_eq!(
+        h.pipeline.tick_due_in(),
+        Some(Duration::from_nanos(QUIET_NS - 100)),
+        "the first incident goes quiet first"
+    );
     assert!(records(&h.tick(200 + QUIET_NS - 1)).is_empty());
     let closed = h.tick(300 + QUIET_NS);
+    assert_eq!(h.pipeline.tick_due_in(), None);
     let incidents: Vec<_> = records(&closed)
         .into_iter()
         .filter_map(|r| match r {
