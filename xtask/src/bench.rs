@@ -59,15 +59,16 @@ pub fn main(baseline: Option<&str>, only: Option<Part>) -> Result<i32> {
             Part::Contention => bench_contention::run(&release()?)?,
             Part::Latency => {
                 let bin = release()?;
-                bench_latency::run(&bin, &agents(baseline, &bin)?)?
+                let base = built_baseline(baseline)?;
+                bench_latency::run(&bin, &agents(base.as_ref(), &bin))?
             }
             Part::Restore => bench_restore::run(&release()?)?,
             Part::Guard => bench_guard::run(&release()?)?,
             Part::Syscalls => bench_syscalls::run(&release()?)?,
             Part::Idle => {
                 let bin = release()?;
-                let base = baseline.map(bench_latency::build_revision).transpose()?;
-                bench_idle::run(&bin, baseline.zip(base.as_deref()))?
+                let base = built_baseline(baseline)?;
+                bench_idle::run(&bin, base.as_ref())?
             }
             Part::Burst => bench_burst::run(&release()?)?,
             // The aarch64 build only.
@@ -77,14 +78,14 @@ pub fn main(baseline: Option<&str>, only: Option<Part>) -> Result<i32> {
         return Ok(0);
     }
     let bin = release()?;
+    let base = built_baseline(baseline)?;
     let mut md = write_part(&bin)?;
     md.push_str(&bench_contention::run(&bin)?);
-    md.push_str(&bench_latency::run(&bin, &agents(baseline, &bin)?)?);
+    md.push_str(&bench_latency::run(&bin, &agents(base.as_ref(), &bin))?);
     md.push_str(&bench_restore::run(&bin)?);
     md.push_str(&bench_guard::run(&bin)?);
     md.push_str(&bench_syscalls::run(&bin)?);
-    let base = baseline.map(bench_latency::build_revision).transpose()?;
-    md.push_str(&bench_idle::run(&bin, baseline.zip(base.as_deref()))?);
+    md.push_str(&bench_idle::run(&bin, base.as_ref())?);
     md.push_str(&bench_burst::run(&bin)?);
     md.push_str(&bench_idle::run_arm64(&build::dist(build::AARCH64)?)?);
     let path = vm::workspace_root().join("docs/benchmarks.md");
@@ -94,20 +95,33 @@ pub fn main(baseline: Option<&str>, only: Option<Part>) -> Result<i32> {
     Ok(0)
 }
 
-/// The agents whose event latency is measured: the baseline's (built), then this build.
-fn agents(
-    baseline: Option<&str>,
-    bin: &std::path::Path,
-) -> Result<Vec<(String, std::path::PathBuf)>> {
-    let mut agents = Vec::new();
-    if let Some(rev) = baseline {
-        agents.push((
-            format!("`{rev}` (before)"),
-            bench_latency::build_revision(rev)?,
-        ));
-    }
-    agents.push(("this build".to_owned(), bin.to_owned()));
-    Ok(agents)
+/// A baseline revision and its agent, built.
+#[derive(Debug)]
+pub struct Baseline {
+    pub rev: String,
+    pub bin: std::path::PathBuf,
+}
+
+/// The `baseline` revision's agent, when one is given: built once for every part that measures
+/// against it.
+fn built_baseline(baseline: Option<&str>) -> Result<Option<Baseline>> {
+    baseline
+        .map(|rev| {
+            Ok(Baseline {
+                rev: rev.to_owned(),
+                bin: bench_latency::build_revision(rev)?,
+            })
+        })
+        .transpose()
+}
+
+/// The agents whose event latency is measured: the baseline's, then this build.
+fn agents(baseline: Option<&Baseline>, bin: &std::path::Path) -> Vec<(String, std::path::PathBuf)> {
+    baseline
+        .map(|b| (format!("`{}` (before)", b.rev), b.bin.clone()))
+        .into_iter()
+        .chain([("this build".to_owned(), bin.to_owned())])
+        .collect()
 }
 
 /// The write(2) part: rounds of the five configurations, interleaved.

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use serde_json::Value;
 
 use crate::{
-    bench::{median, vm_json},
+    bench::{Baseline, median, vm_json},
     vm,
 };
 
@@ -24,20 +24,20 @@ const TARGET_CPU_PCT: f64 = 0.5;
 const TARGET_RSS_MB: f64 = 40.0;
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// Runs `bench-idle` in the VM, with the `baseline` agent (its name, its binary) measured
-/// beside this one when given; returns the markdown section.
-pub fn run(bin: &Path, baseline: Option<(&str, &Path)>) -> Result<String> {
+/// Runs `bench-idle` in the VM, with the `baseline` agent measured beside this one when given;
+/// returns the markdown section.
+pub fn run(bin: &Path, baseline: Option<&Baseline>) -> Result<String> {
     let out = fresh_dir("target/bench-idle")?;
     report(
         &measure(
             KERNEL,
             bin,
-            baseline.map(|(_, b)| b),
+            baseline.map(|b| b.bin.as_path()),
             COUNTS,
             "default",
             &out.join("idle.json"),
         )?,
-        baseline.map(|(name, _)| name),
+        baseline.map(|b| b.rev.as_str()),
     )
 }
 
