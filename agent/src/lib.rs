@@ -499,15 +499,21 @@ fn load_config(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
 fn run(config: &Config) -> anyhow::Result<()> {
     // First, before any thread (the trace exporter's, the runtime's): they inherit what is left.
     match kernel::privileges::restrict() {
-        Ok(r) => tracing::info!(
-            "privileges: {} capabilities the agent does not use dropped{}, no_new_privs set",
-            r.dropped,
-            if r.bounding {
-                " (and from the bounding set)"
-            } else {
-                ""
+        Ok(r) => {
+            if let Some(e) = &r.memlock {
+                // Kernels from 5.11 do not use it; older ones refuse maps beyond it.
+                tracing::info!("privileges: the locked-memory limit stays as it is: {e}");
             }
-        ),
+            tracing::info!(
+                "privileges: {} capabilities the agent does not use from here on dropped{}, no_new_privs set",
+                r.dropped,
+                if r.bounding {
+                    " (and from the bounding set)"
+                } else {
+                    ""
+                }
+            );
+        }
         Err(e) => tracing::warn!(
             "privileges: the capabilities the agent does not use may be held still: {e}"
         ),

@@ -212,7 +212,11 @@ pub fn load_object(
     contention: &ContentionConfig,
     guard_max_files: u32,
 ) -> Result<Ebpf, LoadError> {
-    raise_memlock_limit();
+    // `run` raised it already, before dropping `CAP_SYS_RESOURCE`; `check` and the benches
+    // did not. Some sandboxes refuse to change it, so failing is only worth a debug line.
+    if let Err(e) = super::privileges::raise_memlock_limit() {
+        tracing::debug!("setrlimit(RLIMIT_MEMLOCK): {e}");
+    }
     ensure_tracefs();
     let futex = FutexConfig {
         select_all: u32::from(contention.select.is_empty()),
@@ -907,22 +911,6 @@ pub(crate) fn explain(e: &dyn std::error::Error) -> String {
         );
     }
     s
-}
-
-/// Kernels before 5.11 charge BPF maps to `RLIMIT_MEMLOCK`; later ones ignore it and some
-/// sandboxes refuse to change it, so failing here is only worth a debug line.
-fn raise_memlock_limit() {
-    let rlim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit reads a valid, initialised struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rlim) } != 0 {
-        tracing::debug!(
-            "setrlimit(RLIMIT_MEMLOCK): {}",
-            std::io::Error::last_os_error()
-        );
-    }
 }
 
 /// Whether BPF LSM is active, and if not why. An LSM program attaches even where BPF LSM is

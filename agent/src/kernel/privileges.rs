@@ -66,6 +66,13 @@ impl Cap {
         }
     }
 
+    /// Whether the agent uses it after start. `CAP_SYS_RESOURCE` has one use, raising the
+    /// locked-memory limit, which [`restrict`] makes before it drops the capability: kernels
+    /// before 5.11 charge maps to the limit itself, not to the capability.
+    pub const fn used_after_start(self) -> bool {
+        !matches!(self, Self::SysResource)
+    }
+
     const fn bit(self) -> u64 {
         1 << self.number()
     }
@@ -89,25 +96,34 @@ pub fn held() -> procfs::ProcResult<Held> {
 }
 
 /// What [`restrict`] left the agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Restricted {
-    /// Capabilities dropped from the permitted set (none when the agent started with only the
-    /// ones it uses, as under the shipped `DaemonSet` and systemd unit).
+    /// Capabilities dropped from the permitted set: `CAP_SYS_RESOURCE` where it was held, and
+    /// every one the agent never uses.
     pub dropped: u32,
     /// Whether the bounding set was cut too (it needs `CAP_SETPCAP`, which root has).
     pub bounding: bool,
+    /// Why the locked-memory limit could not be raised, if it could not.
+    pub memlock: Option<nix::errno::Errno>,
 }
 
-/// Drops every capability the agent does not use ([`Cap::ALL`] are kept where held) from its
-/// effective, permitted, inheritable and ambient sets, and from the bounding set where it may,
-/// and sets `no_new_privs`. Called before the agent starts any thread: capabilities and
-/// `no_new_privs` belong to each thread, and new threads inherit the creator's. What it keeps
-/// it needs for as long as it runs (docs/operations.md, "Privileges").
+/// Raises the locked-memory limit to infinity, then drops every capability the agent does not
+/// use from here on ([`Cap::used_after_start`]: all but `CAP_SYS_RESOURCE` of [`Cap::ALL`], where
+/// held) from its effective, permitted, inheritable and ambient sets, and from the bounding set
+/// where it may, and sets `no_new_privs`. Called before the agent starts any thread:
+/// capabilities and `no_new_privs` belong to each thread, and new threads inherit the
+/// creator's (the limit belongs to the process). What it keeps it needs for as long as it runs
+/// (docs/operations.md, "Privileges").
 pub fn restrict() -> Result<Restricted, caps::errors::CapsError> {
     use caps::{CapSet, Capability};
+    let memlock = raise_memlock_limit().err();
     let keep: caps::CapsHashSet = caps::all()
         .into_iter()
-        .filter(|c| Cap::ALL.iter().any(|k| u32::from(c.index()) == k.number()))
+        .filter(|c| {
+            Cap::ALL
+                .iter()
+                .any(|k| k.used_after_start() && u32::from(c.index()) == k.number())
+        })
         .collect();
     let bounding = caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP)?;
     if bounding {
@@ -132,7 +148,16 @@ pub fn restrict() -> Result<Restricted, caps::errors::CapsError> {
     Ok(Restricted {
         dropped: u32::try_from(permitted.len() - kept.len()).unwrap_or(u32::MAX),
         bounding,
+        memlock,
     })
+}
+
+/// Kernels before 5.11 charge BPF maps and programs to `RLIMIT_MEMLOCK`; later ones ignore it.
+/// Raising the hard limit takes `CAP_SYS_RESOURCE`; once raised, the limit is the process's
+/// and no capability is checked against it again.
+pub fn raise_memlock_limit() -> nix::Result<()> {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
+    setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY)
 }
 
 /// `kernel.perf_event_paranoid`, if readable.

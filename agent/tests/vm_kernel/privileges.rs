@@ -75,6 +75,12 @@ impl Drop for Paranoid {
 }
 
 /// The capability mask of `caps`.
+/// What an agent started with `caps` holds once running: all but `CAP_SYS_RESOURCE`, whose one
+/// use (raising the locked-memory limit) comes before it drops it.
+pub(super) fn after_start(caps: &[String]) -> u64 {
+    mask(caps) & !(1 << 24)
+}
+
 pub(super) fn mask(caps: &[String]) -> u64 {
     caps.iter()
         .map(|c| {
@@ -87,7 +93,8 @@ pub(super) fn mask(caps: &[String]) -> u64 {
         .sum()
 }
 
-/// An agent limited to `caps` attaches what `as_root` lists, holds `caps` exactly, with
+/// An agent limited to `caps` attaches what `as_root` lists, holds `caps` but
+/// `CAP_SYS_RESOURCE` exactly ([`after_start`]), with
 /// `no_new_privs`, and names a writer's executable (read from /proc/PID/exe of a process with
 /// every capability).
 fn limited_agent_matches(caps: &[String], as_root: &[String], start: &dyn Fn() -> Agent) {
@@ -99,10 +106,25 @@ fn limited_agent_matches(caps: &[String], as_root: &[String], start: &dyn Fn() -
         .expect("/proc/PID/status");
     assert_eq!(
         status.capeff,
-        mask(caps),
+        after_start(caps),
         "the agent's capabilities, for {caps:?}"
     );
     assert_eq!(status.nonewprivs, Some(1), "no_new_privs");
+    // CAP_SYS_RESOURCE's one use, made before the agent dropped it.
+    let memlock = procfs::process::Process::new(pid)
+        .and_then(|p| p.limits())
+        .expect("/proc/PID/limits")
+        .max_locked_memory;
+    assert!(
+        matches!(
+            (memlock.soft_limit, memlock.hard_limit),
+            (
+                procfs::process::LimitValue::Unlimited,
+                procfs::process::LimitValue::Unlimited
+            )
+        ),
+        "the agent's locked-memory limit, for {caps:?}: {memlock:?}"
+    );
     let limited = probes(agent.metrics);
     assert_eq!(
         limited,
@@ -133,9 +155,9 @@ fn limited_agent_matches(caps: &[String], as_root: &[String], start: &dyn Fn() -
 }
 
 /// An agent started by root with every capability drops those it does not use before its first
-/// thread: each thread holds `six` (the `DaemonSet`'s, which are the agent's) in its effective,
+/// thread: each thread holds `five` (the `DaemonSet`'s but `CAP_SYS_RESOURCE`) in its effective,
 /// permitted and bounding sets, nothing to pass on, and `no_new_privs`.
-fn root_keeps_only_what_it_uses(agent: &Agent, six: u64) {
+fn root_keeps_only_what_it_uses(agent: &Agent, five: u64) {
     let pid = i32::try_from(agent.child.id()).expect("pid");
     let tasks: Vec<_> = procfs::process::Process::new(pid)
         .and_then(|p| p.tasks())
@@ -155,7 +177,7 @@ fn root_keeps_only_what_it_uses(agent: &Agent, six: u64) {
                 s.capamb,
                 s.nonewprivs
             ),
-            (six, six, Some(six), 0, Some(0), Some(1)),
+            (five, five, Some(five), 0, Some(0), Some(1)),
             "thread {} ({}): effective, permitted, bounding, inheritable, ambient, no_new_privs",
             task.tid,
             s.name
@@ -218,7 +240,7 @@ fn the_daemonsets_capabilities_are_enough() {
     let dir = heal::scratch("nw-privileges");
     let start = || heal::healing_agent("enforce", &dir, &heal::Extra::default(), &[]);
     let root = start();
-    root_keeps_only_what_it_uses(&root, mask(&caps));
+    root_keeps_only_what_it_uses(&root, after_start(&caps));
     let as_root = probes(root.metrics);
     let (status, log) = root.stop();
     assert!(status.success(), "agent exit {status}; log:\n{log}");

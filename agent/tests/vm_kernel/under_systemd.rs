@@ -195,8 +195,8 @@ fn the_hardened_unit_runs_the_agent() {
         .expect("/proc/PID/status");
     assert_eq!(
         status.capeff,
-        privileges::mask(&caps),
-        "CapEff of the service"
+        privileges::after_start(&caps),
+        "CapEff of the service: the unit's, but CAP_SYS_RESOURCE once used"
     );
     assert_eq!(status.nonewprivs, Some(1), "NoNewPrivs");
     assert_eq!(status.seccomp, Some(2), "a seccomp filter");
