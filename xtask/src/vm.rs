@@ -9,6 +9,7 @@
 mod initramfs;
 mod kernels;
 mod monitor;
+mod qemu;
 
 use std::{
     ffi::OsString,
@@ -229,11 +230,24 @@ pub fn run(kernel: &str, opts: &RunOptions, argv: &[String]) -> Result<i32> {
         monitor: monitor::Monitor::new(monitor_path.clone()),
         sysrq: paths.arch == Arch::X86_64,
     };
-    let mut qemu = qemu_command(&paths, opts, &initrd_path, &project, &stall.monitor);
+    let emulator = qemu::for_arch(paths.arch)?;
+    let mut qemu = qemu_command(
+        &emulator,
+        &paths,
+        opts,
+        &initrd_path,
+        &project,
+        &stall.monitor,
+    );
     let result = supervise(&mut qemu, opts, &start_marker, &exit_marker, &stall);
     let _ = fs::remove_file(&initrd_path);
     let _ = fs::remove_file(&monitor_path);
-    result.with_context(|| format!("kernel {} ({} {})", paths.id, paths.package, paths.version))
+    result.with_context(|| {
+        format!(
+            "kernel {} ({} {}) on {}",
+            paths.id, paths.package, paths.version, emulator.version
+        )
+    })
 }
 
 /// Removes initramfs files that interrupted runs left behind (older than an hour: a run that is
@@ -299,18 +313,18 @@ fn guest_env() -> Vec<(String, String)> {
 /// The QEMU command line: serial console on stdio, the monitor on its socket, the 9p shares, no
 /// devices beyond those.
 fn qemu_command(
+    emulator: &qemu::Qemu,
     paths: &KernelPaths,
     opts: &RunOptions,
     initrd: &Path,
     project: &Path,
     monitor: &monitor::Monitor,
 ) -> Command {
-    let (binary, console) = match paths.arch {
-        Arch::X86_64 => ("qemu-system-x86_64", "ttyS0"),
-        Arch::Aarch64 => ("qemu-system-aarch64", "ttyAMA0"),
-        Arch::Riscv64 => ("qemu-system-riscv64", "ttyS0"),
+    let console = match paths.arch {
+        Arch::X86_64 | Arch::Riscv64 => "ttyS0",
+        Arch::Aarch64 => "ttyAMA0",
     };
-    let mut cmd = Command::new(binary);
+    let mut cmd = emulator.command();
     match paths.arch {
         Arch::X86_64 => {}
         Arch::Aarch64 => {

@@ -333,6 +333,13 @@ pub fn download_package(suite: &str, arch: Arch, name: &str, dir: &Path) -> Resu
     apt.download(&apt.pkg(name), dir)
 }
 
+/// Downloads the newest of packages `names` for the host (amd64) from `suite` alone (no
+/// `-updates` or `-security`: a backports suite has neither) into `dir`; returns the `.deb`s.
+pub fn download_from_suite(suite: &str, names: &[&str], dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut apt = PrivateApt::with_sources(suite, Arch::X86_64, &[("debian", suite)])?;
+    names.iter().map(|name| apt.download(name, dir)).collect()
+}
+
 /// A scratch folder (an unpacked `.deb`), removed when dropped, on success or failure. Named per
 /// process so that two runs preparing the same kernel do not trip over each other.
 #[derive(Debug)]
@@ -371,7 +378,7 @@ fn find_deb(dir: &Path, prefix: &str) -> Result<Option<PathBuf>> {
 }
 
 /// The package name and version recorded in a `.deb`.
-fn deb_identity(deb: &Path) -> Result<(String, String)> {
+pub fn deb_identity(deb: &Path) -> Result<(String, String)> {
     let out = setup::output(
         Command::new("dpkg-deb")
             .args(["--show", "--showformat=${Package}\n${Version}\n"])
@@ -499,19 +506,33 @@ struct PrivateApt {
 
 impl PrivateApt {
     fn new(suite: &str, arch: Arch) -> Result<Self> {
-        let dir = lab_dir()
-            .join("apt")
-            .join(format!("{suite}-{}", arch.deb()));
+        Self::with_sources(
+            suite,
+            arch,
+            &[
+                ("debian", suite),
+                ("debian", &format!("{suite}-updates")),
+                ("debian-security", &format!("{suite}-security")),
+            ],
+        )
+    }
+
+    /// A setup named `name` that reads only `sources`: (archive, suite) pairs of deb.debian.org.
+    fn with_sources(name: &str, arch: Arch, sources: &[(&str, &str)]) -> Result<Self> {
+        let dir = lab_dir().join("apt").join(format!("{name}-{}", arch.deb()));
         for sub in ["lists/partial", "cache/archives/partial"] {
             fs::create_dir_all(dir.join(sub))
                 .with_context(|| format!("creating {}", dir.join(sub).display()))?;
         }
         let opts = format!("[arch={} signed-by={KEYRING}]", arch.deb());
-        let sources = format!(
-            "deb {opts} http://deb.debian.org/debian {suite} main\n\
-             deb {opts} http://deb.debian.org/debian {suite}-updates main\n\
-             deb {opts} http://deb.debian.org/debian-security {suite}-security main\n"
-        );
+        let sources = sources
+            .iter()
+            .map(|(archive, suite)| {
+                format!("deb {opts} http://deb.debian.org/{archive} {suite} main")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n";
         fs::write(dir.join("sources.list"), sources).context("writing the private sources list")?;
         Ok(Self {
             dir,
