@@ -2,9 +2,10 @@
 //!
 //! Under 7.2's TCG, a guest kernel that patches its own text with int3 (static keys and BPF
 //! trampolines switched as programs attach and detach) now and then runs the instruction it had
-//! already replaced: bullseye 5.10 froze in one or two runs of four of the privileges test, with
-//! one vCPU looping on int3 and the other on a spinlock; trixie 6.12 took `Oops: int3`. 10.0
-//! ran the same test four times in a row on 5.10 without a stall (docs/kernel-support.md).
+//! already replaced: bullseye 5.10 froze in the privileges test (in 4 of 6 runs, and in the
+//! second of four in a row), one vCPU looping on int3 and the other on a spinlock; trixie 6.12
+//! took `Oops: int3`. 10.0 ran that test four times in a row on 5.10, twice, without a stall
+//! (docs/kernel-support.md).
 //!
 //! The packages are unpacked under `target/kernel-lab/qemu/`, never installed: the host's
 //! `qemu-system-x86` (installed for the x86_64 guests anyway) brings the shared libraries, and
@@ -106,7 +107,7 @@ fn unpacked(dir: &Path, version: String) -> Option<Qemu> {
     let root = dir.join("root");
     let qemu = Qemu {
         program: root.join("usr/bin/qemu-system-x86_64"),
-        // seabios first: qemu-system-data links the BIOS files to the host's /usr/share/seabios.
+        // The BIOS is in seabios' folder; the option ROMs that boot `-kernel` are in QEMU's.
         data_dirs: vec![root.join("usr/share/seabios"), root.join("usr/share/qemu")],
         version,
     };
