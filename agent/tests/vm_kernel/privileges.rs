@@ -74,13 +74,13 @@ impl Drop for Paranoid {
     }
 }
 
-/// The capability mask of `caps`.
-/// What an agent started with `caps` holds once running: all but `CAP_SYS_RESOURCE`, whose one
-/// use (raising the locked-memory limit) comes before it drops it.
+/// What an agent started with `caps` holds once running: all but `sys_resource`, whose one use
+/// (raising the locked-memory limit) comes before it drops it.
 pub(super) fn after_start(caps: &[String]) -> u64 {
-    mask(caps) & !(1 << 24)
+    mask(caps) & !mask(&["sys_resource".to_owned()])
 }
 
+/// The capability mask of `caps`.
 pub(super) fn mask(caps: &[String]) -> u64 {
     caps.iter()
         .map(|c| {
@@ -93,10 +93,9 @@ pub(super) fn mask(caps: &[String]) -> u64 {
         .sum()
 }
 
-/// An agent limited to `caps` attaches what `as_root` lists, holds `caps` but
-/// `CAP_SYS_RESOURCE` exactly ([`after_start`]), with
-/// `no_new_privs`, and names a writer's executable (read from /proc/PID/exe of a process with
-/// every capability).
+/// An agent limited to `caps` attaches what `as_root` lists, holds exactly [`after_start`] of
+/// `caps` with an unlimited locked-memory limit and `no_new_privs`, and names a writer's
+/// executable (read from /proc/PID/exe of a process with every capability).
 fn limited_agent_matches(caps: &[String], as_root: &[String], start: &dyn Fn() -> Agent) {
     common::restrict_capabilities(mask(caps));
     let agent = start();
