@@ -3,8 +3,9 @@
 //! Under 7.2's TCG, a guest kernel that patches its own text with int3 (static keys and BPF
 //! trampolines switched as programs attach and detach) now and then runs the instruction it had
 //! already replaced: bullseye 5.10 froze in the privileges test (in 4 of 6 runs, and in the
-//! second of four in a row), one vCPU looping on int3 and the other on a spinlock; trixie 6.12
-//! took `Oops: int3`. 10.0 ran that test four times in a row on 5.10, twice, without a stall
+//! second of four in a row), one vCPU looping on int3 and the other on a spinlock. 10.0 ran
+//! that test four times in a row on 5.10, twice, and two whole 5.10 suites, without a stall. It
+//! costs about 8% more emulation time, and trixie 6.12's `Oops: int3` still comes now and then
 //! (docs/kernel-support.md).
 //!
 //! The packages are unpacked under `target/kernel-lab/qemu/`, never installed: the host's
