@@ -193,6 +193,8 @@ pub fn run(kernel: &str, opts: &RunOptions, argv: &[String]) -> Result<i32> {
         bail!("no command to run");
     }
     let paths = ensure_kernel(kernel)?;
+    // Before the run's files are written: a failure here leaves none behind.
+    let emulator = qemu::for_arch(paths.arch)?;
     let project = workspace_root();
     let host_root = paths.arch == Arch::X86_64;
     if opts.systemd && !host_root {
@@ -230,7 +232,6 @@ pub fn run(kernel: &str, opts: &RunOptions, argv: &[String]) -> Result<i32> {
         monitor: monitor::Monitor::new(monitor_path.clone()),
         sysrq: paths.arch == Arch::X86_64,
     };
-    let emulator = qemu::for_arch(paths.arch)?;
     let mut qemu = qemu_command(
         &emulator,
         &paths,
